@@ -1,0 +1,59 @@
+"""The ``steadylm`` command line.
+
+Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; the module is imported only when its command runs, so ``steadylm --help``
+stays fast and one broken optional dependency cannot take down every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from steadylm.errors import SteadyLMError
+
+# command name -> (module path, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("steadylm.lab.compare", "train the variants on a corpus and write a report with plots"),
+    "stress": ("steadylm.lab.stress", "stress protocols: LR sweep, mid-training switch, FP8 vs bf16"),
+    "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),
+    "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile)"),
+}
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steadylm", description="Stable low-precision LLM pre-training: library and lab."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_path, help_text) in COMMANDS.items():
+        cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_path).add_arguments(cmd_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = _build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except SteadyLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Errors that describe bad user input.
+
+The CLI prints these as one line (``error: ...``) without a traceback; anything else is a bug and
+keeps its traceback. Each subclasses the builtin a Python user would expect to catch.
+"""
+
+from __future__ import annotations
+
+
+class SteadyLMError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback by the CLI."""
+
+
+class ConfigError(SteadyLMError, ValueError):
+    """An invalid configuration value; the message names the field and its allowed range."""
+
+
+class DataError(SteadyLMError, ValueError):
+    """A missing or unreadable corpus, or one too small for the requested run."""
+
+
+class CheckpointError(SteadyLMError, RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not match the model being resumed."""
+
+
+class DivergenceError(SteadyLMError, RuntimeError):
+    """Training produced a non-finite loss; the message says at which step."""
