@@ -1,0 +1,158 @@
+"""Normalisation modules and their registry (SPEC §2).
+
+Per-module swaps only; the BHyT *block* form (statistics once per block, approximated second-site
+variance) is assembled by the models, which pass ``variance=`` to :class:`BHyT`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from steadylm import functional
+from steadylm.errors import ConfigError
+from steadylm.nn._impl import check_impl, resolve_op
+
+__all__ = ["NORMS", "BHyT", "DyT", "LayerNorm", "RMSNorm", "build_norm", "register_norm"]
+
+#: |tanh| above this counts as saturated (SPEC §5).
+SATURATION_THRESHOLD = 0.95
+
+
+def _check_dim(dim: int) -> int:
+    if dim <= 0:
+        raise ConfigError(f"norm dim must be > 0, got {dim}")
+    return dim
+
+
+def _checked(fn, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+class RMSNorm(nn.Module):
+    """``γ ⊙ x / sqrt(mean(x²) + ε)``, γ initialised to 1."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, impl: str = "fused") -> None:
+        super().__init__()
+        self.eps = _checked(functional.validate_eps, eps)
+        self.impl = check_impl(impl)
+        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self._op = resolve_op(self.impl, "rms_norm")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._op(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl}"
+
+
+class LayerNorm(nn.Module):
+    """``γ ⊙ (x − μ)/sqrt(σ² + ε) + β``; the fused path is PyTorch's native layer_norm kernel."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, impl: str = "fused") -> None:
+        super().__init__()
+        self.eps = _checked(functional.validate_eps, eps)
+        self.impl = check_impl(impl)
+        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "reference":
+            return functional.layer_norm(x, self.weight, self.bias, self.eps)
+        # Native kernel: fp32 statistics inside for half inputs already. It does not rescale rows,
+        # so inputs whose squares overflow fp32 (|x| ≳ 1e19) give inf/NaN here, unlike the reference.
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl}"
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh ``γ ⊙ tanh(α x) (+ β)`` with a learnable scalar α."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, impl: str = "fused") -> None:
+        super().__init__()
+        self.impl = check_impl(impl)
+        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self._op = resolve_op(self.impl, "dyt")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._op(x, self.weight, self.alpha, self.bias)
+
+    @torch.no_grad()
+    def saturation(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
+        """Fraction of elements with ``|tanh(α x)| > 0.95`` (``variance`` is ignored)."""
+        return (functional.dyt(x, None, self.alpha).abs() > SATURATION_THRESHOLD).float().mean()
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, bias={self.bias is not None}, impl={self.impl}"
+
+
+class BHyT(nn.Module):
+    """Bounded tanh ``γ ⊙ tanh(λ x / (κ sqrt(v + ε)))``, λ a learnable scalar, κ fixed.
+
+    ``forward(x, variance=None)``: with ``variance`` (per-token mean square, fp32,
+    ``x.shape[:-1] + (1,)``) the statistic is taken from it instead of being recomputed — the
+    BHyT block's once-per-block reduction. Without it this is BHyT* (exact statistics).
+    """
+
+    def __init__(
+        self, dim: int, lam_init: float = 1.0, kappa: float = 10.0, eps: float = 1e-6, impl: str = "fused"
+    ) -> None:
+        super().__init__()
+        self.kappa = _checked(functional.validate_kappa, kappa)
+        self.eps = _checked(functional.validate_eps, eps)
+        self.impl = check_impl(impl)
+        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self.lam = nn.Parameter(torch.tensor(float(lam_init)))
+        self._op = resolve_op(self.impl, "bhyt")
+
+    def forward(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
+        return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
+
+    @torch.no_grad()
+    def saturation(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
+        """Fraction of elements with ``|tanh(λ r x)| > 0.95`` at this site."""
+        out = functional.bhyt(x, None, self.lam, self.kappa, self.eps, variance)
+        return (out.abs() > SATURATION_THRESHOLD).float().mean()
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, kappa={self.kappa}, eps={self.eps}, impl={self.impl}"
+
+
+#: name -> module class. ``bhyt_star`` is the per-module (exact statistics) BHyT.
+NORMS: dict[str, type[nn.Module]] = {}
+
+
+def register_norm(name: str, cls: type[nn.Module]) -> type[nn.Module]:
+    """Add a norm to :data:`NORMS` (the only step a new per-token norm needs)."""
+    NORMS[name] = cls
+    return cls
+
+
+register_norm("rmsnorm", RMSNorm)
+register_norm("layernorm", LayerNorm)
+register_norm("dyt", DyT)
+register_norm("bhyt", BHyT)
+register_norm("bhyt_star", BHyT)
+
+
+def build_norm(name: str, dim: int, **kwargs: Any) -> nn.Module:
+    """Instantiate a registered norm; unknown names raise ``ConfigError`` listing the known ones."""
+    try:
+        cls = NORMS[name]
+    except KeyError:
+        raise ConfigError(f"norm must be one of {sorted(NORMS)}, got {name!r}") from None
+    try:
+        return cls(dim, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"norm {name!r}: {err}") from None
