@@ -1,0 +1,157 @@
+"""Swap a model's linears for :class:`FP8Linear` and read their counters.
+
+- :func:`apply_fp8` — in place, returns the converted module names;
+- :func:`fp8_stats` — every FP8 tensor's counters as flat ``dict[str, float]`` (one host sync);
+- :class:`FP8Probe` — the same numbers through the trainer's probe contract
+  (``begin_step``/``end_step``, docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from steadylm.errors import ConfigError
+from steadylm.precision.linear import (
+    COUNTER_FIELDS,
+    ROLES,
+    SCALINGS,
+    STATS_MODES,
+    FP8Linear,
+    _check_choice,
+    _snr_db,
+)
+
+__all__ = ["apply_fp8", "fp8_modules", "fp8_stats", "reset_fp8_stats", "FP8Probe", "SCOPES", "FFN_LINEARS"]
+
+SCOPES = ("ffn", "all")
+# The gated-FFN projections (steadylm.nn.GatedFFN: dense FFNs and MoE shared experts).
+FFN_LINEARS = ("w_gate", "w_up", "w_down")
+# Linears left in high precision under scope="all": the output head (vocab logits) and the MoE
+# router, whose scores pick experts — the layers torchtitan/torchao also keep out of float8.
+DEFAULT_EXCLUDE = ("lm_head", "output", "head", "router")
+
+
+def _is_ffn_linear(parent: nn.Module, child_name: str) -> bool:
+    return child_name in FFN_LINEARS and all(isinstance(getattr(parent, n, None), nn.Linear) for n in FFN_LINEARS)
+
+
+def apply_fp8(
+    model: nn.Module,
+    scope: str = "ffn",
+    scaling: str = "current",
+    history_len: int = 16,
+    stats: str = "full",
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+) -> list[str]:
+    """Replace ``nn.Linear`` modules of ``model`` by :class:`FP8Linear` in place.
+
+    ``scope="ffn"``: the ``w_gate``/``w_up``/``w_down`` linears of every gated FFN (dense layers
+    and MoE shared experts). Routed MoE experts keep their batched ``[E, ...]`` weights in bf16/fp32:
+    they are not ``nn.Linear`` modules, and FP8 here covers dense FFN linears + shared experts only.
+    ``scope="all"``: every ``nn.Linear`` except those whose own name is in ``exclude`` (default: the
+    output head and the MoE router). Weights are shared, not copied. Returns the converted names.
+    """
+    _check_choice("fp8_scope", scope, SCOPES)
+    _check_choice("fp8_scaling", scaling, SCALINGS)
+    _check_choice("fp8 stats", stats, STATS_MODES)
+    targets: list[tuple[nn.Module, str, str]] = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if type(child) is not nn.Linear:  # FP8Linear (already converted) and other subclasses skip
+                continue
+            if scope == "ffn" and not _is_ffn_linear(parent, child_name):
+                continue
+            if scope == "all" and child_name in exclude:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            targets.append((parent, child_name, full))
+    if not targets and not any(isinstance(m, FP8Linear) for m in model.modules()):
+        raise ConfigError(f"fp8_scope={scope!r} matched no nn.Linear in {type(model).__name__}")
+    for parent, child_name, _ in targets:
+        setattr(
+            parent,
+            child_name,
+            FP8Linear.from_linear(getattr(parent, child_name), scaling=scaling, history_len=history_len, stats=stats),
+        )
+    return [full for _, _, full in targets]
+
+
+def fp8_modules(model: nn.Module) -> list[tuple[str, FP8Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FP8Linear)]
+
+
+def reset_fp8_stats(model: nn.Module) -> None:
+    for _, m in fp8_modules(model):
+        m.reset_fp8_stats()
+
+
+_F = {name: i for i, name in enumerate(COUNTER_FIELDS)}
+
+
+def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) -> dict[str, float]:
+    """Counters of every FP8 tensor of ``model`` since the last reset, as flat metric keys.
+
+    Per module and role (``input``/``weight``/``grad_output``), when ``per_module``:
+    ``fp8/<module>/<role>/{overflow,underflow,amax,snr_db}``. Always, per role over all modules:
+    ``fp8/<role>/{overflow,underflow,overflow_frac,underflow_frac,amax,snr_db}`` (snr over all
+    elements: Σsignal/Σnoise; amax the maximum), and ``fp8/overflow``, ``fp8/underflow`` totals.
+    An empty dict for a model without FP8 layers. One device-to-host copy.
+    """
+    mods = fp8_modules(model)
+    if not mods:
+        return {}
+    table = torch.stack([m.fp8_counters.detach() for _, m in mods]).cpu()  # [modules, roles, fields]
+    if reset:
+        reset_fp8_stats(model)
+    snr_on = any(m.stats == "full" for _, m in mods)
+    out: dict[str, float] = {}
+    rows = table.tolist()
+    if per_module:
+        for (name, m), mod_rows in zip(mods, rows):
+            for role, r in zip(ROLES, mod_rows):
+                key = f"fp8/{name}/{role}"
+                out[f"{key}/overflow"] = r[_F["overflow"]]
+                out[f"{key}/underflow"] = r[_F["underflow"]]
+                out[f"{key}/amax"] = r[_F["amax"]]
+                if m.stats == "full":
+                    out[f"{key}/snr_db"] = _snr_db(r[_F["signal"]], r[_F["noise"]]) if r[_F["calls"]] else math.nan
+    tot = table.sum(0)  # [roles, fields]
+    amax = table[:, :, _F["amax"]].amax(0)
+    for ri, role in enumerate(ROLES):
+        t = tot[ri].tolist()
+        numel = t[_F["numel"]]
+        out[f"fp8/{role}/overflow"] = t[_F["overflow"]]
+        out[f"fp8/{role}/underflow"] = t[_F["underflow"]]
+        out[f"fp8/{role}/overflow_frac"] = t[_F["overflow"]] / numel if numel else 0.0
+        out[f"fp8/{role}/underflow_frac"] = t[_F["underflow"]] / numel if numel else 0.0
+        out[f"fp8/{role}/amax"] = float(amax[ri])
+        if snr_on:
+            out[f"fp8/{role}/snr_db"] = _snr_db(t[_F["signal"]], t[_F["noise"]]) if t[_F["calls"]] else math.nan
+    out["fp8/overflow"] = float(tot[:, _F["overflow"]].sum())
+    out["fp8/underflow"] = float(tot[:, _F["underflow"]].sum())
+    return out
+
+
+class FP8Probe:
+    """Probe (docs/ARCHITECTURE.md contract) that logs :func:`fp8_stats` every ``every`` steps.
+
+    Counters accumulate over every training step in between (nothing is lost between samples) and
+    are reset when read, so each logged row covers the steps since the previous one.
+    """
+
+    def __init__(self, every: int = 1, per_module: bool = True) -> None:
+        if every < 1:
+            raise ConfigError(f"FP8Probe every must be >= 1, got {every}")
+        self.every = every
+        self.per_module = per_module
+
+    def begin_step(self, step: int, model: nn.Module) -> None:
+        return None
+
+    def end_step(self, step: int, model: nn.Module) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        return fp8_stats(model, reset=True, per_module=self.per_module)

@@ -1,0 +1,259 @@
+"""``FP8Linear``: a drop-in ``nn.Linear`` whose three matmuls run in FP8 through ``torch._scaled_mm``.
+
+Forward ``y = x(e4m3) @ W(e4m3)^T``; backward ``dX = dY(e5m2) @ W(e4m3)`` and
+``dW = dY(e5m2)^T @ x(e4m3)`` (the FP8 copies of ``x`` and ``W`` made in the forward are what the
+backward uses, so FP8 also halves the activation memory kept for it). Bias, when present, is added in
+the output dtype and its gradient is the fp32 sum of ``dY``.
+
+Scaling is per tensor, one scaler per *role* (input, weight, grad_output):
+
+- ``"current"``: ``s = fmax / amax(x)`` of the tensor being quantised;
+- ``"delayed"``: ``s = fmax / max(amax_history)``; the tensor's own amax is pushed into the history
+  (length ``history_len``) *after* it has been quantised with the old scale. While the history is
+  still empty (all zeros: first step, or after a resume, since the history is not checkpointed),
+  the current amax is used instead — decided on the device with ``torch.where``, no host sync.
+
+Counters per role, accumulated on the device (no host sync in the hot path) until read with
+:func:`steadylm.precision.fp8_stats`:
+
+- ``overflow``: elements with ``|x·s| > fmax`` before saturation (computed as ``|x| > amax_used``,
+  the same condition without the rounding of the product). Only delayed scaling can overflow.
+- ``underflow``: nonzero elements that flush to zero (±0 in FP8);
+- ``amax``: the largest ``|x|`` seen (and the last one);
+- ``snr_db``: quantisation signal-to-noise ratio ``10 log10(Σx² / Σ(x − deq(q(x)))²)`` over every
+  element seen (saturation error included). Skipped when ``stats="counts"``.
+
+Counters and the amax history are non-persistent buffers: an ``FP8Linear``'s ``state_dict`` has
+exactly the keys of the ``nn.Linear`` it replaced, so checkpoints move freely between precisions.
+Counters are only updated in training mode (``model.eval()`` validation batches neither count nor
+move the delayed-scaling history).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from steadylm.errors import ConfigError
+from steadylm.precision.formats import E4M3, E5M2, FP8Format, fp8_mm
+
+__all__ = ["FP8Linear", "ROLES", "COUNTER_FIELDS", "SCALINGS", "STATS_MODES", "quantize"]
+
+ROLES = ("input", "weight", "grad_output")
+ROLE_FORMATS = (E4M3, E4M3, E5M2)
+SCALINGS = ("current", "delayed")
+STATS_MODES = ("full", "counts")
+
+# columns of the per-role counter row (float64, so element counts stay exact past 2^24)
+COUNTER_FIELDS = ("overflow", "underflow", "numel", "signal", "noise", "calls", "amax", "last_amax", "last_scale")
+_OVF, _UNF, _NUMEL, _SIG, _NOISE, _CALLS, _AMAX, _LAST_AMAX, _LAST_SCALE = range(len(COUNTER_FIELDS))
+_TINY = 1e-30  # floor for amax so an all-zero tensor gets a finite scale
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return float("inf") if signal > 0 else float("nan")
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+@torch.no_grad()
+def quantize(
+    x: torch.Tensor,
+    fmt: FP8Format,
+    history: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    measure_snr: bool = True,
+    update_history: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` to ``fmt`` with a per-tensor scale; return ``(q, inverse_scale)``.
+
+    ``history`` (1-D fp32, updated in place) selects delayed scaling; ``None`` is current scaling.
+    ``counters`` (1-D float64 row laid out as ``COUNTER_FIELDS``) is updated in place when given.
+    ``update_history=False`` uses the history without pushing this tensor's amax (eval mode).
+    """
+    xf = x.float()
+    ax = xf.abs()
+    amax_now = ax.amax() if xf.numel() else xf.new_zeros(())
+    if history is None:
+        amax_used = amax_now
+    else:
+        hist_max = history.amax()
+        amax_used = torch.where(hist_max > 0, hist_max, amax_now)
+        if update_history:
+            history.copy_(torch.roll(history, 1))
+            history[0] = amax_now
+    amax_used = amax_used.clamp(min=_TINY)
+    scale = fmt.max / amax_used
+    q = (xf * scale).clamp_(-fmt.max, fmt.max).to(fmt.dtype)
+    inv_scale = amax_used / fmt.max
+    if counters is not None:
+        overflow = (ax > amax_used).sum()
+        flushed = ((q.view(torch.uint8) & 0x7F) == 0) & (xf != 0)
+        underflow = flushed.sum()
+        if measure_snr:
+            signal = xf.square().sum()
+            noise = (xf - q.float() * inv_scale).square().sum()
+        else:
+            signal = noise = xf.new_zeros(())
+        one = xf.new_ones(())
+        counters[: _CALLS + 1] += torch.stack(
+            [overflow.float(), underflow.float(), one * xf.numel(), signal, noise, one]
+        ).to(counters.dtype)
+        counters[_AMAX] = torch.maximum(counters[_AMAX], amax_now.to(counters.dtype))
+        counters[_LAST_AMAX] = amax_now
+        counters[_LAST_SCALE] = scale
+    return q, inv_scale
+
+
+def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if t is None else t[i]
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module: "FP8Linear", out_dtype: torch.dtype):
+        record = module.training
+        snr = module.stats == "full"
+        hist = module.amax_history if module.scaling == "delayed" else None
+        cnt = module.fp8_counters if record else None
+        x2 = x.reshape(-1, x.shape[-1])
+        qx, sx = quantize(x2, E4M3, _row(hist, 0), _row(cnt, 0), snr, record)
+        qw, sw = quantize(weight, E4M3, _row(hist, 1), _row(cnt, 1), snr, record)
+        # W is [out, in] row-major, so W^T is the column-major [in, out] operand _scaled_mm wants.
+        y = fp8_mm(qx, qw.t(), sx, sw, out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.save_for_backward(qx, sx, qw, sw)
+        ctx.module = module
+        ctx.record = record
+        ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+        ctx.w_dtype = weight.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qx, sx, qw, sw = ctx.saved_tensors
+        module = ctx.module
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        hist = module.amax_history[2] if module.scaling == "delayed" else None
+        cnt = module.fp8_counters[2] if ctx.record else None
+        qg, sg = quantize(g2, E5M2, hist, cnt, module.stats == "full", ctx.record)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fp8_mm(qg, qw, sg, sw, torch.float32).to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = fp8_mm(qg.t().contiguous(), qx, sg, sx, torch.float32).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.float().sum(0).to(ctx.w_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` with FP8 matmuls (e4m3 forward operands, e5m2 gradients) and per-tensor counters.
+
+    Same constructor and call signature as ``nn.Linear`` plus keyword-only ``scaling``
+    (``"current"`` | ``"delayed"``), ``history_len`` (delayed-scaling amax history length, >= 1) and
+    ``stats`` (``"full"`` counts and SNR, ``"counts"`` skips the SNR reductions). Under autocast
+    the output has the autocast dtype, otherwise the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        scaling: str = "current",
+        history_len: int = 16,
+        stats: str = "full",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        _check_choice("scaling", scaling, SCALINGS)
+        _check_choice("stats", stats, STATS_MODES)
+        if not isinstance(history_len, int) or isinstance(history_len, bool) or history_len < 1:
+            raise ConfigError(f"history_len must be an integer >= 1, got {history_len!r}")
+        self.scaling = scaling
+        self.history_len = history_len
+        self.stats = stats
+        buf_device = self.weight.device if self.weight.device.type != "meta" else None
+        self.register_buffer(
+            "amax_history", torch.zeros(len(ROLES), history_len, device=buf_device), persistent=False
+        )
+        self.register_buffer(
+            "fp8_counters",
+            torch.zeros(len(ROLES), len(COUNTER_FIELDS), dtype=torch.float64, device=buf_device),
+            persistent=False,
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, scaling: str = "current", history_len: int = 16, stats: str = "full"
+    ) -> "FP8Linear":
+        """Wrap an existing ``nn.Linear``, sharing its ``weight``/``bias`` Parameters (an optimizer
+        built before the swap keeps working)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            scaling=scaling,
+            history_len=history_len,
+            stats=stats,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        dev = linear.weight.device
+        new.amax_history = torch.zeros(len(ROLES), history_len, device=dev)
+        new.fp8_counters = torch.zeros(len(ROLES), len(COUNTER_FIELDS), dtype=torch.float64, device=dev)
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            out_dtype = torch.get_autocast_dtype(dev)
+        else:
+            out_dtype = x.dtype
+        with torch.autocast(dev, enabled=False):
+            return _FP8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
+
+    def reset_fp8_stats(self) -> None:
+        self.fp8_counters.zero_()
+
+    def read_fp8_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Counters per role as Python floats (one host sync); optionally zero them afterwards."""
+        rows = self.fp8_counters.detach().cpu().tolist()
+        if reset:
+            self.reset_fp8_stats()
+        out = {}
+        for role, r in zip(ROLES, rows):
+            numel = r[_NUMEL]
+            snr = float("nan")
+            if self.stats == "full" and r[_CALLS] > 0:
+                snr = _snr_db(r[_SIG], r[_NOISE])
+            out[role] = {
+                "overflow": r[_OVF],
+                "underflow": r[_UNF],
+                "overflow_frac": r[_OVF] / numel if numel else 0.0,
+                "underflow_frac": r[_UNF] / numel if numel else 0.0,
+                "amax": r[_AMAX],
+                "last_amax": r[_LAST_AMAX],
+                "last_scale": r[_LAST_SCALE],
+                "snr_db": snr,
+                "calls": r[_CALLS],
+            }
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scaling={self.scaling}, history_len={self.history_len}, stats={self.stats}"
