@@ -1,0 +1,320 @@
+"""Fused fast paths: the public ops, their autograd, and how they are compiled.
+
+Design
+------
+* Each op is a ``torch.autograd.Function`` whose ``forward`` saves **only its inputs** and whose
+  ``backward`` recomputes the intermediates (sigmoid, tanh, the per-token statistic) from them.
+  Activation memory between forward and backward is therefore exactly the inputs, which the
+  surrounding graph keeps alive anyway (they are the matmul outputs / block input).
+* The forward and the backward are pure functions (:mod:`steadylm.kernels._math`), each compiled
+  with ``torch.compile``: Inductor turns each into one fused loop nest per pass — C++/OpenMP on
+  CPU, Triton on CUDA, from the same source.
+* Norm inputs are flattened to ``[tokens, d]`` and activation inputs to ``[n]``, and the token /
+  element dimension is marked dynamic, so new batch or sequence sizes reuse the compiled kernel
+  instead of recompiling.
+* Inside a model that is itself ``torch.compile``'d, Dynamo traces through the
+  ``autograd.Function`` (and inlines the inner compiled functions), so the outer graph gets the same
+  recompute-in-backward math and Inductor may fuse it further with its neighbours.
+
+Set the environment variable ``STEADYLM_COMPILE_KERNELS=0`` (or call :func:`set_compile`) to run
+the very same math eagerly, e.g. where no C++ compiler is available.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from steadylm import functional as F_ref
+from steadylm.kernels import _math
+
+__all__ = [
+    "bhyt",
+    "compile_enabled",
+    "dyt",
+    "powlu_glu",
+    "rms_norm",
+    "set_compile",
+    "swiglu",
+    "swiglu_clip",
+]
+
+_compile_enabled: bool = os.environ.get("STEADYLM_COMPILE_KERNELS", "1").strip() not in ("0", "false", "no")
+
+
+def set_compile(enabled: bool) -> None:
+    """Turn compilation of the fused kernels on (default) or off (same math, run eagerly)."""
+    global _compile_enabled
+    _compile_enabled = bool(enabled)
+
+
+def compile_enabled() -> bool:
+    """Whether the fused kernels are currently compiled with ``torch.compile``."""
+    return _compile_enabled
+
+
+@functools.cache
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # fullgraph: these functions are pure tensor math; a graph break would be a bug, not a fallback.
+    return torch.compile(fn, fullgraph=True)
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call the compiled version of ``fn`` (or ``fn`` itself when compilation is off).
+
+    Under an outer ``torch.compile`` the plain function is called: Dynamo is already tracing and
+    would inline the inner compiled wrapper anyway.
+    """
+    if not _compile_enabled or torch.compiler.is_compiling():
+        return fn(*args)
+    return _compiled(fn)(*args)
+
+
+def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
+    """Mark dim 0 (tokens / elements) dynamic so that new batch shapes reuse the kernel."""
+    if torch.compiler.is_compiling() or not _compile_enabled:
+        return
+    for t in tensors:
+        if t is not None and t.dim() >= 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    """A tiny stand-in for an absent optional tensor (never read when its flag is False)."""
+    return like.new_zeros(())
+
+
+def _scalar_param(value: Tensor | float, like: Tensor, name: str) -> Tensor:
+    """A learnable scalar (0-dim tensor) or a float turned into a constant 0-dim tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (0-dim tensor or float), got shape {tuple(value.shape)}")
+        return value.reshape(())
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
+def _check_same_shape(gate: Tensor, up: Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+
+
+def _check_weight(weight: Tensor | None, d: int, name: str = "weight") -> None:
+    if weight is not None and tuple(weight.shape) != (d,):
+        raise ValueError(f"{name} must have shape ({d},) (the hidden size), got {tuple(weight.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# activations
+# --------------------------------------------------------------------------------------------
+
+
+class _GatedActivation(torch.autograd.Function):
+    """Elementwise ``act(gate, up)`` on flat tensors; saves gate and up only."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor, fwd: Callable, bwd: Callable, hparams: tuple) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.bwd = bwd
+        ctx.hparams = hparams
+        return _run(fwd, gate, up, *hparams)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        gate, up = ctx.saved_tensors
+        _mark_rows_dynamic(gate, up, dy)
+        d_gate, d_up = _run(ctx.bwd, gate, up, dy.contiguous(), *ctx.hparams)
+        return d_gate, d_up, None, None, None
+
+
+def _gated(gate: Tensor, up: Tensor, fwd: Callable, bwd: Callable, hparams: tuple) -> Tensor:
+    _check_same_shape(gate, up)
+    shape = gate.shape
+    g, u = gate.reshape(-1), up.reshape(-1)
+    _mark_rows_dynamic(g, u)
+    return _GatedActivation.apply(g, u, fwd, bwd, hparams).reshape(shape)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Fused SwiGLU ``silu(gate) · up``; same semantics as :func:`steadylm.functional.swiglu`."""
+    return _gated(gate, up, _math.swiglu_fwd, _math.swiglu_bwd, ())
+
+
+def powlu_glu(gate: Tensor, up: Tensor, m: float = 3.0) -> Tensor:
+    """Fused gated PowLU ``f_m(gate) · up``; same semantics as :func:`steadylm.functional.powlu_glu`."""
+    m = F_ref.validate_powlu_m(m)
+    return _gated(gate, up, _math.powlu_glu_fwd, _math.powlu_glu_bwd, (m,))
+
+
+_CLIP_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "gptoss": (_math.swiglu_clip_gptoss_fwd, _math.swiglu_clip_gptoss_bwd),
+    "step": (_math.swiglu_clip_step_fwd, _math.swiglu_clip_step_bwd),
+    "clamp": (_math.swiglu_clip_clamp_fwd, _math.swiglu_clip_clamp_bwd),
+}
+
+
+def swiglu_clip(
+    gate: Tensor,
+    up: Tensor,
+    limit: float = 7.0,
+    variant: str = "gptoss",
+    alpha: float = 1.702,
+) -> Tensor:
+    """Fused SwiGLU-Clip; same semantics as :func:`steadylm.functional.swiglu_clip`."""
+    limit, variant, alpha = F_ref.validate_swiglu_clip(limit, variant, alpha)
+    fwd, bwd = _CLIP_KERNELS[variant]
+    hparams = (limit, alpha) if variant == "gptoss" else (limit,)
+    return _gated(gate, up, fwd, bwd, hparams)
+
+
+# --------------------------------------------------------------------------------------------
+# norms
+# --------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.has_weight = eps, has_weight
+        return _run(_math.rms_norm_fwd, x, weight, eps, has_weight)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_w = ctx.has_weight and ctx.needs_input_grad[1]
+        _mark_rows_dynamic(x, dy)
+        dx, dw = _run(_math.rms_norm_bwd, x, weight, dy.contiguous(), ctx.eps, ctx.has_weight, need_w)
+        return dx, dw, None, None
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
+    """Fused RMSNorm ``γ ⊙ x / sqrt(mean(x²) + ε)``; same semantics as :func:`steadylm.functional.rms_norm`."""
+    eps = F_ref.validate_eps(eps)
+    d = x.shape[-1]
+    _check_weight(weight, d)
+    x2 = x.reshape(-1, d)
+    w = weight if weight is not None else _placeholder(x)
+    _mark_rows_dynamic(x2)
+    return _RMSNorm.apply(x2, w, eps, weight is not None).reshape(x.shape)
+
+
+class _DyT(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, alpha)
+        ctx.has_weight, ctx.has_bias = has_weight, has_bias
+        ctx.bias_dtype = bias.dtype
+        return _run(_math.dyt_fwd, x, weight, alpha, bias, has_weight, has_bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, alpha = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _mark_rows_dynamic(x, dy)
+        dx, dw, da, db = _run(
+            _math.dyt_bwd,
+            x,
+            weight,
+            alpha,
+            dy.contiguous(),
+            ctx.has_weight,
+            ctx.has_weight and need[1],
+            need[2],
+            ctx.has_bias and need[3],
+        )
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return dx, dw, da, db, None, None
+
+
+def dyt(x: Tensor, weight: Tensor | None, alpha: Tensor | float, bias: Tensor | None = None) -> Tensor:
+    """Fused Dynamic Tanh ``γ ⊙ tanh(α x) (+ β)``; same semantics as :func:`steadylm.functional.dyt`."""
+    d = x.shape[-1]
+    _check_weight(weight, d)
+    _check_weight(bias, d, "bias")
+    x2 = x.reshape(-1, d)
+    alpha_t = _scalar_param(alpha, x, "alpha")
+    w = weight if weight is not None else _placeholder(x)
+    b = bias if bias is not None else _placeholder(x)
+    _mark_rows_dynamic(x2)
+    return _DyT.apply(x2, w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
+
+
+class _BHyT(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        lam: Tensor,
+        variance: Tensor,
+        kappa: float,
+        eps: float,
+        has_weight: bool,
+        use_variance: bool,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, lam, variance)
+        ctx.kappa, ctx.eps, ctx.has_weight, ctx.use_variance = kappa, eps, has_weight, use_variance
+        return _run(_math.bhyt_fwd, x, weight, lam, variance, kappa, eps, has_weight, use_variance)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, lam, variance = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _mark_rows_dynamic(x, dy, variance if ctx.use_variance else None)
+        dx, dw, dl, dv = _run(
+            _math.bhyt_bwd,
+            x,
+            weight,
+            lam,
+            variance,
+            dy.contiguous(),
+            ctx.kappa,
+            ctx.eps,
+            ctx.has_weight,
+            ctx.use_variance,
+            ctx.has_weight and need[1],
+            need[2],
+            ctx.use_variance and need[3],
+        )
+        return dx, dw, dl, dv, None, None, None, None
+
+
+def bhyt(
+    x: Tensor,
+    weight: Tensor | None,
+    lam: Tensor | float,
+    kappa: float = 10.0,
+    eps: float = 1e-6,
+    variance: Tensor | None = None,
+) -> Tensor:
+    """Fused BHyT ``γ ⊙ tanh(λ·x/(κ·sqrt(v + ε)))``; same semantics as :func:`steadylm.functional.bhyt`.
+
+    ``variance`` (per-token mean square, ``x.shape[:-1] + (1,)``) replaces ``mean(x²)`` when given
+    and receives its gradient.
+    """
+    kappa = F_ref.validate_kappa(kappa)
+    eps = F_ref.validate_eps(eps)
+    d = x.shape[-1]
+    _check_weight(weight, d)
+    x2 = x.reshape(-1, d)
+    if variance is not None:
+        expected = tuple(x.shape[:-1]) + (1,)
+        if tuple(variance.shape) != expected:
+            raise ValueError(
+                f"variance must have shape {expected} (per-token mean square), got {tuple(variance.shape)}"
+            )
+        v = variance.reshape(-1, 1)
+    else:
+        v = _placeholder(x)
+    lam_t = _scalar_param(lam, x, "lam")
+    w = weight if weight is not None else _placeholder(x)
+    _mark_rows_dynamic(x2, v if variance is not None else None)
+    out = _BHyT.apply(x2, w, lam_t, v, kappa, eps, weight is not None, variance is not None)
+    return out.reshape(x.shape)
