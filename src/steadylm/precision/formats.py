@@ -87,14 +87,15 @@ def fp8_mm(
 ) -> torch.Tensor:
     """``(a * a_inv_scale) @ (b * b_inv_scale)`` for FP8 ``a`` [M, K] and ``b`` [K, N].
 
-    ``a`` must be row-major; ``b`` is made column-major here if it is not (CUDA needs it). The
+    On CUDA ``a`` is made row-major and ``b`` column-major here if they are not. The
     inverse scales are fp32 0-dim tensors (no host sync anywhere).
     """
     if scaled_mm_available(a.device, tuple(a.shape), tuple(b.shape)):
-        if a.stride(-1) != 1:
-            a = a.contiguous()
-        if b.stride(0) != 1:  # column-major: b.t() contiguous
-            b = b.t().contiguous().t()
+        if a.device.type == "cuda":  # cuBLASLt layouts; the CPU kernel takes any strides
+            if a.stride(-1) != 1:
+                a = a.contiguous()
+            if b.stride(0) != 1:
+                b = b.t().contiguous().t()
         return torch._scaled_mm(a, b, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype)
     out = (a.float() * a_inv_scale) @ (b.float() * b_inv_scale)
     return out.to(out_dtype)

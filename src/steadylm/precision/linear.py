@@ -94,12 +94,15 @@ def quantize(
     q = (xf * scale).clamp_(-fmt.max, fmt.max).to(fmt.dtype)
     inv_scale = amax_used / fmt.max
     if counters is not None:
-        overflow = (ax > amax_used).sum()
-        flushed = ((q.view(torch.uint8) & 0x7F) == 0) & (xf != 0)
-        underflow = flushed.sum()
+        # Current scaling maps amax exactly onto fmax, so only a history-derived scale can overflow.
+        overflow = (ax > amax_used).sum() if history is not None else ax.new_zeros(())
+        # 0 quantises to ±0 and a nonzero FP8 value needs a nonzero input, so the flushed count
+        # is nnz(x) - nnz(q); the FP8 zero test masks the sign bit (0x00 / 0x80 in both formats).
+        underflow = torch.count_nonzero(xf) - torch.count_nonzero(q.view(torch.uint8) & 0x7F)
         if measure_snr:
-            signal = xf.square().sum()
-            noise = (xf - q.float() * inv_scale).square().sum()
+            flat = xf.reshape(-1)
+            err = flat - q.reshape(-1).float() * inv_scale
+            signal, noise = torch.dot(flat, flat), torch.dot(err, err)
         else:
             signal = noise = xf.new_zeros(())
         one = xf.new_ones(())
@@ -149,7 +152,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(qg, qw, sg, sw, torch.float32).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = fp8_mm(qg.t().contiguous(), qx, sg, sx, torch.float32).to(ctx.w_dtype)
+            grad_w = fp8_mm(qg.t(), qx, sg, sx, torch.float32).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(ctx.w_dtype)
         return grad_x, grad_w, grad_b, None, None
