@@ -1,0 +1,150 @@
+"""``TrainConfig``: the validated hyper-parameters of one training run, and the LR schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from steadylm.errors import ConfigError
+
+__all__ = ["PRECISIONS", "TrainConfig", "lr_at"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
+_FP8_SCOPES: tuple[str, ...] = ("ffn", "all")
+_FP8_SCALINGS: tuple[str, ...] = ("current", "delayed")
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"TrainConfig.{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ConfigError(f"TrainConfig.{name} must be >= {minimum}{upper}, got {value}")
+
+
+def _check_real(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ConfigError(f"TrainConfig.{name} must be in {interval}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"TrainConfig.{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run. Steps are counted from 1: step ``k`` is the ``k``-th optimizer
+    update, and every ``*_every`` interval fires when ``k`` is a multiple of it.
+
+    * LR: linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the
+      last step (:func:`lr_at`).
+    * AdamW with ``betas=(beta1, beta2)``; ``weight_decay`` goes to the groups the model's
+      ``param_groups`` marks for decay. ``grad_clip`` is the max global L2 norm (0 disables it).
+    * ``precision``: ``fp32``; ``bf16`` autocast; ``fp8`` = FP8 linears (``fp8_scope``,
+      ``fp8_scaling``) with bf16 autocast for the rest.
+    * ``eval_every``/``ckpt_every``: 0 means only at the end. Validation uses a fixed set of
+      ``eval_batches`` batches. ``log_every``: metrics row interval (rows are also written at
+      evaluation steps, at the last step, and whenever a probe returns metrics).
+    * ``probe_every``: the sampling interval for the run's probes. Probes are called every step
+      and decide themselves whether to sample (the contract); the lab builds them with this value.
+    * ``device``: ``"auto"`` picks CUDA when available. ``threads``: torch intra-op threads, None
+      leaves torch's default. ``progress``: rich progress bar; None shows it only on a terminal.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 0
+    log_every: int = 1
+    probe_every: int = 10
+    fp8_scope: str = "ffn"
+    fp8_scaling: str = "current"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field and its allowed range."""
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_real("lr", self.lr, 0.0, low_open=True)
+        _check_real("min_lr", self.min_lr, 0.0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        _check_real("weight_decay", self.weight_decay, 0.0)
+        _check_real("grad_clip", self.grad_clip, 0.0)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("eval_batches", self.eval_batches, 1)
+        _check_int("ckpt_every", self.ckpt_every, 0)
+        _check_int("log_every", self.log_every, 1)
+        _check_int("probe_every", self.probe_every, 0)
+        _check_choice("fp8_scope", self.fp8_scope, _FP8_SCOPES)
+        _check_choice("fp8_scaling", self.fp8_scaling, _FP8_SCALINGS)
+        _check_real("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        _check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        _check_real("adam_eps", self.adam_eps, 0.0, low_open=True)
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(f"TrainConfig.progress must be True, False or None, got {self.progress!r}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; fields are {sorted(names)}")
+        return cls(**data)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based).
+
+    Warm-up: ``lr * step / warmup_steps`` for ``step <= warmup_steps``; then a half cosine from
+    ``lr`` down to ``min_lr``, reached exactly at ``step == steps``.
+    """
+    if step < 1:
+        raise ConfigError(f"step must be >= 1, got {step}")
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    decay_steps = config.steps - config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
