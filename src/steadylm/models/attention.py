@@ -1,0 +1,172 @@
+"""Causal self-attention: grouped-query heads, (partial) RoPE, optional QK-norm, and a KV cache.
+
+Layout follows Llama / Hugging Face: ``wq, wk, wv, wo`` are bias-free ``nn.Linear`` layers, query
+head ``h`` reads key/value head ``h // (n_heads / n_kv_heads)`` (``repeat_interleave`` order, the
+same one :func:`steadylm.functional.bhyt_variance_correction` assumes), and RoPE rotates the
+first ``rotary_dim`` dims of each head in the "rotate half" convention, leaving the rest as is
+(Ling: half of each head).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from steadylm.errors import ConfigError
+from steadylm.models.config import ModelConfig
+from steadylm.nn import RMSNorm
+
+__all__ = ["Attention", "KVCache", "RotaryEmbedding", "apply_rotary"]
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions ``0..max_seq_len-1`` (fp32, not saved in state dicts)."""
+
+    def __init__(self, rotary_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        cos, sin = self._tables(rotary_dim, max_seq_len, theta, None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _tables(
+        rotary_dim: int, length: int, theta: float, device: torch.device | None
+    ) -> tuple[Tensor, Tensor]:
+        if rotary_dim == 0:
+            empty = torch.zeros(length, 0, device=device)
+            return empty, empty
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
+        )
+        positions = torch.arange(length, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # "rotate half" layout
+        return angles.cos().float(), angles.sin().float()
+
+    def reset_tables(self) -> None:
+        """Recompute the tables in place (e.g. after ``to_empty`` from the meta device)."""
+        cos, sin = self._tables(self.rotary_dim, self.max_seq_len, self.theta, self.cos.device)
+        self.cos = cos
+        self.sin = sin
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` ([batch, heads, seq, head_dim]).
+
+    The rotation runs in fp32 and returns ``x``'s dtype; the remaining dims pass through.
+    """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == 0:
+        return x
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    r = rotated.float()
+    r = (r * cos + _rotate_half(r) * sin).to(x.dtype)
+    return torch.cat([r, passed], dim=-1) if passed.shape[-1] else r
+
+
+class KVCache:
+    """Per-layer key/value tensors ``[batch, n_kv_heads, max_len, head_dim]`` for generation.
+
+    Keys are stored after RoPE. ``pos`` is the number of positions already written; the model's
+    forward advances it after all layers have run.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v`` ([batch, kv_heads, n, head_dim]) at ``pos``; return keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ConfigError(f"KV cache holds {self.max_len} positions; writing up to {end}")
+        self.keys[layer][:, :, self.pos : end] = k.to(self.keys[layer].dtype)
+        self.values[layer][:, :, self.pos : end] = v.to(self.values[layer].dtype)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads, partial RoPE and optional QK-norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        d = config.dim
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        if config.qk_norm:
+            # Per-head RMSNorm of queries and keys before RoPE (Ling / OLMo-2 style).
+            self.q_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps, impl=config.impl)
+            self.k_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps, impl=config.impl)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache | None = None,
+        layer_index: int = 0,
+    ) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        grouped = self.n_kv_heads != self.n_heads
+        if kv_cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        else:
+            start = kv_cache.pos
+            k, v = kv_cache.update(layer_index, k, v)
+            if seq == 1:
+                # One new query attends to every cached position: no mask needed.
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
+            elif start == 0:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+            else:
+                # A chunk appended to a non-empty cache: query i (position start+i) sees keys <= it.
+                q_pos = torch.arange(start, start + seq, device=x.device).unsqueeze(1)
+                k_pos = torch.arange(k.shape[2], device=x.device).unsqueeze(0)
+                mask = k_pos <= q_pos
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.wo(out)

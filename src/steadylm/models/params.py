@@ -1,0 +1,133 @@
+"""``steadylm params``: total and active parameter counts of every preset.
+
+The counts come from :func:`steadylm.models.count_parameters` (closed form, from the config alone);
+``--verify`` also builds each model on the ``meta`` device (no memory, no init cost) and checks the
+module count against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from steadylm.errors import ConfigError
+
+__all__ = ["add_arguments", "parse_overrides", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "presets",
+        nargs="*",
+        metavar="PRESET",
+        help="presets to show (default: all)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig field for every preset, e.g. --set vocab_size=2048 "
+        "--set norm=bhyt (VALUE is parsed as JSON, else kept as a string); repeatable",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also build each model on the meta device and check its count matches",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["dim=256", "norm=bhyt"]`` -> ``{"dim": 256, "norm": "bhyt"}`` (values parsed as JSON)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[field.strip()] = value
+    return overrides
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def run(args: argparse.Namespace) -> int:
+    from steadylm.models.config import PRESETS, ModelConfig, count_parameters
+
+    overrides = parse_overrides(args.overrides)
+    names = args.presets or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
+
+    rows: list[dict[str, Any]] = []
+    mismatches: list[str] = []
+    for name in names:
+        config = ModelConfig.from_preset(name, **overrides)
+        count = count_parameters(config)
+        row: dict[str, Any] = {
+            "preset": name,
+            "total": count.total,
+            "active": count.active,
+            "embedding": count.embedding,
+            "dim": config.dim,
+            "n_layers": config.n_layers,
+            "n_heads": config.n_heads,
+            "n_kv_heads": config.n_kv_heads,
+            "vocab_size": config.vocab_size,
+            "experts": f"{config.moe_top_k}/{config.n_experts}" if config.is_moe else "-",
+        }
+        if args.verify:
+            from steadylm.models.transformer import build_model
+
+            built = build_model(config, device="meta").num_params()
+            row["verified"] = built["total"] == count.total and built["active"] == count.active
+            if not row["verified"]:
+                mismatches.append(f"{name}: formula {count.total}/{count.active}, modules {built['total']}/{built['active']}")
+        rows.append(row)
+
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, verified=args.verify, overrides=overrides)
+    for line in mismatches:
+        print(f"MISMATCH {line}")
+    return 1 if mismatches else 0
+
+
+def _print_table(rows: list[dict[str, Any]], verified: bool, overrides: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = "steadylm presets: parameter counts"
+    if overrides:
+        title += " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+    table = Table(title=title)
+    for column in ("preset", "total", "active", "non-embedding", "dim", "layers", "heads (kv)", "vocab", "top-k/experts"):
+        table.add_column(column, justify="left" if column == "preset" else "right")
+    if verified:
+        table.add_column("modules agree", justify="center")
+    for row in rows:
+        cells = [
+            row["preset"],
+            f"{row['total']:,} ({_fmt(row['total'])})",
+            f"{row['active']:,} ({_fmt(row['active'])})",
+            _fmt(row["total"] - row["embedding"]),
+            str(row["dim"]),
+            str(row["n_layers"]),
+            f"{row['n_heads']} ({row['n_kv_heads']})",
+            str(row["vocab_size"]),
+            row["experts"],
+        ]
+        if verified:
+            cells.append("yes" if row["verified"] else "NO")
+        table.add_row(*cells)
+    Console(width=160).print(table)

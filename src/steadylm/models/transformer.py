@@ -1,0 +1,268 @@
+"""The decoder: embeddings → blocks → final norm → LM head, plus the hooks the trainer calls.
+
+``build_model(config)`` returns a :class:`Transformer`. Contract (docs/ARCHITECTURE.md):
+``forward(tokens) -> logits [batch, seq, vocab]``, ``after_optimizer_step(step, total_steps)``,
+``param_groups(weight_decay)``, ``num_params()``, ``layers``, ``generate(...)``,
+``refresh_bhyt_correction()``; ``load_state_dict`` refreshes c_ℓ (post-load hooks on the blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from steadylm.errors import ConfigError
+from steadylm.models.attention import KVCache, RotaryEmbedding
+from steadylm.models.blocks import BHyTBlock, build_block
+from steadylm.models.config import ModelConfig
+from steadylm.models.moe import MoE, Router
+from steadylm.nn import BHyT, DyT, LayerNorm, RMSNorm
+
+__all__ = ["Transformer", "build_model"]
+
+
+def _build_final_norm(config: ModelConfig) -> nn.Module:
+    kind, d, eps, impl = config.final_norm_type, config.dim, config.norm_eps, config.impl
+    if kind == "rmsnorm":
+        return RMSNorm(d, eps=eps, impl=impl)
+    if kind == "layernorm":
+        return LayerNorm(d, eps=eps, impl=impl)
+    if kind == "dyt":
+        return DyT(d, alpha_init=config.dyt_alpha_other, impl=impl)
+    if kind == "bhyt_star":
+        return BHyT(d, lam_init=config.bhyt_lambda_ffn, kappa=config.bhyt_kappa, eps=eps, impl=impl)
+    raise AssertionError(kind)  # pragma: no cover - ModelConfig.validate rejects other names
+
+
+class Transformer(nn.Module):
+    """A dense (Llama-style) or Ling-style MoE decoder built from a :class:`ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        # DyT LLM recipe: a learnable scalar on the embedding output, initialised to sqrt(d).
+        self.embed_scale: nn.Parameter | None = (
+            nn.Parameter(torch.tensor(math.sqrt(config.dim))) if config.norm == "dyt" else None
+        )
+        self.rope = RotaryEmbedding(config.rotary_dim, config.max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
+        self.final_norm = _build_final_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    # init and BHyT bookkeeping
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for every projection, the embedding and the routers; norms at their
+        defaults (gains 1, biases 0, α/λ at α0/λ0); then c_ℓ from the fresh weights."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        self.refresh_bhyt_correction()
+
+    def refresh_bhyt_correction(self) -> None:
+        """Recompute c_ℓ of every BHyT block from its current W_V, W_O (no-op for other norms)."""
+        for block in self.layers:
+            if isinstance(block, BHyTBlock):
+                block.refresh_bhyt_correction()
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Call after every optimizer step (``step`` = steps completed so far, 1-based).
+
+        Updates each MoE router bias from the load counted since the previous call, and every
+        K = ``config.refresh_interval(total_steps)`` steps recomputes c_ℓ of the BHyT blocks.
+        """
+        for moe in self.moe_layers():
+            moe.update_router_bias()
+        if step % self.config.refresh_interval(total_steps) == 0:
+            self.refresh_bhyt_correction()
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """``tokens`` ``[batch, seq]`` (int) -> logits ``[batch, seq, vocab]``.
+
+        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``,
+        which advances by ``seq``.
+        """
+        if tokens.dim() != 2:
+            raise ConfigError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        seq = tokens.shape[1]
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + seq > self.config.max_seq_len:
+            raise ConfigError(
+                f"sequence of {start + seq} tokens exceeds max_seq_len ({self.config.max_seq_len})"
+            )
+        x = self.embed(tokens)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        cos, sin = self.rope(start, seq)
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += seq
+        return self.lm_head(self.final_norm(x))
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+    # ------------------------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Continue ``tokens`` ``[batch, seq]`` by ``max_new_tokens`` sampled tokens.
+
+        ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens. Uses a KV cache;
+        once the sequence outgrows ``max_seq_len`` the context is cropped to the last
+        ``max_seq_len`` tokens (as nanoGPT does), which re-fills the cache. BHyT blocks compute
+        their per-layer scalar once for the call. Returns the extended tokens, and with
+        ``return_logits`` also the logits each new token was drawn from ``[batch, new, vocab]``.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ConfigError(f"tokens must be [batch, seq] with seq >= 1, got {tuple(tokens.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+
+        context = self.config.max_seq_len
+        was_training = self.training
+        bhyt_blocks = [b for b in self.layers if isinstance(b, BHyTBlock)]
+        self.eval()
+        for block in bhyt_blocks:
+            block.begin_inference()
+        try:
+            cache = self.new_kv_cache(tokens.shape[0])
+            sequence = tokens
+            logits = self(sequence[:, -context:], kv_cache=cache)[:, -1].float()
+            drawn_from: list[Tensor] = []
+            for i in range(max_new_tokens):
+                next_token = _sample(logits, temperature, top_k, generator)
+                drawn_from.append(logits)
+                sequence = torch.cat([sequence, next_token], dim=1)
+                if i == max_new_tokens - 1:
+                    break
+                if cache.pos < context:
+                    logits = self(next_token, kv_cache=cache)[:, -1].float()
+                else:
+                    cache.reset()
+                    logits = self(sequence[:, -context:], kv_cache=cache)[:, -1].float()
+        finally:
+            for block in bhyt_blocks:
+                block.end_inference()
+            self.train(was_training)
+        if not return_logits:
+            return sequence
+        vocab = self.config.vocab_size
+        if not drawn_from:
+            return sequence, torch.zeros(tokens.shape[0], 0, vocab, device=tokens.device)
+        return sequence, torch.stack(drawn_from, dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    # optimizer groups, counts, statistics
+    # ------------------------------------------------------------------------------------------
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: matrices (projections, embeddings, routers) decay; norm gains, α, λ,
+        the DyT embedding scale and every bias (all parameters with fewer than 2 dims) do not."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for _, param in self.named_parameters():  # tied weights are listed once
+            if not param.requires_grad:
+                continue
+            (decay if param.dim() >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def num_params(self) -> dict[str, int]:
+        """``total``: unique parameters; ``active``: used per token (routed experts × k/E);
+        ``embedding``: the token embedding plus an untied LM head."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers():
+            routed = sum(p.numel() for p in moe.experts.parameters())
+            inactive += routed * (moe.n_experts - moe.top_k) // moe.n_experts
+        embedding = self.embed.weight.numel()
+        if self.lm_head.weight is not self.embed.weight:
+            embedding += self.lm_head.weight.numel()
+        return {"total": total, "active": total - inactive, "embedding": embedding}
+
+    @torch.no_grad()
+    def moe_load_stats(self) -> dict[str, float]:
+        """Per MoE layer, from the last forward: max and min expert load relative to the mean
+        (1.0 = balanced) and the spread of the balancing bias."""
+        stats: dict[str, float] = {}
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                load = block.ffn.last_load.float()
+                mean = load.mean().clamp_min(1e-12)
+                bias = block.ffn.router.expert_bias
+                prefix = f"moe/layer{block.layer_index}"
+                stats[f"{prefix}/load_max_over_mean"] = float(load.max() / mean)
+                stats[f"{prefix}/load_min_over_mean"] = float(load.min() / mean)
+                stats[f"{prefix}/bias_range"] = float(bias.max() - bias.min())
+        return stats
+
+    def set_activation(self, name: str, **kwargs: Any) -> None:
+        """Swap the activation of every FFN and expert, keeping the weights (mid-training switch)."""
+        new_config = self.config.replace(activation=name, activation_kwargs=kwargs, layer_activation_kwargs=None)
+        for block in self.layers:
+            block.ffn.set_activation(name, **kwargs)
+        self.config = new_config
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """One token per row from ``logits`` ``[batch, vocab]`` -> ``[batch, 1]``."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None) -> Transformer:
+    """Build and initialise the decoder of ``config`` (optionally directly on ``device``)."""
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"build_model needs a ModelConfig, got {type(config).__name__}")
+    config.validate()
+    if device is None:
+        return Transformer(config)
+    with torch.device(device):
+        return Transformer(config)
+
