@@ -265,3 +265,39 @@ def test_quick_fp8_training_run_stays_finite_and_counts():
     fp8_stats(m, reset=True)
     again = fp8_stats(m)
     assert again["fp8/overflow"] == 0 and again["fp8/input/underflow"] == 0
+
+
+def test_apply_fp8_reaches_dense_shared_and_routed_experts_and_trains_finite():
+    from steadylm.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("nano-moe", vocab_size=96, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64,
+                                  expert_ffn_dim=16, n_experts=4, n_layers=2, max_seq_len=16)
+    model = build_model(cfg)
+    names = apply_fp8(model, scope="ffn", scaling="delayed")
+    assert "layers.0.ffn.w_down" in names  # dense first layer
+    assert "layers.1.ffn.experts.w_down.3" in names  # routed expert 3
+    assert "layers.1.ffn.shared_expert.w_gate" in names
+    assert not any(".attn." in n for n in names)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, 96, (4, 17))
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(data[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 96), data[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert math.isfinite(loss.item())
+    stats = fp8_stats(model)
+    assert stats["fp8/layers.1.ffn.experts.w_down.0/input/amax"] >= 0
+    assert math.isfinite(stats["fp8/grad_output/snr_db"])
+
+
+def test_empty_input_rows_are_fine():
+    m = FP8Linear(32, 16, bias=False)  # a routed expert that received no tokens
+    x = torch.zeros(0, 32, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 32)
+    assert torch.count_nonzero(m.weight.grad) == 0

@@ -29,13 +29,18 @@ __all__ = ["apply_fp8", "fp8_modules", "fp8_stats", "reset_fp8_stats", "FP8Probe
 SCOPES = ("ffn", "all")
 # The gated-FFN projections (steadylm.nn.GatedFFN: dense FFNs and MoE shared experts).
 FFN_LINEARS = ("w_gate", "w_up", "w_down")
-# Linears left in high precision under scope="all": the output head (vocab logits) and the MoE
-# router, whose scores pick experts — the layers torchtitan/torchao also keep out of float8.
-DEFAULT_EXCLUDE = ("lm_head", "output", "head", "router")
+# Linears left in high precision under scope="all": the output head (vocab logits), which
+# torchtitan's float8 recipe also keeps out (the MoE router is a plain Parameter, not a Linear).
+DEFAULT_EXCLUDE = ("lm_head",)
 
 
-def _is_ffn_linear(parent: nn.Module, child_name: str) -> bool:
-    return child_name in FFN_LINEARS and all(isinstance(getattr(parent, n, None), nn.Linear) for n in FFN_LINEARS)
+def _is_ffn_linear(qualified_name: str) -> bool:
+    """``...ffn.w_down`` (a GatedFFN or shared expert) or ``...experts.w_down.3`` (routed expert 3,
+    one ``nn.Linear`` per expert in an ``nn.ModuleList``)."""
+    parts = qualified_name.split(".")
+    if parts[-1] in FFN_LINEARS:
+        return True
+    return len(parts) >= 2 and parts[-1].isdigit() and parts[-2] in FFN_LINEARS
 
 
 def apply_fp8(
@@ -48,11 +53,11 @@ def apply_fp8(
 ) -> list[str]:
     """Replace ``nn.Linear`` modules of ``model`` by :class:`FP8Linear` in place.
 
-    ``scope="ffn"``: the ``w_gate``/``w_up``/``w_down`` linears of every gated FFN (dense layers
-    and MoE shared experts). Routed MoE experts keep their batched ``[E, ...]`` weights in bf16/fp32:
-    they are not ``nn.Linear`` modules, and FP8 here covers dense FFN linears + shared experts only.
-    ``scope="all"``: every ``nn.Linear`` except those whose own name is in ``exclude`` (default: the
-    output head and the MoE router). Weights are shared, not copied. Returns the converted names.
+    ``scope="ffn"``: the ``w_gate``/``w_up``/``w_down`` projections of every gated FFN — dense
+    layers, MoE shared experts and routed experts (one ``nn.Linear`` per expert). Attention and the
+    output head stay in bf16. ``scope="all"``: every ``nn.Linear`` except those whose own name is in
+    ``exclude`` (default: the output head; the MoE router is a plain parameter, never converted).
+    Weights are shared, not copied. Returns the converted module names.
     """
     _check_choice("fp8_scope", scope, SCOPES)
     _check_choice("fp8_scaling", scaling, SCALINGS)
@@ -62,11 +67,11 @@ def apply_fp8(
         for child_name, child in parent.named_children():
             if type(child) is not nn.Linear:  # FP8Linear (already converted) and other subclasses skip
                 continue
-            if scope == "ffn" and not _is_ffn_linear(parent, child_name):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if scope == "ffn" and not _is_ffn_linear(full):
                 continue
             if scope == "all" and child_name in exclude:
                 continue
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
             targets.append((parent, child_name, full))
     if not targets and not any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ConfigError(f"fp8_scope={scope!r} matched no nn.Linear in {type(model).__name__}")
