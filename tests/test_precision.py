@@ -38,6 +38,18 @@ from steadylm.precision import (
     quantize,
 )
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny: with several intra-op threads on a busy 2-core machine, thread
+    # hand-offs cost more than the math (measured 50x slower steps). Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 U4, U5, UBF = E4M3.unit_roundoff, E5M2.unit_roundoff, 2.0**-8
 TOL_FWD = math.sqrt(2) * U4 / math.sqrt(3) + math.sqrt(2) * UBF / math.sqrt(3)
 TOL_BWD = math.sqrt(U5**2 + U4**2) / math.sqrt(3) + math.sqrt(2) * UBF / math.sqrt(3)
@@ -241,7 +253,7 @@ def test_quick_fp8_training_run_stays_finite_and_counts():
     probe = FP8Probe(every=5)
     data = torch.randint(0, 50, (8, 17))
     losses, rows = [], []
-    for step in range(30):
+    for step in range(20):
         probe.begin_step(step, m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = m(data[:, :-1])
@@ -255,7 +267,7 @@ def test_quick_fp8_training_run_stays_finite_and_counts():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.5
-    assert len(rows) == 6
+    assert len(rows) == 4
     last = rows[-1]
     for role in ("input", "weight", "grad_output"):
         assert math.isfinite(last[f"fp8/{role}/amax"]) and last[f"fp8/{role}/amax"] > 0
@@ -272,7 +284,8 @@ def test_apply_fp8_reaches_dense_shared_and_routed_experts_and_trains_finite():
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("nano-moe", vocab_size=96, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64,
-                                  expert_ffn_dim=16, n_experts=4, n_layers=2, max_seq_len=16)
+                                  expert_ffn_dim=16, n_experts=4, n_layers=2, max_seq_len=16,
+                                  impl="reference")  # no kernel compilation in this test
     model = build_model(cfg)
     names = apply_fp8(model, scope="ffn", scaling="delayed")
     assert "layers.0.ffn.w_down" in names  # dense first layer
