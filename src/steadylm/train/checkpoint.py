@@ -296,7 +296,8 @@ def load_checkpoint(
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
 
     Every file is checked against its SHA-256 before use; any mismatch raises
-    :class:`CheckpointError` and leaves ``model``/``optimizer`` untouched.
+    :class:`CheckpointError` and leaves ``model``/``optimizer`` untouched. Buffers get exactly
+    their saved values, even where a module's post-load hook would recompute them.
     """
     directory = Path(directory)
     state = _read_state(directory)
@@ -324,6 +325,13 @@ def load_checkpoint(
         )
         raise CheckpointError(f"checkpoint {directory} does not match the model ({details})")
     model.load_state_dict(full_state, strict=True)
+    # Post-load hooks may recompute buffers from the weights (BHyT's c_l is refreshed on load).
+    # A resumed run must continue with the values the uninterrupted run had at this step (c_l
+    # from the last K-step refresh), so saved buffers are put back verbatim.
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in full_state:
+                buffer.copy_(full_state[name])
 
     if optimizer is not None:
         try:

@@ -284,8 +284,8 @@ class Trainer:
     # run
     # ------------------------------------------------------------------------------------------
 
-    def _prepare_out_dir(self, resume: bool, metrics: MetricsLog) -> tuple[Path | None, dict[str, Any]]:
-        """Returns (checkpoint to resume from, its counters)."""
+    def _prepare_out_dir(self, resume: bool, metrics: MetricsLog) -> Path | None:
+        """Set up ``out_dir``; returns the checkpoint to resume from (None for a fresh run)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         configs = self._configs()
         if not resume:
@@ -293,7 +293,7 @@ class Trainer:
                 shutil.rmtree(self.out_dir / name, ignore_errors=True)
             metrics.reset()
             atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
-            return None, {}
+            return None
         checkpoint = find_checkpoint(self.out_dir)
         if checkpoint is None:
             raise CheckpointError(f"cannot resume: no checkpoint in {self.out_dir}")
@@ -315,16 +315,28 @@ class Trainer:
         if problems:
             raise CheckpointError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
         atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
-        return checkpoint, {}
+        return checkpoint
 
     def run(self, resume: bool = False) -> TrainResult:
-        """Train (or continue from ``out_dir``'s checkpoint when ``resume``) to ``steps``."""
+        """Train (or continue from ``out_dir``'s checkpoint when ``resume``) to ``steps``.
+
+        Raises :class:`CheckpointError` when ``resume`` finds no usable checkpoint (missing,
+        corrupt, or written for another model / seed / corpus). A divergence does not raise; see
+        :attr:`TrainResult.diverged_at` and :meth:`TrainResult.raise_if_diverged`.
+        """
+        threads_before = torch.get_num_threads()
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._run(resume)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _run(self, resume: bool) -> TrainResult:
         cfg = self.config
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         device = _resolve_device(cfg.device)
         metrics = MetricsLog(self.out_dir)
-        checkpoint_path, _ = self._prepare_out_dir(resume, metrics)
+        checkpoint_path = self._prepare_out_dir(resume, metrics)
         self._build(device)
         assert self.model is not None and self.optimizer is not None
         model, optimizer = self.model, self.optimizer
