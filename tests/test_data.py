@@ -28,7 +28,7 @@ from steadylm.errors import ConfigError, DataError
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     # Each test module gets its own cache so no test depends on (or pollutes) ~/.cache.
-    root = tmp_path_factory.getbasetemp() / "steadylm-cache-data"
+    root = tmp_path_factory.getbasetemp() / "steadylm-cache"
     monkeypatch.setenv("STEADYLM_CACHE", str(root))
     return root
 

@@ -149,7 +149,12 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         state.setdefault(int(param_id), {})[name] = value
     for param_id, values in meta.get("scalars", {}).items():
         state.setdefault(int(param_id), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (AdamW's betas) into lists; give the optimizer back what it saved.
+    groups = [
+        {key: tuple(value) if key == "betas" and isinstance(value, list) else value for key, value in group.items()}
+        for group in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 # ----------------------------------------------------------------------------------------------
