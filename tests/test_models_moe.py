@@ -1,0 +1,133 @@
+"""Ling-style MoE: routing math against a per-token loop, probe points, load statistics, and the
+auxiliary-loss-free router bias moving a skewed load towards balance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steadylm.models import ModelConfig, build_model
+from steadylm.models.moe import MoE
+
+DIM, HIDDEN, EXPERTS, TOP_K = 16, 8, 6, 2
+
+
+def _moe(**kwargs) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(DIM, HIDDEN, EXPERTS, TOP_K, n_shared=1, activation="powlu", impl="reference", **kwargs)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def _per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """SPEC §3 one token at a time: sigmoid scores, top-k on score + bias, weights renormalised."""
+    rows = []
+    for token in x.reshape(-1, DIM):
+        scores = torch.sigmoid(moe.router.weight @ token)
+        chosen = torch.topk(scores + moe.router.expert_bias, TOP_K).indices
+        weights = scores[chosen] / scores[chosen].sum() * moe.router.routed_scale
+        out = moe.shared_expert(token)
+        for w, e in zip(weights, chosen.tolist()):
+            gate = moe.experts.w_gate[e](token)
+            up = moe.experts.w_up[e](token)
+            out = out + w * moe.experts.w_down[e](moe.experts.act(gate, up))
+        rows.append(out)
+    return torch.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize("routed_scale", [1.0, 2.5])
+def test_vectorised_dispatch_equals_the_per_token_loop(routed_scale):
+    moe = _moe(routed_scale=routed_scale)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.linspace(-0.3, 0.3, EXPERTS))  # bias changes selection only
+    x = torch.randn(3, 7, DIM)
+    torch.testing.assert_close(moe(x), _per_token_reference(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_router_and_chosen_experts_only():
+    moe = _moe()
+    x = torch.randn(1, 1, DIM)
+    moe(x).sum().backward()
+    chosen = torch.topk(torch.sigmoid(moe.router.weight @ x[0, 0]), TOP_K).indices.tolist()
+    assert moe.router.weight.grad.abs().sum() > 0
+    for e in range(EXPERTS):
+        has_grad = moe.experts.w_gate[e].weight.grad is not None and moe.experts.w_gate[e].weight.grad.abs().sum() > 0
+        assert has_grad == (e in chosen)
+    assert moe.router.expert_bias.grad is None and "expert_bias" not in dict(moe.named_parameters())
+
+
+def test_probe_points_see_packed_routed_tensors_and_load_is_recorded():
+    moe = _moe()
+    seen = {}
+    for name in ("gate_out", "up_out", "down_input"):
+        getattr(moe.experts, name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.shape))
+    x = torch.randn(2, 5, DIM)
+    moe(x)
+    assert seen == {k: torch.Size([10 * TOP_K, HIDDEN]) for k in ("gate_out", "up_out", "down_input")}
+    assert moe.last_load.shape == (EXPERTS,)
+    torch.testing.assert_close(moe.last_load.sum(), torch.tensor(1.0))
+    assert torch.equal(moe.load_accum.sum(), torch.tensor(float(10 * TOP_K)))
+    moe.eval()
+    moe(x)  # evaluation forwards do not count towards balancing
+    assert torch.equal(moe.load_accum.sum(), torch.tensor(float(10 * TOP_K)))
+
+
+def test_router_bias_moves_a_skewed_load_towards_balance():
+    cfg = ModelConfig(vocab_size=64, dim=DIM, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=16,
+                      n_experts=EXPERTS, moe_top_k=TOP_K, expert_ffn_dim=HIDDEN, router_bias_update_rate=0.01,
+                      impl="reference")
+    model = build_model(cfg)
+    moe = model.layers[1].ffn
+    # Skew: the inputs lean along a direction u, and experts 0 and 1 align with u.
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(DIM, generator=g)
+    u = u / u.norm()
+    with torch.no_grad():
+        moe.router.weight.copy_(0.2 * torch.randn(EXPERTS, DIM, generator=g))
+        moe.router.weight[0] += 2.0 * u
+        moe.router.weight[1] += 1.5 * u
+    x = torch.randn(8, 16, DIM, generator=g) + 2.0 * u
+
+    def imbalance() -> float:  # max load over mean load; 1 = balanced, EXPERTS / TOP_K = 3 at worst
+        return float(moe.last_load.max() / moe.last_load.mean())
+
+    moe.eval()
+    moe(x)
+    start = imbalance()
+    assert start > 2.5  # ~90% of the routed slots go to experts 0 and 1
+    moe.train()
+    history = []
+    for step in range(1, 121):
+        moe(x)  # a training forward counts the load ...
+        model.after_optimizer_step(step, total_steps=120)  # ... the model method applies the update
+        history.append(imbalance())
+    assert moe.load_accum.sum() == 0  # consumed by the update
+    # Sign updates settle into a small jitter around balance (±rate each step), hence the average.
+    settled = sum(history[-20:]) / 20
+    assert settled < 1.5 < start
+    bias = moe.router.expert_bias
+    assert bool((bias[:2].max() < bias[2:].min()))  # the overloaded experts' bias went down
+
+
+def test_update_rate_zero_freezes_the_bias():
+    moe = _moe(bias_update_rate=0.0)
+    moe(torch.randn(2, 4, DIM))
+    moe.update_router_bias()
+    assert torch.equal(moe.router.expert_bias, torch.zeros(EXPERTS))
+
+
+def test_moe_load_stats_and_activation_swap_cover_every_expert():
+    model = build_model(ModelConfig.from_preset("nano-moe", vocab_size=64, dim=32, n_heads=2, n_kv_heads=2,
+                                                impl="reference"))
+    model(torch.randint(0, 64, (2, 8)))
+    stats = model.moe_load_stats()
+    assert set(stats) == {f"moe/layer{i}/{k}" for i in (1, 2, 3)
+                          for k in ("load_max_over_mean", "load_min_over_mean", "bias_range")}
+    assert all(v >= 1.0 for k, v in stats.items() if k.endswith("max_over_mean"))
+    model.set_activation("swiglu_clip", limit=5.0, variant="step")
+    assert model.config.activation == "swiglu_clip"
+    for block in model.layers:
+        ffns = [block.ffn] if not isinstance(block.ffn, MoE) else [block.ffn.experts, block.ffn.shared_expert]
+        for ffn in ffns:
+            assert ffn.act.name == "swiglu_clip" and ffn.act.kwargs["limit"] == 5.0
