@@ -5,7 +5,7 @@ It implements the train ↔ probes contract of docs/ARCHITECTURE.md::
     probe.begin_step(step, model)             # before the forward: register hooks if sampling
     probe.end_step(step, model) -> dict       # after backward: remove hooks, return flat metrics
 
-On a sampled step (``step % every == 0``) it records, per layer ``i`` (keys are flat strings):
+On a sampled step (step 1 and every ``every``-th) it records, per layer ``i`` (keys are flat strings):
 
 ================================================  ===============================================
 ``ffn_down_in/layer{i}/{stat}``                    FFN down-projection input (activation output)
@@ -100,7 +100,7 @@ class StabilityProbe:
     Parameters
     ----------
     every:
-        sample on steps with ``step % every == 0`` (so step 0, the initialisation, is sampled).
+        sample on step 1 (the first, at initialisation) and on steps with ``step % every == 0``.
     grad_stats:
         also record the gate/up output gradients (needs a backward between begin and end).
     max_quantile_elems:
@@ -135,7 +135,8 @@ class StabilityProbe:
 
     # -- contract ---------------------------------------------------------------------------
     def should_sample(self, step: int) -> bool:
-        return step % self.every == 0
+        # step 1 (the trainer's first) too, so every run has a reading at initialisation
+        return step == 1 or step % self.every == 0
 
     def begin_step(self, step: int, model: nn.Module) -> None:
         self._clear()

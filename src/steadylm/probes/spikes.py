@@ -7,6 +7,7 @@ protocols and a user's notebook can apply them to any ``metrics.jsonl`` after th
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,29 +51,19 @@ def rolling_zscores(
     """
     _validate(window, 1.0)
     out: list[float] = []
-    buf: list[float] = []  # last `window` finite values
-    s = s2 = 0.0
+    buf: deque[float] = deque(maxlen=window)  # the last `window` finite values
     for loss in losses:
         v = float(loss)
         z = math.nan
         if len(buf) == window and math.isfinite(v):
-            mean = s / window
-            var = max(s2 / window - mean * mean, 0.0)
-            # recompute exactly when cancellation could bite
-            if var < 1e-6 * max(mean * mean, 1e-30):
-                var = sum((b - mean) ** 2 for b in buf) / window
-            std = math.sqrt(var)
+            # direct two-pass statistics (O(W) per step): running sums cancel badly on plateaus
+            mean = math.fsum(buf) / window
+            std = math.sqrt(math.fsum((b - mean) ** 2 for b in buf) / window)
             if std >= min_std:
                 z = (v - mean) / std
         out.append(z)
         if math.isfinite(v):
             buf.append(v)
-            s += v
-            s2 += v * v
-            if len(buf) > window:
-                old = buf.pop(0)
-                s -= old
-                s2 -= old * old
     return out
 
 
