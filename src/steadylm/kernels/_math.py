@@ -12,13 +12,10 @@ Conventions (all shapes as seen by these functions, after the wrappers flattened
 * norms: ``x``, ``dy`` are 2-D ``[tokens, d]``; ``weight`` is ``[d]`` (never None here: the
   wrappers pass a flag instead); ``alpha``/``lam`` are 0-dim tensors; ``variance`` is
   ``[tokens, 1]``.
-* math is fp32 (float64 inputs stay float64, so that gradcheck sees true float64 math); per-token
-  reductions accumulate in float64. That costs nothing measurable in a bandwidth-bound kernel and
-  replaces the reference's extra ``amax`` pass: squares of any fp32/bf16 value (up to 3.4e38) and
-  of subnormals are representable in float64, so ``mean(x²)`` neither overflows nor underflows.
-* ``1/sqrt(mean(x²)+ε)`` can fall outside the fp32 range (rows near the fp32 maximum, or tiny
-  rows with ε = 0); it is therefore applied as two fp32 factors ``hi · lo`` (``hi`` a power of
-  two), so that ``x · hi · lo`` stays accurate where ``x · r`` would overflow or go subnormal.
+* math is fp32 (float64 inputs stay float64, so that gradcheck sees true float64 math);
+* per-token statistics are exact over the whole fp32 range without the reference's extra amax
+  pass (see ``_row_scale_and_inv_rms``);
+* results are returned in the input dtype; parameter gradients in the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -29,23 +26,6 @@ from torch import Tensor
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _split_scale(r: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Split a positive float64 per-row factor into ``hi · lo``, both representable in ``dtype``.
-
-    ``hi = 2^floor(log2(r)/2)`` is exact; ``lo = r / hi`` is within a factor 2 of ``sqrt(r)``.
-    Multiplying by ``hi`` then ``lo`` therefore never leaves the normal range when ``x · r`` does
-    not. Non-finite or zero ``r`` (all-zero row with ε = 0) propagates as inf/NaN like the reference.
-    """
-    half_exponent = torch.floor(torch.log2(r) * 0.5)
-    hi = torch.exp2(half_exponent)
-    lo = r / hi
-    return hi.to(dtype), lo.to(dtype)
-
-
-def _row_mean(t: Tensor) -> Tensor:
-    return t.to(torch.float64).sum(dim=-1, keepdim=True) / t.shape[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,34 +147,75 @@ def swiglu_clip_clamp_bwd(gate: Tensor, up: Tensor, dy: Tensor, limit: float) ->
 # norms
 # --------------------------------------------------------------------------------------------
 
+# The per-token statistic mean(x²) overflows fp32 for rows near the fp32/bf16 maximum and loses
+# everything to underflow for tiny rows when ε = 0. The reference fixes that with an extra amax pass
+# and a power-of-two rescale; here the same row loop accumulates three sums of squares — of x, of
+# x·2^-72 and of x·2^90 — and each row picks the one that is in range. Every row is then normalised
+# as (x·S)·r_S with S ∈ {1, 2^-72, 2^90} and r_S = 1/sqrt(mean((x·S)²) + ε·S²), both factors in the
+# normal fp32 range, so x̂ = x·r is accurate across the whole fp32 range. Three fp32 FMAs per element
+# cost nothing next to the memory traffic (a float64 accumulator would be simpler, but Inductor's
+# CPU code for bf16→float64 conversion is not vectorised and made the bf16 kernel 3× slower).
+_SCALE_DOWN = 2.0**-72  # (3.4e38·2^-72)² · 16384 < fp32 max: no overflow for hidden sizes ≤ 16384
+# Rows with Σx² < 2^-60 ("tiny") are rescaled by 2^90: then Σ(x·S)² < 2^120 cannot overflow, and the
+# smallest subnormal 2^-149 becomes 2^-59, whose square 2^-118 is still a normal fp32 number.
+_SCALE_UP = 2.0**90
+_OVERFLOW_SUM = 3.0e38  # Σx² at/above this is treated as overflowed (compares, not isinf: Inductor
+#                          compiles C++ with -ffinite-math-only, which may fold isinf away)
+_UNDERFLOW_SUM = 2.0**-60  # below this Σx² has lost precision to underflow (matters only if ε is tiny)
+TINY_EPS = 2.0**-60  # ε below this: tiny rows must be rescaled up (see allow_upscale)
 
-def _inv_rms(xc: Tensor, eps: float) -> Tensor:
-    """float64 ``1/sqrt(mean(x²) + ε)`` per row, ``[tokens, 1]``."""
-    return torch.rsqrt(_row_mean(xc.to(torch.float64).square()) + eps)
+
+def _row_scale_and_inv_rms(xc: Tensor, eps: float, allow_upscale: bool) -> tuple[Tensor, Tensor]:
+    """Per-row ``S`` (power of two) and ``r_S = 1/sqrt(mean((x·S)²) + ε·S²)``, shapes ``[tokens, 1]``.
+
+    ``allow_upscale`` is ``eps < TINY_EPS``: with a larger ε, tiny rows are dominated by ε and the
+    underflowed Σx² is harmless (and ε·2^180 would overflow).
+    """
+    d = xc.shape[-1]
+    sum_sq = xc.square().sum(dim=-1, keepdim=True)
+    sum_sq_down = (xc * _SCALE_DOWN).square().sum(dim=-1, keepdim=True)
+    big = sum_sq >= _OVERFLOW_SUM
+    scale = torch.where(big, _SCALE_DOWN, 1.0)
+    chosen = torch.where(big, sum_sq_down, sum_sq)
+    # ε·S² is formed in Python (double) precision, never as S·S in fp32 (2^180 would overflow).
+    eps_scaled = torch.where(big, eps * (_SCALE_DOWN * _SCALE_DOWN), eps)
+    if allow_upscale:
+        sum_sq_up = (xc * _SCALE_UP).square().sum(dim=-1, keepdim=True)
+        tiny = sum_sq < _UNDERFLOW_SUM
+        scale = torch.where(tiny, _SCALE_UP, scale)
+        chosen = torch.where(tiny, sum_sq_up, chosen)
+        eps_scaled = torch.where(tiny, eps * (_SCALE_UP * _SCALE_UP), eps_scaled)
+    scale = scale.to(xc.dtype)
+    inv_rms_scaled = torch.rsqrt(chosen / d + eps_scaled.to(xc.dtype))
+    return scale, inv_rms_scaled
 
 
-def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, has_weight: bool, allow_upscale: bool) -> Tensor:
     ct = _compute_dtype(x)
     xc = x.to(ct)
-    hi, lo = _split_scale(_inv_rms(xc, eps), ct)
-    out = xc * hi * lo
+    scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
+    out = (xc * scale) * inv
     if has_weight:
         out = out * weight.to(ct)
     return out.to(x.dtype)
 
 
 def rms_norm_bwd(
-    x: Tensor, weight: Tensor, dy: Tensor, eps: float, has_weight: bool, need_weight_grad: bool
+    x: Tensor,
+    weight: Tensor,
+    dy: Tensor,
+    eps: float,
+    has_weight: bool,
+    allow_upscale: bool,
+    need_weight_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     ct = _compute_dtype(x)
     xc, d = x.to(ct), dy.to(ct)
     g = d * weight.to(ct) if has_weight else d
-    r = _inv_rms(xc, eps)
-    hi, lo = _split_scale(r, ct)
-    x_hat = xc * hi * lo
-    # dx = r·g − x̂ · r²·mean(g·x): the per-row coefficient r·(r·mean(g·x)) is formed in float64.
-    coeff = (r * (r * _row_mean(g.to(torch.float64) * xc.to(torch.float64)))).to(ct)
-    dx = g * hi * lo - x_hat * coeff
+    scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
+    x_hat = (xc * scale) * inv
+    # dx = r·(g − x̂·mean(g·x̂)), with r = S·r_S applied as two factors.
+    dx = ((g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)) * scale) * inv
     d_weight = (d * x_hat).sum(dim=0).to(weight.dtype) if need_weight_grad else None
     return dx.to(x.dtype), d_weight
 
@@ -229,18 +250,24 @@ def dyt_bwd(
     h = g * (1.0 - t * t)  # dL/d(αx)
     dx = (h * a).to(x.dtype)
     d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
-    d_alpha = (h.to(torch.float64) * xc.to(torch.float64)).sum().to(alpha.dtype) if need_alpha_grad else None
+    # Row sums first, then their sum: keeps the fp32 accumulation chains short (d, then tokens).
+    d_alpha = (h * xc).sum(dim=-1).sum().to(alpha.dtype) if need_alpha_grad else None
     d_bias = d.sum(dim=0) if need_bias_grad else None
     return dx, d_weight, d_alpha, d_bias
 
 
-def _bhyt_scale(
-    xc: Tensor, variance: Tensor, eps: float, use_variance: bool
-) -> Tensor:
-    """float64 ``1/sqrt(v + ε)`` per row, v the given variance or mean(x²)."""
+def _bhyt_normalise(
+    xc: Tensor, variance: Tensor, eps: float, use_variance: bool, allow_upscale: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x̂, S, r_S)`` with x̂ = x·r, r = S·r_S = 1/sqrt(v + ε), v the given variance or mean(x²).
+
+    A given variance is used as the reference does (fp32 ``rsqrt(v + ε)``, S = 1).
+    """
     if use_variance:
-        return torch.rsqrt(variance.to(torch.float64) + eps)
-    return _inv_rms(xc, eps)
+        inv = torch.rsqrt(variance.to(xc.dtype) + eps)
+        return xc * inv, torch.ones_like(inv), inv
+    scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
+    return (xc * scale) * inv, scale, inv
 
 
 def bhyt_fwd(
@@ -252,11 +279,12 @@ def bhyt_fwd(
     eps: float,
     has_weight: bool,
     use_variance: bool,
+    allow_upscale: bool,
 ) -> Tensor:
     ct = _compute_dtype(x)
     xc = x.to(ct)
-    hi, lo = _split_scale(_bhyt_scale(xc, variance, eps, use_variance), ct)
-    out = torch.tanh((lam.to(ct) / kappa) * (xc * hi * lo))
+    x_hat, _, _ = _bhyt_normalise(xc, variance, eps, use_variance, allow_upscale)
+    out = torch.tanh((lam.to(ct) / kappa) * x_hat)
     if has_weight:
         out = out * weight.to(ct)
     return out.to(x.dtype)
@@ -272,6 +300,7 @@ def bhyt_bwd(
     eps: float,
     has_weight: bool,
     use_variance: bool,
+    allow_upscale: bool,
     need_weight_grad: bool,
     need_lam_grad: bool,
     need_variance_grad: bool,
@@ -279,23 +308,19 @@ def bhyt_bwd(
     ct = _compute_dtype(x)
     xc, d = x.to(ct), dy.to(ct)
     c = lam.to(ct) / kappa
-    r = _bhyt_scale(xc, variance, eps, use_variance)
-    hi, lo = _split_scale(r, ct)
-    x_hat = xc * hi * lo  # x·r
+    x_hat, scale, inv = _bhyt_normalise(xc, variance, eps, use_variance, allow_upscale)
     t = torch.tanh(c * x_hat)
     g = d * weight.to(ct) if has_weight else d
-    h = g * (1.0 - t * t)  # dL/d(arg), arg = c·x·r
-    # Σ_row h·x̂ feeds the statistic's gradient (through mean(x²) or through the given variance).
-    row_hx = (h.to(torch.float64) * x_hat.to(torch.float64)).sum(dim=-1, keepdim=True)
+    h = g * (1.0 - t * t)  # dL/d(arg), arg = c·x̂
+    # Σ_row h·x̂ carries the gradient of the statistic (mean(x²) or the given variance) and of λ.
+    row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
     if use_variance:
-        dx = h * (c * hi * lo)
-        # ∂arg/∂v = −½·arg·r²  ⇒  dv = −½·c·r·(r·Σ h·x̂)... with x̂ = x·r: −½·c·r²·Σ h·x̂.
-        d_variance = (
-            (-0.5 * c.to(torch.float64) * (r * (r * row_hx))).to(variance.dtype) if need_variance_grad else None
-        )
+        dx = (h * c) * inv
+        # ∂arg/∂v = −½·arg·r²  ⇒  dv = −½·c·r·(r·Σ h·x̂).
+        d_variance = ((-0.5 * c) * inv * (inv * row_hx)).to(variance.dtype) if need_variance_grad else None
     else:
-        # arg = c·x·r(x) with r = (mean(x²)+ε)^-½: dx = c·r·(h − x̂·(Σ h·x̂)/d).
-        dx = (h - x_hat * (row_hx / x.shape[-1]).to(ct)) * (c * hi * lo)
+        # arg = c·x·r(x), r = (mean(x²)+ε)^-½  ⇒  dx = c·r·(h − x̂·mean(h·x̂)).
+        dx = (((h - x_hat * (row_hx / x.shape[-1])) * c) * scale) * inv
         d_variance = None
     d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
     d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None

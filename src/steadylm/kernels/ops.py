@@ -83,6 +83,12 @@ def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+def _allow_upscale(eps: float) -> bool:
+    # A Python bool, decided outside the compiled function so that it specialises the kernel
+    # (a comparison on a traced float would add a guard per call site instead).
+    return eps < _math.TINY_EPS
+
+
 def _placeholder(like: Tensor) -> Tensor:
     """A tiny stand-in for an absent optional tensor (never read when its flag is False)."""
     return like.new_zeros(())
@@ -180,14 +186,16 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.eps, ctx.has_weight = eps, has_weight
-        return _run(_math.rms_norm_fwd, x, weight, eps, has_weight)
+        return _run(_math.rms_norm_fwd, x, weight, eps, has_weight, _allow_upscale(eps))
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         _mark_rows_dynamic(x, dy)
-        dx, dw = _run(_math.rms_norm_bwd, x, weight, dy.contiguous(), ctx.eps, ctx.has_weight, need_w)
+        dx, dw = _run(
+            _math.rms_norm_bwd, x, weight, dy.contiguous(), ctx.eps, ctx.has_weight, _allow_upscale(ctx.eps), need_w
+        )
         return dx, dw, None, None
 
 
@@ -261,7 +269,9 @@ class _BHyT(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight, lam, variance)
         ctx.kappa, ctx.eps, ctx.has_weight, ctx.use_variance = kappa, eps, has_weight, use_variance
-        return _run(_math.bhyt_fwd, x, weight, lam, variance, kappa, eps, has_weight, use_variance)
+        return _run(
+            _math.bhyt_fwd, x, weight, lam, variance, kappa, eps, has_weight, use_variance, _allow_upscale(eps)
+        )
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -279,6 +289,7 @@ class _BHyT(torch.autograd.Function):
             ctx.eps,
             ctx.has_weight,
             ctx.use_variance,
+            _allow_upscale(ctx.eps),
             ctx.has_weight and need[1],
             need[2],
             ctx.use_variance and need[3],
