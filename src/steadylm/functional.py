@@ -60,8 +60,11 @@ def _as_float(name: str, value: float) -> float:
 
 def validate_powlu_m(m: float) -> float:
     """Check the PowLU exponent scale: ``0 < m < 10`` (beyond ~10.02 powlu stops being monotone)."""
-    m = _as_float("m", m)
-    if not 0.0 < m < 10.0:
+    try:
+        m = float(m)
+    except (TypeError, ValueError):
+        raise ValueError(f"m must be a real number with 0 < m < 10, got {m!r}") from None
+    if not 0.0 < m < 10.0:  # also rejects nan and ±inf, with the range in the message
         raise ValueError(f"m must satisfy 0 < m < 10 (PowLU exponent scale), got {m}")
     return m
 
@@ -142,16 +145,12 @@ def mean_square(x: Tensor) -> Tensor:
     Overflows to ``inf`` only when the true mean square exceeds the fp32 range.
     """
     y, ms_y, s = _scaled_mean_square(_upcast(x))
-    return ms_y * s.square()
+    return ms_y * s * s  # not ms_y·s²: s² = 2^128 overflows fp32 although the product may not
 
 
 # --------------------------------------------------------------------------------------------
 # activations (SPEC §1)
 # --------------------------------------------------------------------------------------------
-
-
-def _silu(z: Tensor) -> Tensor:
-    return z * torch.sigmoid(z)
 
 
 def _powlu_gate_math(z: Tensor, m: float) -> Tensor:
@@ -161,7 +160,10 @@ def _powlu_gate_math(z: Tensor, m: float) -> Tensor:
     safe = torch.where(positive, z, torch.ones_like(z))
     exponent = m / (torch.sqrt(safe) + 1.0)
     power = torch.exp(exponent * torch.log(safe))
-    return torch.where(positive, power * torch.sigmoid(safe), _silu(z))
+    # F.silu, not z·σ(z): its backward is the closed form σ(1 + z(1 − σ)), whereas autograd through
+    # z·σ(z) forms dL/dσ = z·(upstream) first, which overflows to inf for huge |z| and then meets
+    # σ' = 0 as inf·0 = NaN (e.g. gate −1e4 with up 3e38, or the scalar powlu at −3e38).
+    return torch.where(positive, power * torch.sigmoid(safe), F.silu(z))
 
 
 def powlu_gate(x: Tensor, m: float = 3.0) -> Tensor:
@@ -214,7 +216,10 @@ def swiglu_clip(
     g, u = _upcast(gate), _upcast(up)
     u_clipped = u.clamp(-limit, limit)
     if variant == "gptoss":
-        g_clipped = g.clamp(max=limit)
+        # The lower clamp changes nothing representable (g·σ(αg) and its slope are below the float64
+        # subnormals there) but keeps dL/dσ = g·(u'+1)·(upstream) from overflowing to inf and meeting
+        # σ'(αg) = 0 as inf·0 = NaN for huge negative gates.
+        g_clipped = g.clamp(min=-750.0 / alpha, max=limit)
         out = g_clipped * torch.sigmoid(alpha * g_clipped) * (u_clipped + 1.0)
     elif variant == "step":
         out = F.silu(g).clamp(max=limit) * u_clipped
@@ -247,9 +252,22 @@ def layer_norm(
     z = _upcast(x)
     s = _row_scale(z, eps)
     y = z / s
-    centred = y - y.mean(dim=-1, keepdim=True)
+    mean_y = y.mean(dim=-1, keepdim=True)
+    centred = y - mean_y
     var_y = centred.square().mean(dim=-1, keepdim=True)
-    out = centred * torch.rsqrt(var_y + (eps / s) / s)
+    if eps > 0:
+        # A constant row (every centred value exactly 0, var_y = 0) that is huge makes ε/s²
+        # underflow, and the scaled form gives 0·rsqrt(0) = NaN. Its true output is exactly 0 with
+        # gradient (I − 1/d)/√ε: the zero-valued t − t.detach() carries that gradient without any
+        # s·(1/s) product that could overflow. The scaled branch gets a safe denominator so that
+        # the discarded branch's backward cannot poison the gradient.
+        flat = var_y == 0
+        safe_denom = torch.where(flat, torch.ones_like(var_y), var_y + (eps / s) / s)
+        deviation = z - (z / z.shape[-1]).sum(dim=-1, keepdim=True)
+        unscaled = (deviation - deviation.detach()) * (eps**-0.5)
+        out = torch.where(flat, unscaled, centred * torch.rsqrt(safe_denom))
+    else:
+        out = centred * torch.rsqrt(var_y)
     if weight is not None:
         out = out * _upcast(weight)
     if bias is not None:
