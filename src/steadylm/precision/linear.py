@@ -10,8 +10,7 @@ Scaling is per tensor, one scaler per *role* (input, weight, grad_output):
 - ``"current"``: ``s = fmax / amax(x)`` of the tensor being quantised;
 - ``"delayed"``: ``s = fmax / max(amax_history)``; the tensor's own amax is pushed into the history
   (length ``history_len``) *after* it has been quantised with the old scale. While the history is
-  still empty (all zeros: first step, or after a resume, since the history is not checkpointed),
-  the current amax is used instead — decided on the device with ``torch.where``, no host sync.
+  still empty (all zeros: the first step), the current amax is used instead — decided on the device with ``torch.where``, no host sync.
 
 Counters per role, accumulated on the device (no host sync in the hot path) until read with
 :func:`steadylm.precision.fp8_stats`:
@@ -23,10 +22,13 @@ Counters per role, accumulated on the device (no host sync in the hot path) unti
 - ``snr_db``: quantisation signal-to-noise ratio ``10 log10(Σx² / Σ(x − deq(q(x)))²)`` over every
   element seen (saturation error included). Skipped when ``stats="counts"``.
 
-Counters and the amax history are non-persistent buffers: an ``FP8Linear``'s ``state_dict`` has
-exactly the keys of the ``nn.Linear`` it replaced, so checkpoints move freely between precisions.
-Counters are only updated in training mode (``model.eval()`` validation batches neither count nor
-move the delayed-scaling history).
+The amax history and the counters are buffers saved in the ``state_dict`` (keys
+``amax_history`` and ``fp8_counters`` next to ``weight``): delayed scaling is training state like
+the optimizer moments, and a run resumed from a checkpoint must quantise exactly as the
+uninterrupted run would. To load an FP8 checkpoint into a model without FP8 layers, call
+:func:`~steadylm.precision.apply_fp8` on it first, or drop those two keys. Counters and history are
+only updated in training mode (``model.eval()`` validation batches neither count nor move the
+delayed-scaling history).
 """
 
 from __future__ import annotations
@@ -189,12 +191,11 @@ class FP8Linear(nn.Linear):
         self.stats = stats
         buf_device = self.weight.device if self.weight.device.type != "meta" else None
         self.register_buffer(
-            "amax_history", torch.zeros(len(ROLES), history_len, device=buf_device), persistent=False
+            "amax_history", torch.zeros(len(ROLES), history_len, device=buf_device)
         )
         self.register_buffer(
             "fp8_counters",
             torch.zeros(len(ROLES), len(COUNTER_FIELDS), dtype=torch.float64, device=buf_device),
-            persistent=False,
         )
 
     @classmethod
