@@ -173,6 +173,19 @@ def test_resumed_run_matches_uninterrupted_run(data: TokenData, tmp_path: Path) 
     assert csv_rows[0].startswith("step,loss,lr,grad_norm,tokens_per_s,tokens_seen")
     assert len(csv_rows) == 1 + 12
 
+    # A deliberate stop (stop_after) checkpoints that step; resume="auto" finishes the same run.
+    stopped_dir = tmp_path / "stopped"
+    stopped = Trainer(small_model(data), quick_config(), data, stopped_dir).run(stop_after=5)
+    assert stopped.steps_done == 5 and read_checkpoint_state(find_checkpoint(stopped_dir)).step == 5
+    finished = Trainer(small_model(data), quick_config(), data, stopped_dir).run(resume="auto")
+    assert finished.resumed_from == 5
+    assert deterministic_part(read_metrics(stopped_dir / "metrics.jsonl")) == deterministic_part(
+        read_metrics(whole_result.metrics_jsonl)
+    )
+    # With nothing to resume, "auto" starts fresh.
+    fresh = Trainer(small_model(data), quick_config(steps=2), data, tmp_path / "fresh").run(resume="auto")
+    assert fresh.resumed_from is None and fresh.steps_done == 2
+
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_seed(data: TokenData, tmp_path: Path) -> None:
     Trainer(small_model(data), quick_config(steps=4), data, tmp_path).run()

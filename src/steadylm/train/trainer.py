@@ -284,10 +284,12 @@ class Trainer:
     # run
     # ------------------------------------------------------------------------------------------
 
-    def _prepare_out_dir(self, resume: bool, metrics: MetricsLog) -> Path | None:
+    def _prepare_out_dir(self, resume: bool | str, metrics: MetricsLog) -> Path | None:
         """Set up ``out_dir``; returns the checkpoint to resume from (None for a fresh run)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         configs = self._configs()
+        if resume == "auto":
+            resume = find_checkpoint(self.out_dir) is not None
         if not resume:
             for name in (CHECKPOINT_DIRNAME, CHECKPOINT_DIRNAME + ".old"):
                 shutil.rmtree(self.out_dir / name, ignore_errors=True)
@@ -317,22 +319,32 @@ class Trainer:
         atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
         return checkpoint
 
-    def run(self, resume: bool = False) -> TrainResult:
+    def run(self, resume: bool | str = False, *, stop_after: int | None = None) -> TrainResult:
         """Train (or continue from ``out_dir``'s checkpoint when ``resume``) to ``steps``.
 
-        Raises :class:`CheckpointError` when ``resume`` finds no usable checkpoint (missing,
-        corrupt, or written for another model / seed / corpus). A divergence does not raise; see
-        :attr:`TrainResult.diverged_at` and :meth:`TrainResult.raise_if_diverged`.
+        ``resume``: False starts fresh (clearing an earlier run's checkpoint and metrics in
+        ``out_dir``); True continues from the checkpoint and raises :class:`CheckpointError` when
+        there is no usable one (missing, corrupt, or written for another model / seed / corpus);
+        ``"auto"`` continues when a checkpoint exists and starts fresh otherwise.
+        ``stop_after``: stop after that step (checkpointing it) as if interrupted there; the LR
+        schedule still spans ``steps``, so a later ``run(resume=True)`` finishes the same run.
+        A divergence does not raise; see :attr:`TrainResult.diverged_at` and
+        :meth:`TrainResult.raise_if_diverged`.
         """
+        if resume not in (True, False, "auto"):
+            raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                       or not 1 <= stop_after <= self.config.steps):
+            raise ConfigError(f"stop_after must be an integer in [1, steps={self.config.steps}], got {stop_after!r}")
         threads_before = torch.get_num_threads()
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         try:
-            return self._run(resume)
+            return self._run(resume, stop_after or self.config.steps)
         finally:
             torch.set_num_threads(threads_before)
 
-    def _run(self, resume: bool) -> TrainResult:
+    def _run(self, resume: bool | str, last_step: int) -> TrainResult:
         cfg = self.config
         device = _resolve_device(cfg.device)
         metrics = MetricsLog(self.out_dir)
@@ -361,7 +373,7 @@ class Trainer:
 
         progress = _Progress(cfg, start_step)
         try:
-            for step in range(start_step + 1, cfg.steps + 1):
+            for step in range(start_step + 1, last_step + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
@@ -408,7 +420,7 @@ class Trainer:
 
                 is_last = step == cfg.steps
                 do_eval = is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                do_ckpt = is_last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                do_ckpt = is_last or step == last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
                 val_loss = None
                 if do_eval:
                     val_loss = self._evaluate(val_batches, device)
@@ -450,7 +462,7 @@ class Trainer:
         if diverged_at is not None:
             progress.note(f"diverged at step {diverged_at}: {reason}; last good checkpoint: "
                           f"{last_checkpoint or 'none'}")
-        steps_done = (diverged_at - 1) if diverged_at is not None else max(cfg.steps, start_step)
+        steps_done = (diverged_at - 1) if diverged_at is not None else max(last_step, start_step)
         train_time = float(counters["train_time_s"])
         return TrainResult(
             steps_done=steps_done,
