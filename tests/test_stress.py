@@ -141,3 +141,15 @@ def test_bad_options_name_the_field(argv, field):
 def test_setting_descriptions_are_plain():
     text = stress.STRESS.describe()
     assert "no gradient clipping" in text and "delayed" in text and math.isfinite(stress.STRESS.lr)
+
+
+def test_divergence_verdict_separates_transient_excursions_from_divergence():
+    rows = [{"step": i + 1, "loss": v} for i, v in enumerate([5.0, 5.5, 4.0, 3.0])]
+    transient = {"diverged": {"step": 2, "reason": "above-start"}, "final_train_loss": 3.5, "error": None}
+    assert stress._divergence(transient, rows) == {"divergence": None, "excursion": 2}
+    ended = {"diverged": {"step": 2, "reason": "above-start"}, "final_train_loss": 5.2, "error": None}
+    assert stress._divergence(ended, rows)["divergence"]["reason"] == "ended above its starting loss"
+    stopped = {"diverged": None, "final_train_loss": 3.0, "error": "non-finite loss (nan)", "diverged_at": 7}
+    v = stress._divergence(stopped, rows)
+    assert v["divergence"] == {"step": 7, "reason": "non-finite loss (nan)"}
+    assert stress._status(v) == "diverged at step 7: non-finite loss (nan)"

@@ -341,7 +341,7 @@ def train_run(
     t0 = time.perf_counter()
     result = trainer.run(resume=resume)
     wall = time.perf_counter() - t0
-    error = f"diverged at step {result.diverged_at}: {result.divergence_reason}" if result.diverged else None
+    error = result.divergence_reason if result.diverged else None  # e.g. "non-finite loss (nan)"
     res = VariantResult(
         variant=Variant(label or activation, opts.norm), run_dir=run_dir, rows=read_metrics(result.metrics_jsonl),
         params_total=int(result.num_params["total"]),
@@ -350,8 +350,8 @@ def train_run(
     )
     res.summary = summarize(res, opts.spike_window, opts.spike_threshold)
     res.summary.update(_stress_summary(res.rows, opts.budget))
-    res.summary["lr"] = lr
-    res.summary["precision"] = precision
+    res.summary.update(diverged_at=result.diverged_at, lr=lr, precision=precision)
+    res.summary.update(_divergence(res.summary, res.rows))
     return res
 
 
@@ -385,8 +385,31 @@ def _stress_summary(rows: Sequence[Mapping[str, Any]], budget: Budget) -> dict[s
     return out
 
 
+def _divergence(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], margin: float = 0.1) -> dict[str, Any]:
+    """The stress verdict on a run, from compare's summary (which flags the *first* loss above the
+    start, even a transient one that training recovers from):
+
+    - ``divergence``: the run diverged — a non-finite loss or gradient stopped it, or it *ended*
+      (mean of the last 10 losses) above its first loss + ``margin``; else None;
+    - ``excursion``: the step of a transient climb above the start loss that the run recovered from.
+    """
+    losses = [_num(r["loss"]) for r in rows if "loss" in r]
+    start = next((v for v in losses if math.isfinite(v)), math.nan)
+    first_above = summary.get("diverged")
+    verdict: dict[str, Any] = {"divergence": None, "excursion": None}
+    if summary.get("error") or (first_above and first_above.get("reason") == "non-finite"):
+        step = summary.get("diverged_at") or (first_above or {}).get("step")
+        verdict["divergence"] = {"step": step, "reason": summary.get("error") or "non-finite loss"}
+    elif _num(summary.get("final_train_loss")) > start + margin:
+        verdict["divergence"] = {"step": first_above["step"] if first_above else None,
+                                 "reason": "ended above its starting loss"}
+    elif first_above:
+        verdict["excursion"] = first_above["step"]
+    return verdict
+
+
 def _diverged(s: Mapping[str, Any]) -> bool:
-    return bool(s.get("error") or s.get("diverged"))
+    return s.get("divergence") is not None
 
 
 def _prepare(opts: StressOptions) -> Any:
@@ -407,11 +430,11 @@ def _fmt(v: Any, fmt: str = "{:.3f}") -> str:
 
 
 def _status(s: Mapping[str, Any]) -> str:
-    if s.get("error"):
-        return str(s["error"])
-    d = s.get("diverged")
+    d = s.get("divergence")
     if d:
-        return f"diverged at step {d['step']} ({d['reason']})"
+        return f"diverged{'' if d.get('step') is None else ' at step ' + str(d['step'])}: {d['reason']}"
+    if s.get("excursion"):
+        return f"ok (transient loss above start at step {s['excursion']})"
     return "ok"
 
 
@@ -426,7 +449,9 @@ def _intro(opts: StressOptions, data: Any, extra: Sequence[Sequence[str]] = ()) 
         ["setting", f"**{s.name}**: {s.describe()}"],
         ["seed", str(opts.seed)],
         ["loss-spike detector", f"rolling z-score over the preceding {opts.spike_window} steps > {opts.spike_threshold:g}"],
-        ["divergence", "non-finite loss/gradient (the trainer stops), or loss above its first value + 0.1"],
+        ["divergence", "a non-finite loss or gradient (the trainer stops the run), or a run that *ends* "
+                       "(mean of its last 10 losses) above its first loss + 0.1; a transient climb above "
+                       "the first loss that training recovers from is reported as an excursion"],
         *extra,
     ]
     return (f"Command: `{opts.command or 'steadylm stress ' + opts.protocol}`\n\n"
