@@ -115,7 +115,7 @@ class Report:
         if isinstance(figure, (bytes, bytearray)):
             return ReportFigure(name, bytes(figure), caption)
         buf = io.BytesIO()
-        figure.savefig(buf, format="png", dpi=self.dpi, bbox_inches="tight")
+        figure.savefig(buf, format="png", dpi=self.dpi)
         return ReportFigure(name, buf.getvalue(), caption)
 
     # -- rendering ---------------------------------------------------------------------------

@@ -1,0 +1,390 @@
+"""The lab's figures, built from metric rows (the dicts of ``metrics.jsonl``).
+
+Every function returns a ``matplotlib.figure.Figure`` made without pyplot (no global state, no
+GUI backend: ``Figure.savefig`` renders through Agg), so the lab runs headless and in threads.
+Metric keys follow :mod:`steadylm.probes.probe` (``ffn_down_in/layer3/p99`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # the lab never opens a window; set before anything imports pyplot
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from steadylm import functional as Fn
+
+Rows = Sequence[Mapping[str, float]]
+Runs = Mapping[str, Rows]
+
+_LAYER_RE = re.compile(r"layer(\d+)")
+
+
+def _colors(n: int) -> list:
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def series(rows: Rows, key: str, step_key: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that have ``key`` (non-finite values kept as NaN)."""
+    xs, ys = [], []
+    for r in rows:
+        if key in r and step_key in r:
+            v = r[key]
+            xs.append(r[step_key])
+            ys.append(float(v) if isinstance(v, (int, float)) and v is not None else math.nan)
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def layer_count(rows: Rows, prefix: str) -> int:
+    """Number of layers that have keys ``{prefix}/layer{i}/...`` in any row."""
+    n = -1
+    pat = re.compile(re.escape(prefix) + r"/layer(\d+)/")
+    for r in rows:
+        for k in r:
+            m = pat.match(k)
+            if m:
+                n = max(n, int(m.group(1)))
+    return n + 1
+
+
+def last_row_with(rows: Rows, key: str) -> Mapping[str, float] | None:
+    for r in reversed(rows):
+        if key in r:
+            return r
+    return None
+
+
+def _no_data(ax, text: str = "no data") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#888")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --------------------------------------------------------------------------------------------
+# activation functions (PowLU paper, Fig. 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _value_and_grad(fn, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.clone().requires_grad_(True)
+    y = fn(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    return y.detach().numpy(), g.detach().numpy()
+
+
+def plot_activation_functions(m: float = 3.0, clip_limit: float = 7.0) -> Figure:
+    """Gates and the scalar (u = x) activations with their derivatives, from ``steadylm.functional``.
+
+    Top: the gate g(z) — SiLU (SwiGLU), the PowLU gate f_m, the clipped SiLU of SwiGLU-Clip
+    ("clamp" form). Bottom: the scalar activations x·g(x) that the gated FFN becomes when gate and
+    up see the same input: SwiGLU grows like x², PowLU like x, the clipped form stops at L·x.
+    Derivatives by autograd in float64.
+    """
+    z = torch.linspace(-6.0, 30.0, 1441, dtype=torch.float64)
+    ones = torch.ones_like(z)
+    gates = {
+        "SiLU (SwiGLU)": lambda t: Fn.swiglu(t, ones),
+        f"PowLU gate $f_{{{m:g}}}$": lambda t: Fn.powlu_gate(t, m),
+        f"clipped SiLU, L={clip_limit:g}": lambda t: Fn.swiglu_clip(
+            t, ones, limit=clip_limit, variant="clamp"
+        ),
+    }
+    scalars = {
+        r"$x\cdot$silu$(x)$ (SwiGLU, u=x)": lambda t: Fn.swiglu(t, t),
+        f"PowLU $x f_{{{m:g}}}(x)$": lambda t: Fn.powlu(t, m),
+        f"clamp SwiGLU-Clip, L={clip_limit:g}": lambda t: Fn.swiglu_clip(
+            t, t, limit=clip_limit, variant="clamp"
+        ),
+    }
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    colors = _colors(3)
+    x = z.numpy()
+    for row, (fns, title) in enumerate(((gates, "gate g(z)"), (scalars, "x · g(x)"))):
+        for (label, fn), c in zip(fns.items(), colors):
+            y, dy = _value_and_grad(fn, z)
+            axes[row, 0].plot(x, y, color=c, label=label, lw=1.8)
+            axes[row, 1].plot(x, dy, color=c, label=label, lw=1.8)
+        axes[row, 0].set_title(title)
+        axes[row, 1].set_title(f"derivative of {title}")
+        for ax in axes[row]:
+            ax.axhline(0, color="#999", lw=0.6)
+            ax.axvline(0, color="#999", lw=0.6)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("z" if row == 0 else "x")
+            ax.legend(fontsize=8, loc="upper left")
+    axes[1, 0].set_yscale("symlog", linthresh=1.0)
+    axes[1, 0].set_ylim(bottom=-0.5)
+    axes[1, 0].set_title("x · g(x)  (symlog y: SwiGLU ~ x², PowLU ~ x)")
+    fig.suptitle(f"Activation functions and their derivatives (m = {m:g})")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# training curves
+# --------------------------------------------------------------------------------------------
+
+
+def plot_losses(
+    runs: Runs,
+    spikes: Mapping[str, Sequence[int]] | None = None,
+    loss_key: str = "loss",
+    val_key: str = "val_loss",
+) -> Figure:
+    """Train loss (left) and validation loss (right) per variant; detected spikes as red ×."""
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    ax_tr, ax_va = fig.subplots(1, 2)
+    spikes = spikes or {}
+    top = start = -math.inf
+    for (name, rows), c in zip(runs.items(), _colors(len(runs))):
+        st, lv = series(rows, loss_key)
+        if len(st):
+            ax_tr.plot(st, lv, color=c, lw=1.1, label=name)
+            fin = lv[np.isfinite(lv)]
+            if len(fin):
+                top = max(top, float(fin.max()))
+                start = max(start, float(fin[0]))
+            sp = set(spikes.get(name, ()))
+            if sp:
+                mask = np.isin(st, sorted(sp))
+                ax_tr.scatter(st[mask], lv[mask], marker="x", s=60, color="red", zorder=5, lw=2)
+        sv, vv = series(rows, val_key)
+        if len(sv):
+            ax_va.plot(sv, vv, color=c, marker="o", ms=3.5, lw=1.4, label=name)
+    # a diverged run (loss 1e3) must not flatten every other curve: cap at 1.5x the starting loss
+    if math.isfinite(top) and top > 1.5 * start > 0:
+        ax_tr.set_ylim(top=1.5 * start)
+    if any(spikes.values()):
+        ax_tr.scatter([], [], marker="x", color="red", label="loss spike")
+    ax_tr.set_title("train loss")
+    ax_va.set_title("validation loss")
+    for ax in (ax_tr, ax_va):
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            _no_data(ax)
+    return fig
+
+
+def _band_parts(row: Mapping[str, float], prefix: str) -> list[str]:
+    """The expert tags present in a row: [""] for dense, ["/routed", "/shared"] for MoE."""
+    pat = re.compile(re.escape(prefix) + r"/layer\d+(/[a-z]+)?/p99$")
+    return sorted({(m.group(1) or "") for k in row for m in [pat.match(k)] if m})
+
+
+def plot_down_proj_bands(runs: Runs, prefix: str = "ffn_down_in") -> Figure:
+    """Per-layer min–max (light) and P1–P99 (dark) bars of the FFN down-projection input at the
+    last probed step, one panel per variant on a shared symlog y-axis (PowLU paper, Fig. 2).
+    MoE layers show routed and shared experts side by side."""
+    names = list(runs)
+    ncols = min(3, max(1, len(names)))
+    nrows = max(1, math.ceil(len(names) / ncols))
+    fig = Figure(figsize=(4.3 * ncols, 3.5 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    amax_all, p99_min = 1e-3, math.inf
+    for ax, name in zip(axes, names):
+        row = next((r for r in reversed(runs[name]) if _band_parts(r, prefix)), None)
+        ax.set_title(name if row is None else f"{name} (step {int(row.get('step', -1))})", fontsize=10)
+        if row is None:
+            _no_data(ax)
+            continue
+        parts = _band_parts(row, prefix)
+        width = 0.7 / len(parts)
+        for j, (tag, c) in enumerate(zip(parts, _colors(len(parts)))):
+            pat = re.compile(re.escape(prefix) + r"/layer(\d+)" + re.escape(tag) + r"/p99$")
+            layers = sorted(int(m.group(1)) for k in row for m in [pat.match(k)] if m)
+            xs = np.asarray(layers, dtype=float) + (j - (len(parts) - 1) / 2) * width
+
+            def get(stat: str, tag: str = tag, layers: list[int] = layers) -> np.ndarray:
+                return np.asarray([row.get(f"{prefix}/layer{i}{tag}/{stat}", math.nan) for i in layers])
+
+            mn, mx, p1, p99 = get("min"), get("max"), get("p1"), get("p99")
+            label = tag.strip("/") + " " if tag else ""
+            ax.bar(xs, mx - mn, bottom=mn, width=width, color=c, alpha=0.3, label=f"{label}min–max")
+            ax.bar(xs, p99 - p1, bottom=p1, width=width * 0.6, color=c, alpha=0.9, label=f"{label}P1–P99")
+            mag = np.abs(np.concatenate([mn, mx]))
+            mag = mag[np.isfinite(mag)]
+            if len(mag):
+                amax_all = max(amax_all, float(mag.max()))
+            spread = np.abs(np.concatenate([p1, p99]))
+            spread = spread[np.isfinite(spread) & (spread > 0)]
+            if len(spread):
+                p99_min = min(p99_min, float(spread.min()))
+        ax.axhline(0, color="#555", lw=0.6)
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper left", ncol=2 if len(parts) > 1 else 1)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    # linear inside the bulk of the smallest variant, logarithmic beyond, so that both the bulk
+    # and the outliers of every variant stay readable on one shared axis
+    linthresh = min(0.1, p99_min) if math.isfinite(p99_min) else 0.1
+    for ax in axes[: len(names)]:
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_ylim(-2.0 * amax_all, 2.0 * amax_all)
+    axes[0].set_ylabel("FFN down-projection input (symlog)")
+    fig.suptitle("FFN down-projection input per layer: min–max and P1–P99 (last probed step)")
+    return fig
+
+
+def plot_hidden_states(runs: Runs) -> Figure:
+    """Hidden state after each block (BHyT paper, Fig. 3): per-layer variance and L2 norm at the
+    last probed step (top), and per-layer curves over training for the last layer (bottom)."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    any_data = False
+    for (name, rows), c in zip(runs.items(), _colors(len(runs))):
+        n = layer_count(rows, "hidden")
+        if n == 0:
+            continue
+        any_data = True
+        row = last_row_with(rows, f"hidden/layer{n - 1}/var")
+        layers = np.arange(1, n + 1)
+        for ax, stat in ((axes[0, 0], "var"), (axes[0, 1], "l2")):
+            ax.plot(layers, [row.get(f"hidden/layer{i}/{stat}", math.nan) for i in range(n)],
+                    marker="o", color=c, label=name)
+        for ax, stat in ((axes[1, 0], "var"), (axes[1, 1], "l2")):
+            st, v = series(rows, f"hidden/layer{n - 1}/{stat}")
+            ax.plot(st, v, color=c, label=name)
+    titles = (
+        ("hidden-state variance after each block (last probed step)", "layer", "mean per-token variance"),
+        ("hidden-state L2 norm after each block (last probed step)", "layer", "mean per-token L2 norm"),
+        ("last layer's hidden-state variance over training", "step", "mean per-token variance"),
+        ("last layer's hidden-state L2 norm over training", "step", "mean per-token L2 norm"),
+    )
+    for ax, (t, xl, yl) in zip(axes.ravel(), titles):
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if any_data:
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        else:
+            _no_data(ax)
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def plot_bhyt_variance(
+    runs: Runs, samples: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
+) -> Figure:
+    """BHyT second site: approximated v' against the true mean(h²) per token (left; one colour per
+    layer, the last probed step, Pearson r in the legend) and Pearson r per layer over training."""
+    names = [n for n in runs if layer_count(runs[n], "bhyt") > 0 or samples.get(n)]
+    fig = Figure(figsize=(5.0 * max(1, len(names)) + 4.5, 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names) + 1, squeeze=False)).ravel()
+    if not names:
+        for ax in axes:
+            _no_data(ax, "no BHyT variant in this run")
+        return fig
+    for ax, name in zip(axes, names):
+        by_layer = samples.get(name, {})
+        lo, hi = math.inf, 0.0
+        for (layer, d), c in zip(sorted(by_layer.items(), key=lambda kv: int(_LAYER_RE.search(kv[0]).group(1))), _colors(len(by_layer))):
+            vt, va = np.asarray(d["v_true"]), np.asarray(d["v_approx"])
+            if len(vt) < 2:
+                continue
+            r = float(np.corrcoef(vt, va)[0, 1])
+            ax.scatter(vt, va, s=6, alpha=0.5, color=c, label=f"{layer}: r={r:.3f}")
+            pos = np.concatenate([vt, va])
+            pos = pos[np.isfinite(pos) & (pos > 0)]
+            if len(pos):
+                lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
+        if math.isfinite(lo) and hi > 0:
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel("true mean(h²) per token")
+        ax.set_ylabel("approximated v' per token")
+        ax.set_title(f"{name}: v' vs true (last probed step)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, markerscale=2)
+    ax = axes[-1]
+    for name, ls in zip(names, ("-", "--", ":", "-.")):
+        n = layer_count(runs[name], "bhyt")
+        for i, c in zip(range(n), _colors(n)):
+            st, r = series(runs[name], f"bhyt/layer{i}/pearson_r")
+            ax.plot(st, r, color=c, ls=ls, marker=".", label=f"{name} layer{i}")
+    ax.set_title("Pearson r(v', true) over training", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("Pearson r over tokens")
+    ax.axhline(0.99, color="#999", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_saturation(runs: Runs) -> Figure:
+    """tanh norms: saturation (fraction of |tanh| > 0.95, worst site per step) and the learnable
+    scale λ (BHyT) / α (DyT), mean over layers per site, over training."""
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    ax_s, ax_p = fig.subplots(1, 2)
+    plotted = False
+    for (name, rows), c in zip(runs.items(), _colors(len(runs))):
+        sat_keys = sorted({k for r in rows for k in r if k.startswith("sat/")})
+        if sat_keys:
+            plotted = True
+            st, _ = series(rows, sat_keys[0])
+            worst = [max((r[k] for k in sat_keys if _finite(r.get(k))), default=math.nan)
+                     for r in rows if "step" in r and sat_keys[0] in r]
+            ax_s.plot(st, worst, color=c, label=name)
+        for site, ls in (("attn_norm", "-"), ("ffn_norm", "--"), ("final_norm", ":")):
+            keys = sorted({k for r in rows for k in r
+                           if re.match(r"(lam|alpha)/(layer\d+/)?" + site + "$", k)})
+            if not keys:
+                continue
+            xs, ys = [], []
+            for r in rows:
+                vals = [r[k] for k in keys if _finite(r.get(k))]
+                if vals and "step" in r:
+                    xs.append(r["step"])
+                    ys.append(sum(vals) / len(vals))
+            sym = "λ" if keys[0].startswith("lam") else "α"
+            ax_p.plot(xs, ys, color=c, ls=ls, label=f"{name}: {sym} {site}")
+    ax_s.set_title("tanh saturation: fraction of |tanh| > 0.95 (worst site)", fontsize=10)
+    ax_s.set_ylabel("fraction")
+    ax_p.set_title("learnable scale λ (BHyT) / α (DyT), mean over layers", fontsize=10)
+    for ax in (ax_s, ax_p):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not plotted:
+        _no_data(ax_s, "no tanh norm in this run")
+    if not ax_p.lines:
+        _no_data(ax_p, "no tanh norm in this run")
+    return fig
+
+
+def plot_throughput(tokens_per_s: Mapping[str, float]) -> Figure:
+    """Training throughput (tokens/s, probe steps included) per variant."""
+    names = list(tokens_per_s)
+    fig = Figure(figsize=(8, 0.45 * len(names) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    vals = [tokens_per_s[n] for n in names]
+    bars = ax.barh(names, vals, color=_colors(len(names)))
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], padding=3, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training tokens / s")
+    ax.set_xlim(0, 1.15 * max(vals, default=1.0) or 1.0)
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title("throughput")
+    return fig
