@@ -303,19 +303,6 @@ def _probes(opts: StressOptions, precision: str) -> list[Any]:
     return probes
 
 
-class _StopAfterCheckpoint(Exception):
-    """Raised from a trainer callback to end phase 1 of the switch protocol at the switch step."""
-
-
-@dataclass
-class _StopAt:
-    step: int
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        if step == self.step:
-            raise _StopAfterCheckpoint(str(path))
-
-
 def train_run(
     opts: StressOptions,
     activation: str,
@@ -326,20 +313,21 @@ def train_run(
     precision: str,
     label: str | None = None,
     resume: bool = False,
-    model_activation: str | None = None,
-    callbacks: Sequence[Any] = (),
+    stop_after: int | None = None,
     **train_changes: Any,
 ) -> VariantResult:
     """One :class:`~steadylm.train.Trainer` run of ``activation`` into ``run_dir``, summarised with
-    :func:`steadylm.lab.compare.summarize` plus the stress extras (:func:`_stress_summary`)."""
+    :func:`steadylm.lab.compare.summarize` plus the stress extras (:func:`_stress_summary`).
+    ``stop_after``: end the run after that step with a checkpoint (the LR schedule still spans
+    the configured steps), as :meth:`Trainer.run` does."""
     from steadylm.train import Trainer
     from steadylm.train.metrics import read_metrics
 
-    model_cfg = _model_config(opts, model_activation or activation, data)
+    model_cfg = _model_config(opts, activation, data)
     train_cfg = _train_config(opts, lr, precision, **train_changes)
-    trainer = Trainer(model_cfg, train_cfg, data, run_dir, probes=_probes(opts, precision), callbacks=callbacks)
+    trainer = Trainer(model_cfg, train_cfg, data, run_dir, probes=_probes(opts, precision))
     t0 = time.perf_counter()
-    result = trainer.run(resume=resume)
+    result = trainer.run(resume=resume, stop_after=stop_after)
     wall = time.perf_counter() - t0
     error = result.divergence_reason if result.diverged else None  # e.g. "non-finite loss (nan)"
     res = VariantResult(
@@ -713,15 +701,11 @@ def run_switch(opts: StressOptions) -> dict[str, Any]:
     prec = s.precision
     phase1 = opts.out / f"phase1-{opts.switch_from}"
     print(f"switch: phase 1, {opts.switch_from} to step {k} ({prec})", flush=True)
-    try:
-        res = train_run(opts, opts.switch_from, phase1, data, lr=s.lr, precision=prec, ckpt_every=k,
-                        callbacks=[_StopAt(k)])
-    except _StopAfterCheckpoint:
-        pass
-    else:
+    res = train_run(opts, opts.switch_from, phase1, data, lr=s.lr, precision=prec, stop_after=k)
+    if res.error:
         raise DivergenceError(
-            f"{opts.switch_from} stopped before the switch step {k} ({res.error or 'no checkpoint'}); "
-            "choose an earlier --switch-step or a milder setting")
+            f"{opts.switch_from} diverged at step {res.summary['diverged_at']}, before the switch step {k} "
+            f"({res.error}); choose an earlier --switch-step or a milder setting")
     branches: dict[str, VariantResult] = {}
     for target in [opts.switch_from, *opts.switch_to]:
         name = f"stay {target}" if target == opts.switch_from else f"switch to {target}"
@@ -729,7 +713,7 @@ def run_switch(opts: StressOptions) -> dict[str, Any]:
         fork_checkpoint(phase1, run_dir, _model_config(opts, target, data))
         print(f"switch: {name} from step {k}", flush=True)
         branches[name] = train_run(opts, target, run_dir, data, lr=s.lr, precision=prec, label=name,
-                                   resume=True, ckpt_every=0)
+                                   resume=True)
     control = branches[f"stay {opts.switch_from}"]
     table, metrics = [], {}
     for name, br in branches.items():
