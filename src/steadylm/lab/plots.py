@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # the lab never opens a window; set before anything impor
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from steadylm import functional as Fn
 
@@ -227,7 +228,7 @@ def plot_down_proj_bands(runs: Runs, prefix: str = "ffn_down_in") -> Figure:
                 p99_min = min(p99_min, float(spread.min()))
         ax.axhline(0, color="#555", lw=0.6)
         ax.set_xlabel("layer")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="upper left", ncol=2 if len(parts) > 1 else 1)
     for ax in axes[len(names):]:
@@ -278,8 +279,9 @@ def plot_hidden_states(runs: Runs) -> Figure:
             ax.legend(fontsize=8)
         else:
             _no_data(ax)
-    for ax in axes[0]:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    if any_data:
+        for ax in axes[0]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
