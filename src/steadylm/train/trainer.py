@@ -80,7 +80,7 @@ class TrainCallback(Protocol):
 class TrainResult:
     """Outcome of :meth:`Trainer.run`."""
 
-    steps_done: int  # optimizer steps completed (the diverged step is not counted)
+    steps_done: int  # optimizer steps applied (a step whose loss/grad norm was non-finite is not)
     total_steps: int
     final_loss: float | None  # last finite training loss
     final_val_loss: float | None  # last validation loss
@@ -368,6 +368,7 @@ class Trainer:
         val_batches = self.data.val_batches(cfg.eval_batches, cfg.batch_size, device=device)
         tokens_per_step = cfg.batch_size * self.data.seq_len
         diverged_at, reason = None, None
+        steps_done = start_step
         window_tokens, window_time = 0, 0.0
         model.train()
 
@@ -405,6 +406,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if hasattr(model, "after_optimizer_step"):
                     model.after_optimizer_step(step, cfg.steps)
+                steps_done = step
 
                 step_time = time.perf_counter() - t0
                 counters["tokens_seen"] += tokens_per_step
@@ -462,7 +464,6 @@ class Trainer:
         if diverged_at is not None:
             progress.note(f"diverged at step {diverged_at}: {reason}; last good checkpoint: "
                           f"{last_checkpoint or 'none'}")
-        steps_done = (diverged_at - 1) if diverged_at is not None else max(last_step, start_step)
         train_time = float(counters["train_time_s"])
         return TrainResult(
             steps_done=steps_done,
