@@ -102,8 +102,9 @@ def swiglu_clip_gptoss_bwd(
     g = g_raw.clamp(max=limit)
     u = u_raw.clamp(-limit, limit)
     s = torch.sigmoid(alpha * g)
-    d_gate = torch.where(g_raw <= limit, d * (u + 1.0) * (s + alpha * g * s * (1.0 - s)), 0.0)
-    d_up = torch.where((u_raw >= -limit) & (u_raw <= limit), d * g * s, 0.0)
+    # α·(g·s) rather than (α·g)·s: for g near −fp32max, α·g overflows to −inf while g·s is 0.
+    d_gate = torch.where(g_raw <= limit, d * (u + 1.0) * (s + alpha * (g * s) * (1.0 - s)), 0.0)
+    d_up = torch.where((u_raw >= -limit) & (u_raw <= limit), d * (g * s), 0.0)
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
