@@ -47,12 +47,6 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # "rotate half" layout
         return angles.cos().float(), angles.sin().float()
 
-    def reset_tables(self) -> None:
-        """Recompute the tables in place (e.g. after ``to_empty`` from the meta device)."""
-        cos, sin = self._tables(self.rotary_dim, self.max_seq_len, self.theta, self.cos.device)
-        self.cos = cos
-        self.sin = sin
-
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
 
@@ -79,27 +73,21 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Per-layer key/value tensors ``[batch, n_kv_heads, max_len, head_dim]`` for generation.
 
-    Keys are stored after RoPE. ``pos`` is the number of positions already written; the model's
-    forward advances it after all layers have run.
+    Storage is allocated on the first write of each layer, on the device and in the dtype of the
+    keys it receives (so the cache follows the model to any device and autocast dtype). Keys are
+    stored after RoPE. ``pos`` is the number of positions already written; the model's forward
+    advances it after all layers have run.
     """
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch_size: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int) -> None:
+        self.shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
         self.max_len = max_len
         self.pos = 0
 
     def reset(self) -> None:
+        """Start over at position 0 (storage is kept and overwritten)."""
         self.pos = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,9 +95,15 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ConfigError(f"KV cache holds {self.max_len} positions; writing up to {end}")
-        self.keys[layer][:, :, self.pos : end] = k.to(self.keys[layer].dtype)
-        self.values[layer][:, :, self.pos : end] = v.to(self.values[layer].dtype)
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if tuple(k.shape[:2]) + (k.shape[3],) != self.shape[:2] + (self.shape[3],):
+            raise ConfigError(f"KV cache is for shape {self.shape}, got keys of shape {tuple(k.shape)}")
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
+            keys = self.keys[layer] = k.new_zeros(self.shape)
+            values = self.values[layer] = v.new_zeros(self.shape)
+        keys[:, :, self.pos : end] = k.to(keys.dtype)
+        values[:, :, self.pos : end] = v.to(values.dtype)
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class Attention(nn.Module):

@@ -156,6 +156,10 @@ class Transformer(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
 
+        if max_new_tokens == 0:
+            empty = torch.zeros(tokens.shape[0], 0, self.config.vocab_size, device=tokens.device)
+            return (tokens, empty) if return_logits else tokens
+
         context = self.config.max_seq_len
         was_training = self.training
         bhyt_blocks = [b for b in self.layers if isinstance(b, BHyTBlock)]
@@ -182,12 +186,7 @@ class Transformer(nn.Module):
             for block in bhyt_blocks:
                 block.end_inference()
             self.train(was_training)
-        if not return_logits:
-            return sequence
-        vocab = self.config.vocab_size
-        if not drawn_from:
-            return sequence, torch.zeros(tokens.shape[0], 0, vocab, device=tokens.device)
-        return sequence, torch.stack(drawn_from, dim=1)
+        return (sequence, torch.stack(drawn_from, dim=1)) if return_logits else sequence
 
     # ------------------------------------------------------------------------------------------
     # optimizer groups, counts, statistics
