@@ -67,8 +67,12 @@ class LayerNorm(nn.Module):
             return functional.layer_norm(x, self.weight, self.bias, self.eps)
         # Native kernel: fp32 statistics inside for half inputs already. It does not rescale rows,
         # so inputs whose squares overflow fp32 (|x| ≳ 1e19) give inf/NaN here, unlike the reference.
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        # Run it in fp32 (as autocast does) and round the output once: casting γ, β to bf16 rounds
+        # them a second time, and the native bf16/mixed CPU backward returns γ/β gradients with
+        # bf16-level error (measured: 0.4% on dγ, 0.07 absolute on dβ for 21×257 tokens).
+        compute = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = self.weight.to(compute), self.bias.to(compute)
+        return F.layer_norm(x.to(compute), (x.shape[-1],), weight, bias, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl}"
