@@ -357,6 +357,11 @@ def test_state_dict_round_trip_reproduces_outputs_exactly_and_refreshes_c_l(base
     torch.testing.assert_close(target.layers[0].bhyt_correction.double(), fresh, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(target.layers[0].bhyt_correction, 9.0 * stale, rtol=1e-5, atol=0.0)
 
+    # Opt-out for a bit-exact resume: the saved (stale) buffer is kept as is.
+    target.set_bhyt_refresh_on_load(False)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.layers[0].bhyt_correction, stale)
+
 
 # ------------------------------------------------------------------------------------------------
 # torch.compile

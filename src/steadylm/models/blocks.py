@@ -120,6 +120,9 @@ class BHyTBlock(DecoderBlock):
         self.register_buffer("bhyt_correction", torch.zeros(()))
         # Set by begin_inference(): the per-layer shift c_ℓ·λ₁²/κ², computed once per generate call.
         self._inference_shift: Tensor | None = None
+        # SPEC §2.4: c_ℓ is recomputed at load time. A trainer that wants a bit-exact resume of a
+        # run checkpointed between two refreshes may turn this off and keep the saved c_ℓ.
+        self.refresh_on_load = True
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
@@ -175,7 +178,8 @@ class BHyTBlock(DecoderBlock):
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
     # Runs after the block's own tensors and its children's weights have been loaded.
-    module.refresh_bhyt_correction()  # type: ignore[operator]
+    if module.refresh_on_load:
+        module.refresh_bhyt_correction()  # type: ignore[operator]
 
 
 def build_block(config: ModelConfig, layer_index: int) -> DecoderBlock:

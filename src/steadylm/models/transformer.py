@@ -78,6 +78,13 @@ class Transformer(nn.Module):
             if isinstance(block, BHyTBlock):
                 block.refresh_bhyt_correction()
 
+    def set_bhyt_refresh_on_load(self, enabled: bool) -> None:
+        """Whether ``load_state_dict`` recomputes c_ℓ from the loaded weights (default, SPEC §2.4)
+        or keeps the saved buffer (bit-exact resume between two scheduled refreshes)."""
+        for block in self.layers:
+            if isinstance(block, BHyTBlock):
+                block.refresh_on_load = bool(enabled)
+
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
 
