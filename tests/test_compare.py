@@ -26,7 +26,7 @@ from steadylm.train.metrics import read_metrics
 TINY_FLAGS = [
     "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--probe-every", "3", "--eval-every", "3",
     "--set", "dim=32", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
-    "--set", "ffn_dim=48", "--set", "impl=\"reference\"", "--vocab-size", "300",
+    "--set", "ffn_dim=48", "--impl", "reference", "--vocab-size", "300",
     "--spike-window", "3",
 ]
 VARIANTS = "swiglu+rmsnorm,powlu+bhyt,swiglu+dyt"
@@ -193,9 +193,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_run: Path, corpus: Path, tmp_p
 
 def test_bad_numbers_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for flags, needle in ((["--steps", "0"], "--steps"), (["--spike-window", "1"], "--spike-window"),
-                          (["--set", "n_layers"], "FIELD=VALUE"), (["--set", "activation=powlu"], "--set")):
-        assert main(["compare", "--out", str(tmp_path), *flags]) == 2
+                          (["--set", "n_layers"], "FIELD=VALUE"), (["--set", "activation=powlu"], "--set"),
+                          (["--set", "no_such_field=1"], "no_such_field"), (["--lr", "-1"], "lr"),
+                          (["--set", "n_heads=3"], "n_heads")):
+        assert main(["compare", "--out", str(tmp_path / "o"), *flags]) == 2
         _one_line_error(capsys, needle)
+    assert not (tmp_path / "o").exists()  # rejected before anything was written
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path: Path) -> None:

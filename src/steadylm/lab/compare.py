@@ -80,6 +80,11 @@ DEFAULT_BUDGET = Budget(steps=150, batch_size=16, seq_len=128, probe_every=10, e
 QUICK_BUDGET = Budget(steps=30, batch_size=8, seq_len=64, probe_every=5, eval_every=10,
                       eval_batches=2, warmup_steps=5)
 
+#: Implementations ``--impl auto`` picks. Compiling the fused kernels costs seconds per op on a
+#: cold cache, which a 30-step smoke run never earns back.
+DEFAULT_IMPL = "fused"
+QUICK_IMPL = "reference"
+
 # Metric keys written by the trainer (docs/ARCHITECTURE.md, train contract).
 STEP_KEY = "step"
 LOSS_KEY = "loss"
@@ -136,6 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a ModelConfig field of every variant, e.g. --set n_layers=2 "
                         "(repeatable; VALUE is parsed as JSON when it can be)")
+    parser.add_argument("--impl", choices=("auto", "fused", "reference"), default="auto",
+                        help="op implementation: the compiled fused kernels, or the eager reference "
+                        "math (same numbers, no compile time); auto = fused, reference for --quick")
     parser.add_argument("--resume", action="store_true",
                         help="continue each variant from the last checkpoint in its run directory")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -153,11 +161,11 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             value = raw
         out[key.strip()] = value
-    reserved = sorted(set(out) & {"activation", "norm", "vocab_size", "max_seq_len"})
+    reserved = sorted(set(out) & {"activation", "norm", "vocab_size", "max_seq_len", "impl"})
     if reserved:
         raise ConfigError(
             f"--set cannot change {reserved}: use --activations/--norms/--variants, "
-            "--vocab-size and --seq-len"
+            "--vocab-size, --seq-len and --impl"
         )
     return out
 
@@ -230,6 +238,7 @@ class CompareOptions:
     spike_window: int = 20
     spike_threshold: float = 4.0
     overrides: dict[str, Any] = field(default_factory=dict)
+    impl: str = "fused"
     resume: bool = False
     threads: int | None = None
     quick: bool = False
@@ -268,6 +277,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         spike_window=args.spike_window,
         spike_threshold=args.spike_threshold,
         overrides=_parse_overrides(args.overrides),
+        impl=args.impl if args.impl != "auto" else (QUICK_IMPL if args.quick else DEFAULT_IMPL),
         resume=args.resume,
         threads=args.threads,
         quick=args.quick,
@@ -381,21 +391,27 @@ def summarize(result: VariantResult, window: int, threshold: float) -> dict[str,
     }
 
 
-def _train_one(variant: Variant, opts: CompareOptions, data: Any, console: Any) -> VariantResult:
+def model_config(variant: Variant, opts: CompareOptions, vocab_size: int) -> Any:
+    """The validated ``ModelConfig`` of one variant."""
     from steadylm.models import ModelConfig
-    from steadylm.train import TrainConfig, Trainer
-    from steadylm.train.metrics import read_metrics
 
-    b = opts.budget
-    model_cfg = ModelConfig.from_preset(
+    return ModelConfig.from_preset(
         opts.preset,
         activation=variant.activation,
         norm=variant.norm,
-        vocab_size=data.vocab_size,
-        max_seq_len=b.seq_len,
+        vocab_size=vocab_size,
+        max_seq_len=opts.budget.seq_len,
+        impl=opts.impl,
         **opts.overrides,
     )
-    train_cfg = TrainConfig(
+
+
+def train_config(opts: CompareOptions) -> Any:
+    """The validated ``TrainConfig`` shared by every variant."""
+    from steadylm.train import TrainConfig
+
+    b = opts.budget
+    return TrainConfig(
         steps=b.steps,
         batch_size=b.batch_size,
         lr=opts.lr,
@@ -408,6 +424,15 @@ def _train_one(variant: Variant, opts: CompareOptions, data: Any, console: Any) 
         probe_every=b.probe_every,
         threads=opts.threads,
     )
+
+
+def _train_one(variant: Variant, opts: CompareOptions, data: Any, console: Any) -> VariantResult:
+    from steadylm.train import Trainer
+    from steadylm.train.metrics import read_metrics
+
+    b = opts.budget
+    model_cfg = model_config(variant, opts, data.vocab_size)
+    train_cfg = train_config(opts)
     run_dir = opts.out / variant.name
     probe = StabilityProbe(every=b.probe_every)
     probes: list[Any] = [probe]
@@ -452,7 +477,10 @@ def run_compare(opts: CompareOptions, console: Any = None) -> list[VariantResult
 
     # a log file or pipe gets a table wide enough not to wrap every header
     console = console or Console(width=None if sys.stdout.isatty() else 180)
-    opts.out.mkdir(parents=True, exist_ok=True)
+    # every configuration error surfaces before the corpus is tokenized or anything is written
+    for variant in opts.variants:
+        model_config(variant, opts, opts.vocab_size)
+    train_config(opts)
     t_start = time.perf_counter()
     data = prepare_data(opts.data, vocab_size=opts.vocab_size, seq_len=opts.budget.seq_len,
                         seed=opts.seed, text_field=opts.text_field)
@@ -659,6 +687,7 @@ def write_report(
             ["tokens per variant", f"{first.tokens_seen:,}" if first else "–"],
             ["**tokens per parameter**", tpp],
             ["precision / seed / peak LR", f"{opts.precision} / {opts.seed} / {opts.lr:g}"],
+            ["op implementation", opts.impl],
             ["probes sampled every", f"{b.probe_every} steps"],
             ["loss-spike detector", f"rolling z-score over the preceding {opts.spike_window} steps > {opts.spike_threshold:g}"],
             ["divergence", f"non-finite loss, or loss above its first value + {DEFAULT_DIVERGENCE_MARGIN}"],
@@ -739,6 +768,14 @@ def write_report(
         + _overhead_text(results, b),
         [("throughput", note(plots.plot_throughput(tps)), "Tokens per second")],
     )
+    fp8 = _fp8_table(results)
+    if fp8:
+        report.add_section(
+            "FP8 counters",
+            "FP8 linear layers (e4m3 forward, e5m2 gradients), summed over every training step: "
+            "elements that overflowed the format's range or were flushed to zero, the largest "
+            "magnitude seen, and the worst quantisation signal-to-noise ratio of a probe interval.\n\n" + fp8,
+        )
     files = "\n".join(f"- `{r.run_dir.name}/metrics.jsonl`, `{r.run_dir.name}/metrics.csv`" for r in results)
     report.add_section(
         "Raw data",
@@ -755,6 +792,28 @@ def write_report(
     }
     atomic_write_text(opts.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return report.write(opts.out)
+
+
+def _fp8_table(results: Sequence[VariantResult]) -> str:
+    """Per variant and FP8 role: total overflow / underflow, peak amax, worst SNR ('' without FP8)."""
+    lines = []
+    for r in results:
+        for role in ("input", "weight", "grad_output"):
+            key = f"fp8/{role}/"
+            rows = [x for x in r.rows if key + "overflow" in x]
+            if not rows:
+                continue
+            tot = lambda f: sum(_num(x.get(key + f)) for x in rows if math.isfinite(_num(x.get(key + f))))  # noqa: E731
+            amax = [_num(x.get(key + "amax")) for x in rows]
+            snr = [_num(x.get(key + "snr_db")) for x in rows]
+            amax = [a for a in amax if math.isfinite(a)]
+            snr = [s for s in snr if math.isfinite(s)]
+            lines.append([r.name, role, f"{tot('overflow'):,.0f}", f"{tot('underflow'):,.0f}",
+                          _fmt(max(amax) if amax else math.nan, "{:.3g}"),
+                          _fmt(min(snr) if snr else math.nan, "{:.1f}")])
+    if not lines:
+        return ""
+    return markdown_table(["variant", "tensor", "overflow", "underflow", "peak amax", "worst SNR (dB)"], lines)
 
 
 def _json_safe(obj: Any) -> Any:

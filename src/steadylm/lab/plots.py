@@ -235,10 +235,15 @@ def plot_down_proj_bands(runs: Runs, prefix: str = "ffn_down_in") -> Figure:
         ax.set_visible(False)
     # linear inside the bulk of the smallest variant, logarithmic beyond, so that both the bulk
     # and the outliers of every variant stay readable on one shared axis
-    linthresh = min(0.1, p99_min) if math.isfinite(p99_min) else 0.1
+    linthresh = 10.0 ** math.floor(math.log10(min(0.1, p99_min))) if math.isfinite(p99_min) else 0.1
+    # decade ticks only outside the linear zone (ticks at ±linthresh would crowd the 0 label)
+    lo_exp, hi_exp = round(math.log10(linthresh)) + 1, math.ceil(math.log10(2.0 * amax_all))
+    decades = [10.0**k for k in range(lo_exp, hi_exp + 1)]
+    ticks = sorted([-d for d in decades] + [0.0] + decades)
     for ax in axes[: len(names)]:
         ax.set_yscale("symlog", linthresh=linthresh)
         ax.set_ylim(-2.0 * amax_all, 2.0 * amax_all)
+        ax.set_yticks(ticks)
     axes[0].set_ylabel("FFN down-projection input (symlog)")
     fig.suptitle("FFN down-projection input per layer: min–max and P1–P99 (last probed step)")
     return fig

@@ -659,7 +659,7 @@ def switch_metrics(rows: Sequence[Mapping[str, Any]], control: Sequence[Mapping[
     - ``recovery_steps``: steps after the switch until the ``smooth``-step running mean of the loss
       is back at or below its pre-switch mean; None if it never is;
     - ``loss_gap``: mean loss of the last 10 steps minus the control's (negative: better than
-      staying); ``spikes_after``: spikes at steps > k; ``diverged_after``.
+      staying); ``spikes_after``: spikes at steps > k; ``nonfinite_after``: a NaN/inf loss after k.
     """
     from steadylm.probes import detect_spikes
 
@@ -775,6 +775,22 @@ def _ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b != 0 else math.nan
 
 
+def _down_input_counters(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Per FP8 ``w_down`` module: [name, overflow sum, underflow sum, max amax, median SNR]."""
+    names = sorted({k.split("/")[1] for r in rows for k in r
+                    if k.startswith("fp8/") and k.endswith("/input/overflow") and ".w_down" in k})
+    out = []
+    for name in names:
+        key = f"fp8/{name}/input"
+        vals = {c: [_num(r[f"{key}/{c}"]) for r in rows if f"{key}/{c}" in r]
+                for c in ("overflow", "underflow", "amax", "snr_db")}
+        snr = [v for v in vals["snr_db"] if math.isfinite(v)]
+        out.append([name, _fmt(sum(vals["overflow"]), "{:.0f}"), _fmt(sum(vals["underflow"]), "{:.0f}"),
+                    _fmt(max(vals["amax"], default=math.nan), "{:.3g}"),
+                    _fmt(statistics.median(snr) if snr else math.nan, "{:.1f}")])
+    return out
+
+
 def run_fp8(opts: StressOptions) -> dict[str, dict[str, Any]]:
     data = _prepare(opts)
     s = opts.setting
@@ -831,7 +847,12 @@ def run_fp8(opts: StressOptions) -> dict[str, dict[str, Any]]:
         "delayed scaling can overflow; underflow: nonzero elements flushed to zero. SNR: median over "
         "probe intervals of 10·log10(Σx²/Σ(x−q(x))²); e4m3 gives ~31 dB and e5m2 ~25 dB on Gaussian "
         "data. Routed MoE experts are converted too (one nn.Linear per expert).\n\n"
-        + markdown_table(["activation"] + roles_hdr, fp8_table),
+        + markdown_table(["activation"] + roles_hdr, fp8_table)
+        + "\n\nPer tensor, the input of each FFN down-projection (the activation output, where the "
+        "PowLU paper locates SwiGLU's outliers), summed over the run; every FP8 tensor's counters "
+        "are in the runs' `metrics.jsonl` as `fp8/<module>/<role>/<counter>`.\n\n"
+        + markdown_table(["activation", "module", "overflow", "underflow", "max amax", "median SNR (dB)"],
+                         [[a, *row] for a in opts.activations for row in _down_input_counters(results["fp8"][a].rows)]),
         [("fp8_counters", plot_fp8_counters({a: results["fp8"][a].rows for a in opts.activations}),
           "FP8 counters over training")],
     )
