@@ -220,6 +220,19 @@ def test_norm_modules_on_huge_rows(impl: str, eager_kernels) -> None:
         check_norm_module(_build(name, 16, impl), name, x, grad_out)
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(NORM_MODULES))
+def test_fused_and_reference_paths_agree(name: str, dtype: torch.dtype, eager_kernels) -> None:
+    """Same weights, both paths: each is within the tolerance of the float64 truth, so they differ
+    by at most twice it — for bf16 that is one ulp (2^-7 relative) of the output."""
+    fused, reference = _build(name, 65, "fused"), _build(name, 65, "reference")
+    reference.load_state_dict(fused.state_dict())
+    x, _ = _norm_inputs((4, 33, 65), dtype, seed=12)
+    a, b = fused(x).double(), reference(x).double()
+    rtol = 2 * (2.0**-8 + 3e-5) if dtype == BF16 else 2 * 3e-5
+    torch.testing.assert_close(a, b, rtol=rtol, atol=2 * 3e-5 * b.abs().amax(-1, keepdim=True).max().item())
+
+
 # ----------------------------------------------------------------------------------------------
 # GatedFFN
 # ----------------------------------------------------------------------------------------------
