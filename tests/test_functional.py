@@ -273,14 +273,15 @@ def test_norm_extreme_values(case: OpCase, dtypes) -> None:
 
 
 def test_rms_of_huge_rows_is_the_rms_not_inf() -> None:
-    """bf16 max squared overflows fp32: RMSNorm/BHyT must rescale, giving ±√(d/2)-sized outputs."""
+    """bf16 max squared overflows fp32: the row must be rescaled; here rms = |x|, so the output is ±1."""
     x = torch.tensor([[BF16_MAX, -BF16_MAX]], dtype=BF16)
     torch.testing.assert_close(functional.rms_norm(x, None).float(), torch.tensor([[1.0, -1.0]]))
     ms = functional.mean_square(x)
     assert ms.dtype == FP32 and ms.shape == (1, 1)
     assert math.isinf(ms.item())  # true mean square 1.15e77 exceeds fp32: overflow is the right answer
     ms_ok = functional.mean_square(torch.tensor([[1e19, -1e19, 0.0, 0.0]]))
-    assert ms_ok.item() == pytest.approx(5e37, rel=1e-6)  # (1e19)² overflows alone; the mean does not
+    # The rescaled row has s = 2^64 and s² = 2^128 overflows fp32, but the mean square 5e37 does not.
+    assert ms_ok.item() == pytest.approx(5e37, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
