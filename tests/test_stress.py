@@ -18,7 +18,7 @@ from steadylm.lab import stress
 from steadylm.train.metrics import read_metrics
 
 TINY = ["--set", "dim=32", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
-        "--set", "ffn_dim=64", "--set", "impl=\"reference\"", "--vocab-size", "300",
+        "--set", "ffn_dim=64", "--impl", "reference", "--vocab-size", "300",
         "--batch-size", "2", "--seq-len", "16", "--threads", "1", "--spike-window", "4"]
 
 

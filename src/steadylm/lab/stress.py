@@ -44,6 +44,8 @@ from typing import Any
 from steadylm.errors import ConfigError, DivergenceError
 from steadylm.lab import plots
 from steadylm.lab.compare import (
+    DEFAULT_IMPL,
+    QUICK_IMPL,
     Budget,
     Variant,
     VariantResult,
@@ -147,6 +149,9 @@ def _add_common(p: argparse.ArgumentParser, protocol: str) -> None:
     p.add_argument("--spike-threshold", type=float, default=4.0, help="loss-spike z-score threshold")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field (repeatable)")
+    p.add_argument("--impl", choices=("auto", "fused", "reference"), default="auto",
+                   help="op implementation: compiled fused kernels or the eager reference math "
+                   "(same numbers); auto = fused, reference for --quick")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     add_data_arguments(p)
 
@@ -188,6 +193,7 @@ class StressOptions:
     spike_window: int = 20
     spike_threshold: float = 4.0
     overrides: dict[str, Any] = field(default_factory=dict)
+    impl: str = DEFAULT_IMPL
     threads: int | None = None
     quick: bool = False
     multipliers: list[float] = field(default_factory=lambda: list(DEFAULT_MULTIPLIERS))
@@ -240,6 +246,7 @@ def options_from_args(args: argparse.Namespace) -> StressOptions:
         norm=args.norm, preset=resolve_preset(args.model), budget=budget, seed=args.seed, data=args.data,
         vocab_size=args.vocab_size, text_field=args.text_field, spike_window=args.spike_window,
         spike_threshold=args.spike_threshold, overrides=_parse_overrides(args.overrides),
+        impl=args.impl if args.impl != "auto" else (QUICK_IMPL if args.quick else DEFAULT_IMPL),
         threads=args.threads, quick=args.quick,
         command="steadylm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
     )
@@ -277,7 +284,7 @@ def _model_config(opts: StressOptions, activation: str, data: Any) -> Any:
 
     return ModelConfig.from_preset(
         opts.preset, activation=activation, norm=opts.norm, vocab_size=data.vocab_size,
-        max_seq_len=opts.budget.seq_len, qk_norm=opts.setting.qk_norm, **opts.overrides,
+        max_seq_len=opts.budget.seq_len, qk_norm=opts.setting.qk_norm, impl=opts.impl, **opts.overrides,
     )
 
 
