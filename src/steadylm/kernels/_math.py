@@ -52,16 +52,16 @@ def _powlu_gate_and_slope(g: Tensor, m: float | Tensor) -> tuple[Tensor, Tensor]
     """f_m(g) and f_m'(g) (SPEC §1), on safe bases so neither branch can produce NaN."""
     positive = g > 0
     safe = torch.where(positive, g, torch.ones_like(g))
+    s = torch.sigmoid(g)  # σ(safe) == σ(g) wherever the positive branch is taken
     root = torch.sqrt(safe)
     exponent = m / (root + 1.0)
     log_z = torch.log(safe)
     power = torch.exp(exponent * log_z)
-    s_pos = torch.sigmoid(safe)
-    # p' = -m / (2 r (r+1)^2); (p · power) / z is ordered so that power = 0 gives 0, not 0·inf.
+    # f' = z^p·σ·(p'·ln z + p/z + 1 − σ), p' = −m / (2 r (r+1)²). (p·power)/z is kept apart and
+    # ordered so that power = 0 (tiny z) gives 0, not 0·inf.
     d_exponent = -m / (2.0 * root * (root + 1.0) * (root + 1.0))
-    slope_pos = power * s_pos * (d_exponent * log_z + 1.0 - s_pos) + s_pos * ((exponent * power) / safe)
-    s = torch.sigmoid(g)
-    f = torch.where(positive, power * s_pos, g * s)
+    slope_pos = power * s * (d_exponent * log_z + 1.0 - s) + s * ((exponent * power) / safe)
+    f = torch.where(positive, power * s, g * s)
     slope = torch.where(positive, slope_pos, s * (1.0 + g * (1.0 - s)))
     return f, slope
 
@@ -72,8 +72,8 @@ def powlu_glu_fwd(gate: Tensor, up: Tensor, m: float) -> Tensor:
     positive = g > 0
     safe = torch.where(positive, g, torch.ones_like(g))
     power = torch.exp((m / (torch.sqrt(safe) + 1.0)) * torch.log(safe))
-    f = torch.where(positive, power * torch.sigmoid(safe), g * torch.sigmoid(g))
-    return (f * u).to(gate.dtype)
+    s = torch.sigmoid(g)
+    return (torch.where(positive, power * s, g * s) * u).to(gate.dtype)
 
 
 def powlu_glu_bwd(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
