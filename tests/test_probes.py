@@ -62,9 +62,10 @@ def test_percentiles_of_a_big_tensor_use_a_deterministic_subsample() -> None:
     # min/max/amax use every element; the subsample's percentiles are close to the exact ones
     assert a["max"] == float(x.max()) and a["min"] == float(x.min())
     exact = np.percentile(x.numpy(), [1, 99])
-    # a 1-in-12 strided subsample of 2.5e5 normals: percentile error ~ 0.01 of σ = 2
-    assert a["p1"] == pytest.approx(exact[0], abs=0.03)
-    assert a["p99"] == pytest.approx(exact[1], abs=0.03)
+    # a 1-in-46 strided subsample of 65k normals (σ = 2): the standard error of a P1/P99
+    # estimate is sqrt(p(1-p)/n) / pdf(q) = 0.0004 / 0.0134 ≈ 0.03; allow 3.4 standard errors
+    assert a["p1"] == pytest.approx(exact[0], abs=0.1)
+    assert a["p99"] == pytest.approx(exact[1], abs=0.1)
 
 
 def test_small_subsample_cap_and_pooling_of_several_tensors() -> None:
