@@ -278,6 +278,8 @@ def test_quick_fp8_training_run_stays_finite_and_counts():
         assert math.isfinite(last[f"fp8/{role}/amax"]) and last[f"fp8/{role}/amax"] > 0
         assert 15 < last[f"fp8/{role}/snr_db"] < 45
     assert "fp8/layers.1.ffn.w_down/input/overflow" in last
+    # SNR is measured on the sampled steps only (stats="sampled"): the probe switches it on and off
+    assert all(not lin.snr_requested for lin in m.modules() if isinstance(lin, FP8Linear))
     # reset on read: a second read with no step in between is all zeros
     fp8_stats(m, reset=True)
     again = fp8_stats(m)
@@ -292,7 +294,7 @@ def test_apply_fp8_reaches_dense_shared_and_routed_experts_and_trains_finite():
                                   expert_ffn_dim=16, n_experts=4, n_layers=2, max_seq_len=16,
                                   impl="reference")  # no kernel compilation in this test
     model = build_model(cfg)
-    names = apply_fp8(model, scope="ffn", scaling="delayed")
+    names = apply_fp8(model, scope="ffn", scaling="delayed", stats="full")
     assert "layers.0.ffn.w_down" in names  # dense first layer
     assert "layers.1.ffn.experts.w_down.3" in names  # routed expert 3
     assert "layers.1.ffn.shared_expert.w_gate" in names
@@ -310,6 +312,24 @@ def test_apply_fp8_reaches_dense_shared_and_routed_experts_and_trains_finite():
     stats = fp8_stats(model)
     assert stats["fp8/layers.1.ffn.experts.w_down.0/input/amax"] >= 0
     assert math.isfinite(stats["fp8/grad_output/snr_db"])
+
+
+def test_snr_modes():
+    x = torch.randn(64, 32)
+    full = FP8Linear(32, 16, bias=False, stats="full")
+    sampled = FP8Linear(32, 16, bias=False)  # default "sampled": only when a probe asks
+    counts = FP8Linear(32, 16, bias=False, stats="counts")
+    for m in (full, sampled, counts):
+        m(x)
+    assert 25 < full.read_fp8_stats()["input"]["snr_db"] < 40
+    assert math.isnan(sampled.read_fp8_stats()["input"]["snr_db"])
+    assert math.isnan(counts.read_fp8_stats()["input"]["snr_db"])
+    sampled.snr_requested = counts.snr_requested = True
+    sampled(x)
+    counts(x)
+    assert 25 < sampled.read_fp8_stats()["input"]["snr_db"] < 40
+    assert math.isnan(counts.read_fp8_stats()["input"]["snr_db"])
+    assert counts.read_fp8_stats()["input"]["calls"] == 2  # the other counters always run
 
 
 def test_empty_input_rows_are_fine():

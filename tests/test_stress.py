@@ -146,7 +146,7 @@ def test_setting_descriptions_are_plain():
 def test_divergence_verdict_separates_transient_excursions_from_divergence():
     rows = [{"step": i + 1, "loss": v} for i, v in enumerate([5.0, 5.5, 4.0, 3.0])]
     transient = {"diverged": {"step": 2, "reason": "above-start"}, "final_train_loss": 3.5, "error": None}
-    assert stress._divergence(transient, rows) == {"divergence": None, "excursion": 2}
+    assert stress._divergence(transient, rows) == {"divergence": None, "excursion": 2, "peak_above_start": 0.5}
     ended = {"diverged": {"step": 2, "reason": "above-start"}, "final_train_loss": 5.2, "error": None}
     assert stress._divergence(ended, rows)["divergence"]["reason"] == "ended above its starting loss"
     stopped = {"diverged": None, "final_train_loss": 3.0, "error": "non-finite loss (nan)", "diverged_at": 7}

@@ -386,12 +386,16 @@ def _divergence(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], m
 
     - ``divergence``: the run diverged — a non-finite loss or gradient stopped it, or it *ended*
       (mean of the last 10 losses) above its first loss + ``margin``; else None;
-    - ``excursion``: the step of a transient climb above the start loss that the run recovered from.
+    - ``excursion``: the step of a transient climb above the start loss that the run recovered from;
+    - ``peak_above_start``: the highest finite loss minus the first loss (0 if never above): how far
+      the worst instability threw the run back.
     """
     losses = [_num(r["loss"]) for r in rows if "loss" in r]
-    start = next((v for v in losses if math.isfinite(v)), math.nan)
+    finite = [v for v in losses if math.isfinite(v)]
+    start = finite[0] if finite else math.nan
     first_above = summary.get("diverged")
-    verdict: dict[str, Any] = {"divergence": None, "excursion": None}
+    verdict: dict[str, Any] = {"divergence": None, "excursion": None,
+                               "peak_above_start": max(0.0, max(finite) - start) if finite else math.nan}
     if summary.get("error") or (first_above and first_above.get("reason") == "non-finite"):
         step = summary.get("diverged_at") or (first_above or {}).get("step")
         verdict["divergence"] = {"step": step, "reason": summary.get("error") or "non-finite loss"}
@@ -600,17 +604,20 @@ def run_lr_sweep(opts: StressOptions) -> dict[str, dict[float, dict[str, Any]]]:
         for m in opts.multipliers:
             sm = grid[act][m]
             table.append([act, f"{m:g}× ({s.lr * m:g})", _fmt(sm["final_train_loss"]), _fmt(sm["final_val_loss"]),
-                          str(sm["spikes"]), _fmt(sm["down_in_amax_peak"], "{:.3g}"), _status(sm)])
+                          str(sm["spikes"]), _fmt(sm["peak_above_start"], "{:.2f}"),
+                          _fmt(sm["down_in_amax_peak"], "{:.3g}"), _status(sm)])
     totals = [[act, str(sum(1 for m in opts.multipliers if _diverged(grid[act][m]))),
                str(sum(int(grid[act][m]["spikes"]) for m in opts.multipliers)),
+               str(sum(1 for m in opts.multipliers if grid[act][m]["excursion"])),
                _fmt(max((s.lr * m for m in opts.multipliers if not _diverged(grid[act][m])), default=math.nan), "{:g}")]
               for act in opts.activations]
     report = Report("steadylm stress lr-sweep", _intro(opts, data, [["LR multipliers", ", ".join(f"{m:g}×" for m in opts.multipliers)]]))
     report.add_section(
         "Summary",
-        markdown_table(["activation", "divergences", "loss spikes (all LRs)", "largest LR that did not diverge"], totals)
+        markdown_table(["activation", "divergences", "loss spikes (all LRs)", "transient excursions above start",
+                        "largest LR that did not diverge"], totals)
         + "\n\n" + markdown_table(["activation", "LR", "train loss (last 10)", "val loss", "spikes",
-                                   "peak max |down-in|", "status"], table),
+                                   "worst loss above start", "peak max |down-in|", "status"], table),
     )
     report.add_section(
         "LR sensitivity",
@@ -812,6 +819,7 @@ def run_fp8(opts: StressOptions) -> dict[str, dict[str, Any]]:
         b, f = results["bf16"][act].summary, results["fp8"][act].summary
         over = _ratio(f["step_ms_median"], b["step_ms_median"])
         table.append([act, _fmt(b["final_train_loss"]), _fmt(f["final_train_loss"]), str(b["spikes"]), str(f["spikes"]),
+                      _fmt(b["peak_above_start"], "{:.2f}"), _fmt(f["peak_above_start"], "{:.2f}"),
                       _status(b), _status(f), _fmt(b["step_ms_median"], "{:.0f}"), _fmt(f["step_ms_median"], "{:.0f}"),
                       _fmt(over, "{:.2f}×")])
         fp8_table.append([act] + [_fmt(f.get(f"fp8_{r}_{k}"), fm) for r in ("input", "weight", "grad_output")
@@ -830,8 +838,8 @@ def run_fp8(opts: StressOptions) -> dict[str, dict[str, Any]]:
     report = Report("steadylm stress fp8", _intro(opts, data))
     report.add_section(
         "Summary",
-        markdown_table(["activation", "bf16 loss", "FP8 loss", "bf16 spikes", "FP8 spikes", "bf16 status",
-                        "FP8 status", "bf16 step (ms)", "FP8 step (ms)", "FP8/bf16 step time"], table)
+        markdown_table(["activation", "bf16 loss", "FP8 loss", "bf16 spikes", "FP8 spikes",
+                        "bf16 worst loss above start", "FP8 worst loss above start", "bf16 status", "FP8 status", "bf16 step (ms)", "FP8 step (ms)", "FP8/bf16 step time"], table)
         + "\n\nStep times are medians over steps without a stability-probe sample (FP8 counters are "
         "always on). On a CPU, `torch._scaled_mm` dequantises to fp32 internally and the quantisation "
         "(amax, scale, cast, counters) adds elementwise passes, so FP8 is *slower* here; the speed-up "

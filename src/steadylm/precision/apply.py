@@ -48,7 +48,7 @@ def apply_fp8(
     scope: str = "ffn",
     scaling: str = "current",
     history_len: int = 16,
-    stats: str = "full",
+    stats: str = "sampled",
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
 ) -> list[str]:
     """Replace ``nn.Linear`` modules of ``model`` by :class:`FP8Linear` in place.
@@ -111,7 +111,6 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
     table = torch.stack([m.fp8_counters.detach() for _, m in mods]).cpu()  # [modules, roles, fields]
     if reset:
         reset_fp8_stats(model)
-    snr_on = any(m.stats == "full" for _, m in mods)
     out: dict[str, float] = {}
     rows = table.tolist()
     if per_module:
@@ -121,8 +120,7 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
                 out[f"{key}/overflow"] = r[_F["overflow"]]
                 out[f"{key}/underflow"] = r[_F["underflow"]]
                 out[f"{key}/amax"] = r[_F["amax"]]
-                if m.stats == "full":
-                    out[f"{key}/snr_db"] = _snr_db(r[_F["signal"]], r[_F["noise"]]) if r[_F["calls"]] else math.nan
+                out[f"{key}/snr_db"] = _snr_db(r[_F["signal"]], r[_F["noise"]])
     tot = table.sum(0)  # [roles, fields]
     amax = table[:, :, _F["amax"]].amax(0)
     for ri, role in enumerate(ROLES):
@@ -133,8 +131,7 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
         out[f"fp8/{role}/overflow_frac"] = t[_F["overflow"]] / numel if numel else 0.0
         out[f"fp8/{role}/underflow_frac"] = t[_F["underflow"]] / numel if numel else 0.0
         out[f"fp8/{role}/amax"] = float(amax[ri])
-        if snr_on:
-            out[f"fp8/{role}/snr_db"] = _snr_db(t[_F["signal"]], t[_F["noise"]]) if t[_F["calls"]] else math.nan
+        out[f"fp8/{role}/snr_db"] = _snr_db(t[_F["signal"]], t[_F["noise"]])
     out["fp8/overflow"] = float(tot[:, _F["overflow"]].sum())
     out["fp8/underflow"] = float(tot[:, _F["underflow"]].sum())
     return out
@@ -143,20 +140,26 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
 class FP8Probe:
     """Probe (docs/ARCHITECTURE.md contract) that logs :func:`fp8_stats` every ``every`` steps.
 
-    Counters accumulate over every training step in between (nothing is lost between samples) and
-    are reset when read, so each logged row covers the steps since the previous one.
+    Overflow/underflow/amax counters accumulate over every training step in between (nothing is
+    lost between samples) and are reset when read, so each logged row covers the steps since the
+    previous one. The quantisation SNR of ``stats="sampled"`` layers is measured on the sampled
+    step only (the probe asks for it in ``begin_step``).
     """
 
     def __init__(self, every: int = 1, per_module: bool = True) -> None:
-        if every < 1:
-            raise ConfigError(f"FP8Probe every must be >= 1, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"FP8Probe every must be an integer >= 1, got {every!r}")
         self.every = every
         self.per_module = per_module
 
     def begin_step(self, step: int, model: nn.Module) -> None:
-        return None
+        if step % self.every == 0:
+            for _, m in fp8_modules(model):
+                m.snr_requested = True
 
     def end_step(self, step: int, model: nn.Module) -> dict[str, float]:
         if step % self.every:
             return {}
+        for _, m in fp8_modules(model):
+            m.snr_requested = False
         return fp8_stats(model, reset=True, per_module=self.per_module)

@@ -19,8 +19,11 @@ Counters per role, accumulated on the device (no host sync in the hot path) unti
   the same condition without the rounding of the product). Only delayed scaling can overflow.
 - ``underflow``: nonzero elements that flush to zero (±0 in FP8);
 - ``amax``: the largest ``|x|`` seen (and the last one);
-- ``snr_db``: quantisation signal-to-noise ratio ``10 log10(Σx² / Σ(x − deq(q(x)))²)`` over every
-  element seen (saturation error included). Skipped when ``stats="counts"``.
+- ``snr_db``: quantisation signal-to-noise ratio ``10 log10(Σx² / Σ(x − deq(q(x)))²)`` over the
+  elements measured (saturation error included). Dequantising costs a full pass (e4m3 → fp32 is
+  slow on CPUs), so by ``stats`` mode: ``"full"`` measures every step; ``"sampled"`` (the default)
+  only the steps an :class:`~steadylm.precision.FP8Probe` samples (it sets ``snr_requested``);
+  ``"counts"`` never.
 
 The amax history and the counters are buffers saved in the ``state_dict`` (keys
 ``amax_history`` and ``fp8_counters`` next to ``weight``): delayed scaling is training state like
@@ -46,7 +49,7 @@ __all__ = ["FP8Linear", "ROLES", "COUNTER_FIELDS", "SCALINGS", "STATS_MODES", "q
 ROLES = ("input", "weight", "grad_output")
 ROLE_FORMATS = (E4M3, E4M3, E5M2)
 SCALINGS = ("current", "delayed")
-STATS_MODES = ("full", "counts")
+STATS_MODES = ("sampled", "full", "counts")
 
 # columns of the per-role counter row (float64, so element counts stay exact past 2^24)
 COUNTER_FIELDS = ("overflow", "underflow", "numel", "signal", "noise", "calls", "amax", "last_amax", "last_scale")
@@ -125,7 +128,7 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module: "FP8Linear", out_dtype: torch.dtype):
         record = module.training
-        snr = module.stats == "full"
+        snr = module.measures_snr
         hist = module.amax_history if module.scaling == "delayed" else None
         cnt = module.fp8_counters if record else None
         x2 = x.reshape(-1, x.shape[-1])
@@ -149,7 +152,7 @@ class _FP8LinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         hist = module.amax_history[2] if module.scaling == "delayed" else None
         cnt = module.fp8_counters[2] if ctx.record else None
-        qg, sg = quantize(g2, E5M2, hist, cnt, module.stats == "full", ctx.record)
+        qg, sg = quantize(g2, E5M2, hist, cnt, module.measures_snr, ctx.record)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(qg, qw, sg, sw, torch.float32).to(ctx.x_dtype).reshape(ctx.x_shape)
@@ -165,7 +168,8 @@ class FP8Linear(nn.Linear):
 
     Same constructor and call signature as ``nn.Linear`` plus keyword-only ``scaling``
     (``"current"`` | ``"delayed"``), ``history_len`` (delayed-scaling amax history length, >= 1) and
-    ``stats`` (``"full"`` counts and SNR, ``"counts"`` skips the SNR reductions). Under autocast
+    ``stats`` (when the quantisation SNR is measured: ``"sampled"`` on probe-sampled steps,
+    ``"full"`` every step, ``"counts"`` never; the other counters always run). Under autocast
     the output has the autocast dtype, otherwise the input's dtype.
     """
 
@@ -179,7 +183,7 @@ class FP8Linear(nn.Linear):
         *,
         scaling: str = "current",
         history_len: int = 16,
-        stats: str = "full",
+        stats: str = "sampled",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         _check_choice("scaling", scaling, SCALINGS)
@@ -189,6 +193,7 @@ class FP8Linear(nn.Linear):
         self.scaling = scaling
         self.history_len = history_len
         self.stats = stats
+        self.snr_requested = False  # set by FP8Probe for the steps it samples (stats="sampled")
         buf_device = self.weight.device if self.weight.device.type != "meta" else None
         self.register_buffer(
             "amax_history", torch.zeros(len(ROLES), history_len, device=buf_device)
@@ -200,7 +205,7 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, scaling: str = "current", history_len: int = 16, stats: str = "full"
+        cls, linear: nn.Linear, scaling: str = "current", history_len: int = 16, stats: str = "sampled"
     ) -> "FP8Linear":
         """Wrap an existing ``nn.Linear``, sharing its ``weight``/``bias`` Parameters (an optimizer
         built before the swap keeps working)."""
@@ -232,6 +237,10 @@ class FP8Linear(nn.Linear):
         with torch.autocast(dev, enabled=False):
             return _FP8LinearFn.apply(x, self.weight, self.bias, self, out_dtype)
 
+    @property
+    def measures_snr(self) -> bool:
+        return self.stats == "full" or (self.stats == "sampled" and self.snr_requested)
+
     def reset_fp8_stats(self) -> None:
         self.fp8_counters.zero_()
 
@@ -244,7 +253,7 @@ class FP8Linear(nn.Linear):
         for role, r in zip(ROLES, rows):
             numel = r[_NUMEL]
             snr = float("nan")
-            if self.stats == "full" and r[_CALLS] > 0:
+            if r[_SIG] > 0 or r[_NOISE] > 0:
                 snr = _snr_db(r[_SIG], r[_NOISE])
             out[role] = {
                 "overflow": r[_OVF],
