@@ -77,7 +77,7 @@ class Budget:
 DEFAULT_BUDGET = Budget(steps=150, batch_size=16, seq_len=128, probe_every=10, eval_every=25,
                         eval_batches=4, warmup_steps=15)
 #: ``--quick``: the same grid in under 2 minutes; a smoke test of the whole pipeline.
-QUICK_BUDGET = Budget(steps=30, batch_size=8, seq_len=64, probe_every=5, eval_every=10,
+QUICK_BUDGET = Budget(steps=40, batch_size=8, seq_len=64, probe_every=5, eval_every=10,
                       eval_batches=2, warmup_steps=5)
 
 #: Implementations ``--impl auto`` picks. Compiling the fused kernels costs seconds per op on a
@@ -721,7 +721,8 @@ def write_report(
     spikes = {r.name: r.summary.get("spike_steps", []) for r in results}
     report.add_section(
         "Loss",
-        f"Train loss every step and validation loss every {b.eval_every} steps. Red × marks a loss "
+        f"Train loss every step, validation loss every {b.eval_every} steps, and the global gradient "
+        f"norm before clipping (clipped at 1.0). Red × marks a loss "
         f"spike: a step whose loss is more than {opts.spike_threshold:g} standard deviations above the "
         f"mean of the preceding {opts.spike_window} steps. {tokens_note}.",
         [("loss", note(plots.plot_losses(runs, spikes, LOSS_KEY, VAL_KEY)), "Train and validation loss")],

@@ -143,10 +143,12 @@ def plot_losses(
     spikes: Mapping[str, Sequence[int]] | None = None,
     loss_key: str = "loss",
     val_key: str = "val_loss",
+    grad_norm_key: str = "grad_norm",
 ) -> Figure:
-    """Train loss (left) and validation loss (right) per variant; detected spikes as red ×."""
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
-    ax_tr, ax_va = fig.subplots(1, 2)
+    """Train loss (left; detected spikes as red ×), validation loss (middle) and the global
+    gradient norm before clipping (right, log scale) per variant."""
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    ax_tr, ax_va, ax_gn = fig.subplots(1, 3)
     spikes = spikes or {}
     top = start = -math.inf
     for (name, rows), c in zip(runs.items(), _colors(len(runs))):
@@ -164,6 +166,9 @@ def plot_losses(
         sv, vv = series(rows, val_key)
         if len(sv):
             ax_va.plot(sv, vv, color=c, marker="o", ms=3.5, lw=1.4, label=name)
+        sg, gv = series(rows, grad_norm_key)
+        if len(sg):
+            ax_gn.plot(sg, gv, color=c, lw=1.0, label=name)
     # a diverged run (loss 1e3) must not flatten every other curve: cap at 1.5x the starting loss
     if math.isfinite(top) and top > 1.5 * start > 0:
         ax_tr.set_ylim(top=1.5 * start)
@@ -171,9 +176,14 @@ def plot_losses(
         ax_tr.scatter([], [], marker="x", color="red", label="loss spike")
     ax_tr.set_title("train loss")
     ax_va.set_title("validation loss")
-    for ax in (ax_tr, ax_va):
+    ax_gn.set_title("global gradient norm (before clipping)")
+    ax_tr.set_ylabel("cross-entropy (nats/token)")
+    ax_va.set_ylabel("cross-entropy (nats/token)")
+    ax_gn.set_ylabel("L2 norm")
+    if ax_gn.lines:
+        ax_gn.set_yscale("log")
+    for ax in (ax_tr, ax_va, ax_gn):
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
