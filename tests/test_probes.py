@@ -263,6 +263,7 @@ def test_probe_on_dyt_records_alpha_and_final_norm_saturation() -> None:
     assert m["alpha/layer0/attn_norm"] == pytest.approx(0.8)
     assert m["alpha/layer0/ffn_norm"] == pytest.approx(0.2)
     assert "alpha/final_norm" in m and 0.0 <= m["sat/final_norm"] <= 1.0
+    assert m["embed_scale"] == pytest.approx(math.sqrt(32))  # DyT recipe: sqrt(d) at init
 
 
 def test_probe_on_moe_keeps_routed_and_shared_experts_apart() -> None:

@@ -17,6 +17,7 @@ On a sampled step (step 1 and every ``every``-th) it records, per layer ``i`` (k
                                                    tanh saturation (fraction of |tanh| > 0.95),
                                                    DyT / BHyT sites only
 ``lam/...``, ``alpha/...``                          the BHyT λ / DyT α of the same sites
+``embed_scale``                                    DyT models: the scalar on the embedding output
 ``bhyt/layer{i}/{v_approx|v_true|pearson_r}``      BHyT blocks: mean approximated second-site
                                                    mean square v', the true mean(h²), and their
                                                    Pearson r over the step's tokens
@@ -262,6 +263,10 @@ class StabilityProbe:
                 v = _scalar(getattr(norm, pname, None))
                 if v is not None:
                     out[f"{pname}/{name}"] = v
+        # the DyT recipe's learnable scalar on the embedding output (initialised to sqrt(d))
+        scale = _scalar(getattr(model, "embed_scale", None))
+        if scale is not None:
+            out["embed_scale"] = scale
         return out
 
     def _bhyt_stats(self) -> dict[str, float]:
