@@ -105,12 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``steadylm compare`` flags."""
     from steadylm.data import add_data_arguments
 
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--out", metavar="DIR", default="runs/compare",
-                        help="output directory: one sub-directory per variant, the report on top")
+                        help="output directory: one sub-directory per variant, the report on top "
+                        "(default: runs/compare)")
     parser.add_argument("--model", default="nano", metavar="PRESET",
                         help="a model preset (see `steadylm params`), or 'dense' (= nano) / "
-                        "'moe' (= nano-moe)")
+                        "'moe' (= nano-moe); default: nano")
     parser.add_argument("--activations", type=_csv_list, default=None, metavar="A,B,...",
                         help="activations to compare (crossed with --norms); default: the built-in grid")
     parser.add_argument("--norms", type=_csv_list, default=None, metavar="N,M,...",
@@ -124,20 +124,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sequences per step (default {DEFAULT_BUDGET.batch_size}, --quick {QUICK_BUDGET.batch_size})")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"training context length (default {DEFAULT_BUDGET.seq_len}, --quick {QUICK_BUDGET.seq_len})")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine schedule)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine to lr/10; default 3e-3)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
-                        help="training precision (fp8: FP8 linears in the FFNs with bf16 autocast)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+                        help="training precision (fp8: FP8 linears in the FFNs with bf16 autocast; default fp32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default 0)")
     parser.add_argument("--quick", action="store_true",
                         help="a small budget that runs the whole grid in under two minutes")
     parser.add_argument("--probe-every", type=int, default=None,
                         help="sample the stability probes every N steps "
                         f"(default {DEFAULT_BUDGET.probe_every}, --quick {QUICK_BUDGET.probe_every})")
-    parser.add_argument("--eval-every", type=int, default=None, help="validation interval in steps")
+    parser.add_argument("--eval-every", type=int, default=None, help="validation interval in steps (default 25, --quick 10; with --steps: steps/6)")
     parser.add_argument("--spike-window", type=int, default=20,
-                        help="loss-spike detector: number of preceding steps the z-score is measured against")
+                        help="loss-spike detector: number of preceding steps the z-score is measured against (default 20)")
     parser.add_argument("--spike-threshold", type=float, default=4.0,
-                        help="loss-spike detector: z-score above which a step counts as a spike")
+                        help="loss-spike detector: z-score above which a step counts as a spike (default 4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a ModelConfig field of every variant, e.g. --set n_layers=2 "
                         "(repeatable; VALUE is parsed as JSON when it can be)")

@@ -225,7 +225,7 @@ def plot_down_proj_bands(runs: Runs, prefix: str = "ffn_down_in") -> Figure:
                 return np.asarray([row.get(f"{prefix}/layer{i}{tag}/{stat}", math.nan) for i in layers])
 
             mn, mx, p1, p99 = get("min"), get("max"), get("p1"), get("p99")
-            label = tag.strip("/") + " " if tag else ""
+            label = (tag.strip("/") or "dense") + " " if len(parts) > 1 else ""
             ax.bar(xs, mx - mn, bottom=mn, width=width, color=c, alpha=0.3, label=f"{label}min–max")
             ax.bar(xs, p99 - p1, bottom=p1, width=width * 0.6, color=c, alpha=0.9, label=f"{label}P1–P99")
             mag = np.abs(np.concatenate([mn, mx]))
