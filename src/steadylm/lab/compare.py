@@ -28,9 +28,10 @@ import torch
 
 from steadylm.errors import ConfigError
 from steadylm.lab import plots
-from steadylm.lab.report import Report, atomic_write_text, markdown_table
+from steadylm.lab.report import Report, markdown_table
 from steadylm.probes import StabilityProbe, detect_divergence, detect_spikes, pearson_r
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
+from steadylm.train.atomic import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------
 # the grid
