@@ -770,6 +770,13 @@ def write_report(
         + _overhead_text(results, b),
         [("throughput", note(plots.plot_throughput(tps)), "Tokens per second")],
     )
+    moe = _moe_table(results)
+    if moe:
+        report.add_section(
+            "MoE routing",
+            "Routed token-slots per expert at the last probed step (uniform = 1/E each); the router "
+            "bias balances load without an auxiliary loss. Coefficient of variation across experts.\n\n" + moe,
+        )
     fp8 = _fp8_table(results)
     if fp8:
         report.add_section(
@@ -794,6 +801,22 @@ def write_report(
     }
     atomic_write_text(opts.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return report.write(opts.out)
+
+
+def _moe_table(results: Sequence[VariantResult]) -> str:
+    """Per variant and MoE layer: max / min expert load and its CV at the last probe ('' if dense)."""
+    lines = []
+    for r in results:
+        row = next((x for x in reversed(r.rows) if any(k.startswith("moe/") for k in x)), None)
+        if row is None:
+            continue
+        for i in range(plots.layer_count([row], "moe")):
+            if f"moe/layer{i}/load_max" in row:
+                lines.append([r.name, str(i)] + [_fmt(_num(row.get(f"moe/layer{i}/{k}")), "{:.3f}")
+                                                 for k in ("load_max", "load_min", "load_cv")])
+    if not lines:
+        return ""
+    return markdown_table(["variant", "layer", "max load", "min load", "CV"], lines)
 
 
 def _fp8_table(results: Sequence[VariantResult]) -> str:
