@@ -110,6 +110,13 @@ def test_lr_sweep_and_fp8_protocols_write_their_reports(corpus, tmp_path):
     assert run["lr"] == pytest.approx(100 * stress.STRESS.lr) and run["precision"] == "bf16"
     assert (out / "plots" / "lr_sensitivity.png").is_file()
     assert (out / "x100" / "powlu+rmsnorm" / "metrics.jsonl").is_file()
+    # --resume re-reads finished runs (no training) and rebuilds the same summary
+    (out / "summary.json").unlink()
+    assert main(["stress", "lr-sweep", "--out", str(out), "--data", corpus, "--steps", "6",
+                 "--activations", "swiglu,powlu", "--multipliers", "1,100", "--precision", "bf16",
+                 "--probe-every", "3", "--resume", *TINY]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["runs"]["powlu"]["100"]["final_train_loss"] == run["final_train_loss"]
 
     out8 = tmp_path / "fp8"
     assert main(["stress", "fp8", "--out", str(out8), "--data", corpus, "--steps", "6", "--stable",

@@ -153,6 +153,9 @@ def _add_common(p: argparse.ArgumentParser, protocol: str) -> None:
                    help="op implementation: compiled fused kernels or the eager reference math "
                    "(same numbers); auto = fused, reference for --quick")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--resume", action="store_true",
+                   help="continue every run from the checkpoint in its directory (finished runs are "
+                   "only re-read: a cheap way to rebuild the report)")
     add_data_arguments(p)
 
 
@@ -195,6 +198,7 @@ class StressOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     impl: str = DEFAULT_IMPL
     threads: int | None = None
+    resume: bool = False
     quick: bool = False
     multipliers: list[float] = field(default_factory=lambda: list(DEFAULT_MULTIPLIERS))
     switch_step: int | None = None
@@ -247,7 +251,7 @@ def options_from_args(args: argparse.Namespace) -> StressOptions:
         vocab_size=args.vocab_size, text_field=args.text_field, spike_window=args.spike_window,
         spike_threshold=args.spike_threshold, overrides=_parse_overrides(args.overrides),
         impl=args.impl if args.impl != "auto" else (QUICK_IMPL if args.quick else DEFAULT_IMPL),
-        threads=args.threads, quick=args.quick,
+        threads=args.threads, quick=args.quick, resume=args.resume,
         command="steadylm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
     )
     if "qk_norm" in opts.overrides:
@@ -319,11 +323,12 @@ def train_run(
     lr: float,
     precision: str,
     label: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     stop_after: int | None = None,
     **train_changes: Any,
 ) -> VariantResult:
-    """One :class:`~steadylm.train.Trainer` run of ``activation`` into ``run_dir``, summarised with
+    """One :class:`~steadylm.train.Trainer` run of ``activation`` into ``run_dir`` (``resume`` as in
+    :meth:`Trainer.run`; ``opts.resume`` turns a fresh start into ``"auto"``), summarised with
     :func:`steadylm.lab.compare.summarize` plus the stress extras (:func:`_stress_summary`).
     ``stop_after``: end the run after that step with a checkpoint (the LR schedule still spans
     the configured steps), as :meth:`Trainer.run` does."""
@@ -334,7 +339,7 @@ def train_run(
     train_cfg = _train_config(opts, lr, precision, **train_changes)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, probes=_probes(opts, precision))
     t0 = time.perf_counter()
-    result = trainer.run(resume=resume, stop_after=stop_after)
+    result = trainer.run(resume=resume or ("auto" if opts.resume else False), stop_after=stop_after)
     wall = time.perf_counter() - t0
     error = result.divergence_reason if result.diverged else None  # e.g. "non-finite loss (nan)"
     res = VariantResult(
@@ -482,14 +487,19 @@ def _figure(ncols: int, nrows: int = 1, w: float = 4.2, h: float = 3.4):
 
 
 def plot_lr_sensitivity(grid: Mapping[str, Mapping[float, Mapping[str, Any]]], base_lr: float):
-    """One panel per activation: final loss against LR (log axis), diverged runs as red ×
-    at the top of the panel, spike counts as labels."""
-    fig, axes = _figure(len(grid))
+    """One column per activation against the peak LR (log axis). Top: final loss, diverged runs as
+    red × at the top of the panel, spike counts as labels. Bottom: the peak FFN down-projection
+    input (max |x| over layers and probes, shared log axis) — how the outliers grow with the LR."""
+    n = len(grid)
+    fig, axes = _figure(n, 2, h=3.0)
     finite = [_num(s.get("final_train_loss")) for runs in grid.values() for s in runs.values()]
     finite = [v for v in finite if math.isfinite(v)]
-    top = max(finite) * 1.05 if finite else 1.0
-    bottom = min(finite) * 0.97 if finite else 0.0
-    for ax, (act, runs), color in zip(axes, grid.items(), plots._colors(len(grid))):
+    span = (max(finite) - min(finite)) if finite else 1.0
+    top = max(finite) + 0.25 * max(span, 0.05) if finite else 1.0
+    bottom = min(finite) - 0.1 * max(span, 0.05) if finite else 0.0
+    amax_axes = axes[n:]
+    for j, ((act, runs), color) in enumerate(zip(grid.items(), plots._colors(n))):
+        ax, ax_amax = axes[j], amax_axes[j]
         mults = sorted(runs)
         lrs = [base_lr * m for m in mults]
         ok = [(lr, _num(runs[m].get("final_train_loss"))) for lr, m in zip(lrs, mults) if not _diverged(runs[m])]
@@ -499,19 +509,30 @@ def plot_lr_sensitivity(grid: Mapping[str, Mapping[float, Mapping[str, Any]]], b
         if div:
             ax.scatter(div, [top] * len(div), marker="x", s=80, color="red", lw=2, label="diverged", zorder=5)
         for lr, m in zip(lrs, mults):
-            n = int(runs[m].get("spikes") or 0)
+            k = int(runs[m].get("spikes") or 0)
             y = top if _diverged(runs[m]) else _num(runs[m].get("final_train_loss"))
             if math.isfinite(y):
-                ax.annotate(f"{n} spk", (lr, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lrs, [f"{m:g}×" for m in mults])
-        ax.set_ylim(bottom, top * 1.04)
+                ax.annotate(f"{k} spk", (lr, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        ax.set_ylim(bottom, top + 0.1 * max(span, 0.05))
         ax.set_title(f"{act} (1× = {base_lr:g})")
-        ax.set_xlabel("peak LR")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
+        amax = [(lr, _num(runs[m].get("down_in_amax_peak"))) for lr, m in zip(lrs, mults)]
+        amax = [(x, y) for x, y in amax if math.isfinite(y) and y > 0]
+        if amax:
+            ax_amax.plot([x for x, _ in amax], [y for _, y in amax], "s-", color=color)
+        ax_amax.set_yscale("log")
+        ax_amax.set_xlabel("peak LR")
+        for a in (ax, ax_amax):
+            a.set_xscale("log", base=2)
+            a.set_xticks(lrs, [f"{m:g}×" for m in mults])
+            a.grid(alpha=0.3)
+    lims = [a.get_ylim() for a in amax_axes if a.lines]
+    for a in amax_axes:
+        if lims:
+            a.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     axes[0].set_ylabel("train loss, mean of last 10 steps")
-    fig.suptitle("LR sensitivity: final loss, loss spikes (spk) and divergences per activation")
+    amax_axes[0].set_ylabel("peak max |FFN down-proj. input|")
+    fig.suptitle("LR sensitivity per activation: final loss, loss spikes (spk), divergences, FFN outliers")
     return fig
 
 
@@ -724,7 +745,8 @@ def run_switch(opts: StressOptions) -> dict[str, Any]:
     for target in [opts.switch_from, *opts.switch_to]:
         name = f"stay {target}" if target == opts.switch_from else f"switch to {target}"
         run_dir = opts.out / (f"stay-{target}" if target == opts.switch_from else f"switch-{target}")
-        fork_checkpoint(phase1, run_dir, _model_config(opts, target, data))
+        if not (opts.resume and (run_dir / "checkpoint").is_dir()):
+            fork_checkpoint(phase1, run_dir, _model_config(opts, target, data))
         print(f"switch: {name} from step {k}", flush=True)
         branches[name] = train_run(opts, target, run_dir, data, lr=s.lr, precision=prec, label=name,
                                    resume=True)
