@@ -353,7 +353,9 @@ def test_same_names_and_signatures_as_functional():
 # Every op also runs compiled (fp32) inside test_fused_ops_inside_a_compiled_module_fullgraph; these
 # add the standalone compiled kernels on the extreme-value inputs, where generated code could differ
 # (vectorised transcendental functions, fast-math flags). All cases: the slow test below.
-COMPILED_FP32 = ["powlu_glu", "rms_norm", "bhyt", "bhyt_variance"]
+COMPILED_FP32 = ["powlu_glu", "rms_norm"]
+COMPILED_SLOW = [("bhyt", torch.float32), ("bhyt_variance", torch.float32), ("dyt_bias", torch.float32),
+                 ("powlu_glu", torch.bfloat16), ("bhyt", torch.bfloat16)]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COMPILED_FP32)
@@ -365,11 +367,18 @@ def test_compiled_kernels_match_reference_fp32_with_extremes(name):
     _check_case(case, acts, params, torch.float32)
 
 
-@pytest.mark.parametrize("name", ["powlu_glu", "rms_norm"])
-def test_compiled_kernels_match_reference_bf16_with_extremes(name):
-    case = next(c for c in CASES if c.name == name)
+def test_compiled_kernels_match_reference_bf16_with_extremes():
+    case = next(c for c in CASES if c.name == "rms_norm")
     acts, params = _extreme_inputs(case, torch.bfloat16, torch.Generator().manual_seed(17))
     _check_case(case, acts, params, torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dtype", COMPILED_SLOW, ids=lambda v: str(v).replace("torch.", ""))
+def test_compiled_kernels_more_extremes(name, dtype):
+    case = next(c for c in CASES if c.name == name)
+    acts, params = _extreme_inputs(case, dtype, torch.Generator().manual_seed(23))
+    _check_case(case, acts, params, dtype)
 
 
 @pytest.mark.slow

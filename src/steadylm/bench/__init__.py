@@ -10,7 +10,7 @@ from steadylm.errors import ConfigError
 
 __all__ = ["add_arguments", "run"]
 
-_QUICK = {"ops": "rms_norm,powlu_glu", "dtypes": "fp32", "tokens": 128, "hidden": 256, "repeats": 3, "warmup": 1}
+_QUICK = {"ops": "rms_norm,swiglu", "dtypes": "fp32", "tokens": 128, "hidden": 256, "repeats": 3, "warmup": 1}
 
 
 def _csv_list(text: str) -> list[str]:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument(
         "--quick",
         action="store_true",
-        help="small smoke run: rms_norm,powlu_glu, fp32, 128x256, 3 repeats (explicit flags still win)",
+        help="small smoke run: rms_norm,swiglu, fp32, 128x256, 3 repeats (explicit flags still win)",
     )
 
 
