@@ -3,7 +3,8 @@
     python -m steadylm.precision.bench [--threads N] [--repeats R]
 
 Shapes are the FFN projections of the ``nano`` and ``micro`` presets at the lab's batch sizes.
-The variants are interleaved round-robin and each reported time is the median over repeats, so a
+FP8 layers keep their counters (the default ``stats="sampled"``: no SNR pass outside probe
+steps); the last column measures the SNR pass on every step. The variants are interleaved round-robin and each reported time is the median over repeats, so a
 busy machine slows all of them alike. On a CPU ``torch._scaled_mm`` converts its FP8 operands to
 fp32 and runs an fp32 GEMM, so FP8 is expected to be *slower* than bf16 here; the numbers measure
 the price of the quantisation passes and counters, not a tensor-core speed-up.
@@ -42,7 +43,7 @@ def measure(tokens: int, fan_in: int, fan_out: int, repeats: int) -> dict[str, f
         "bf16": base,
         "fp8 current": FP8Linear.from_linear(nn.Linear(fan_in, fan_out, bias=False), scaling="current"),
         "fp8 delayed": FP8Linear.from_linear(nn.Linear(fan_in, fan_out, bias=False), scaling="delayed"),
-        "fp8 current, no SNR": FP8Linear.from_linear(nn.Linear(fan_in, fan_out, bias=False), stats="counts"),
+        "fp8 current, SNR every step": FP8Linear.from_linear(nn.Linear(fan_in, fan_out, bias=False), stats="full"),
     }
     x = torch.randn(tokens, fan_in, requires_grad=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["bf16", "fp8 current", "fp8 delayed", "fp8 current, no SNR"]
+    names = ["bf16", "fp8 current", "fp8 delayed", "fp8 current, SNR every step"]
     print(f"fwd+bwd median ms, {torch.get_num_threads()} thread(s), {args.repeats} repeats, torch {torch.__version__}")
     print("| shape | " + " | ".join(names) + " | FP8 current / bf16 |")
     print("|---|" + "---|" * (len(names) + 1))
