@@ -50,6 +50,7 @@ from steadylm.lab.compare import (
     Budget,
     Variant,
     VariantResult,
+    _fmt,
     _json_safe,
     _parse_overrides,
     resolve_preset,
@@ -433,15 +434,6 @@ def _prepare(opts: StressOptions) -> Any:
                         seed=opts.seed, text_field=opts.text_field)
 
 
-def _fmt(v: Any, fmt: str = "{:.3f}") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    try:
-        return fmt.format(v)
-    except (ValueError, TypeError):
-        return str(v)
-
-
 def _status(s: Mapping[str, Any]) -> str:
     d = s.get("divergence")
     if d:
@@ -634,7 +626,7 @@ def run_lr_sweep(opts: StressOptions) -> dict[str, dict[float, dict[str, Any]]]:
     for act in opts.activations:
         for m in opts.multipliers:
             sm = grid[act][m]
-            table.append([act, f"{m:g}× ({s.lr * m:g})", _fmt(sm["final_train_loss"]), _fmt(sm["final_val_loss"]),
+            table.append([act, f"{m:g}× ({s.lr * m:g})", _fmt(sm["final_train_loss"], "{:.3f}"), _fmt(sm["final_val_loss"], "{:.3f}"),
                           str(sm["spikes"]), _fmt(sm["peak_above_start"], "{:.2f}"),
                           _fmt(sm["down_in_amax_peak"], "{:.3g}"), _status(sm)])
     totals = [[act, str(sum(1 for m in opts.multipliers if _diverged(grid[act][m]))),
@@ -773,7 +765,7 @@ def run_switch(opts: StressOptions) -> dict[str, Any]:
         rec = sm["recovery_steps"]
         table.append([name, _fmt(sm["jump"], "{:+.3f}"),
                       "–" if name.startswith("stay") else ("not recovered" if rec is None else str(rec)),
-                      _fmt(sm["final_loss"]), "0 (control)" if name.startswith("stay") else _fmt(sm["loss_gap"], "{:+.3f}"),
+                      _fmt(sm["final_loss"], "{:.3f}"), "0 (control)" if name.startswith("stay") else _fmt(sm["loss_gap"], "{:+.3f}"),
                       str(sm["spikes_after"]), _fmt(sm["down_in_amax_peak_after"], "{:.3g}"),
                       _fmt(sm["fp8_overflow_after"], "{:.0f}"), sm["status"]])
     report = Report("steadylm stress switch", _intro(opts, data, [
@@ -850,7 +842,7 @@ def run_fp8(opts: StressOptions) -> dict[str, dict[str, Any]]:
     for act in opts.activations:
         b, f = results["bf16"][act].summary, results["fp8"][act].summary
         over = _ratio(f["step_ms_median"], b["step_ms_median"])
-        table.append([act, _fmt(b["final_train_loss"]), _fmt(f["final_train_loss"]), str(b["spikes"]), str(f["spikes"]),
+        table.append([act, _fmt(b["final_train_loss"], "{:.3f}"), _fmt(f["final_train_loss"], "{:.3f}"), str(b["spikes"]), str(f["spikes"]),
                       _fmt(b["peak_above_start"], "{:.2f}"), _fmt(f["peak_above_start"], "{:.2f}"),
                       _status(b), _status(f), _fmt(b["step_ms_median"], "{:.0f}"), _fmt(f["step_ms_median"], "{:.0f}"),
                       _fmt(over, "{:.2f}×")])

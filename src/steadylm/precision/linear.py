@@ -252,9 +252,6 @@ class FP8Linear(nn.Linear):
         out = {}
         for role, r in zip(ROLES, rows):
             numel = r[_NUMEL]
-            snr = float("nan")
-            if r[_SIG] > 0 or r[_NOISE] > 0:
-                snr = _snr_db(r[_SIG], r[_NOISE])
             out[role] = {
                 "overflow": r[_OVF],
                 "underflow": r[_UNF],
@@ -263,7 +260,7 @@ class FP8Linear(nn.Linear):
                 "amax": r[_AMAX],
                 "last_amax": r[_LAST_AMAX],
                 "last_scale": r[_LAST_SCALE],
-                "snr_db": snr,
+                "snr_db": _snr_db(r[_SIG], r[_NOISE]),  # NaN when not measured
                 "calls": r[_CALLS],
             }
         return out
