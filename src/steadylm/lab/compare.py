@@ -592,12 +592,14 @@ def findings(results: Sequence[VariantResult]) -> list[str]:
         for other in ("swiglu+bhyt", "swiglu+dyt"):
             if other in by:
                 r = _ratio(get(base, "last_layer_hidden_var"), get(other, "last_layer_hidden_var"))
-                if math.isfinite(r):
+                if math.isfinite(r) and r > 0:
+                    norm = other.split("+")[1]
+                    rel = (f"RMSNorm's is {r:.3g}× the {norm} one" if r >= 1
+                           else f"the {norm} one is {1 / r:.3g}× RMSNorm's — larger, not smaller")
                     out.append(
                         f"**{other}** vs {base}: last-layer hidden-state variance "
                         f"{get(other, 'last_layer_hidden_var'):.3g} vs {get(base, 'last_layer_hidden_var'):.3g} "
-                        f"(RMSNorm's is {r:.2f}× the {other.split('+')[1]} one). The BHyT paper reports ~25× "
-                        "at 1B parameters and many more tokens."
+                        f"({rel}). The BHyT paper reports RMSNorm's ~25× BHyT's at 1B parameters."
                     )
         for other in by:
             if other == base:
