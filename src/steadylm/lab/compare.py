@@ -74,7 +74,7 @@ class Budget:
     warmup_steps: int
 
 
-#: Default: 6 variants of ``nano`` in about 7 minutes on 2 CPU cores (see docs/RESULTS.md).
+#: Default: 6 variants of ``nano``; 8 min 19 s on 2 partly busy CPU cores (docs/RESULTS.md).
 DEFAULT_BUDGET = Budget(steps=150, batch_size=16, seq_len=128, probe_every=10, eval_every=25,
                         eval_batches=4, warmup_steps=15)
 #: ``--quick``: the same grid in under 2 minutes; a smoke test of the whole pipeline.
