@@ -29,6 +29,7 @@ import torch
 from steadylm.errors import ConfigError
 from steadylm.lab import plots
 from steadylm.lab.report import Report, markdown_table
+from steadylm.models.params import parse_overrides
 from steadylm.probes import StabilityProbe, detect_divergence, detect_spikes, pearson_r
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
 from steadylm.train.atomic import atomic_write_text
@@ -152,16 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
+    """``--set FIELD=VALUE`` items as ModelConfig overrides, minus the fields the lab sets itself."""
+    out = parse_overrides(list(items))
     reserved = sorted(set(out) & {"activation", "norm", "vocab_size", "max_seq_len", "impl"})
     if reserved:
         raise ConfigError(
