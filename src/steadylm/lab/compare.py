@@ -152,6 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
+def check_spike_detector(window: int, threshold: float) -> None:
+    """Validate the loss-spike detector flags shared by ``compare`` and ``stress``."""
+    if window < 2:
+        raise ConfigError(f"--spike-window must be >= 2, got {window}")
+    if not (threshold > 0 and math.isfinite(threshold)):
+        raise ConfigError(f"--spike-threshold must be a number > 0, got {threshold}")
+
+
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``--set FIELD=VALUE`` items as ModelConfig overrides, minus the fields the lab sets itself."""
     out = parse_overrides(list(items))
@@ -253,10 +261,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         eval_batches=base.eval_batches,
         warmup_steps=min(steps, base.warmup_steps if args.steps is None else max(1, steps // 10)),
     )
-    if args.spike_window < 2:
-        raise ConfigError(f"--spike-window must be >= 2, got {args.spike_window}")
-    if not (args.spike_threshold > 0 and math.isfinite(args.spike_threshold)):
-        raise ConfigError(f"--spike-threshold must be a number > 0, got {args.spike_threshold}")
+    check_spike_detector(args.spike_window, args.spike_threshold)
     return CompareOptions(
         out=Path(args.out),
         variants=resolve_variants(args.activations, args.norms, args.variants),

@@ -53,11 +53,13 @@ from steadylm.lab.compare import (
     _fmt,
     _json_safe,
     _parse_overrides,
+    check_spike_detector,
     resolve_preset,
     resolve_variants,
     summarize,
 )
 from steadylm.lab.report import Report, atomic_write_text, markdown_table
+from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
 
 PROTOCOLS = ("lr-sweep", "switch", "fp8")
 DEFAULT_ACTIVATIONS = ("swiglu", "powlu", "swiglu_clip")
@@ -250,10 +252,7 @@ def options_from_args(args: argparse.Namespace) -> StressOptions:
                      seq_len=args.seq_len or base.seq_len, probe_every=args.probe_every or base.probe_every,
                      eval_every=base.eval_every if args.steps is None else max(1, steps // 5),
                      warmup_steps=setting.warmup_steps)
-    if args.spike_window < 2:
-        raise ConfigError(f"--spike-window must be >= 2, got {args.spike_window}")
-    if not (args.spike_threshold > 0 and math.isfinite(args.spike_threshold)):
-        raise ConfigError(f"--spike-threshold must be a number > 0, got {args.spike_threshold}")
+    check_spike_detector(args.spike_window, args.spike_threshold)
     activations = list(args.activations)
     if not activations:
         raise ConfigError("--activations must name at least one activation")
@@ -398,7 +397,8 @@ def _stress_summary(rows: Sequence[Mapping[str, Any]], budget: Budget) -> dict[s
     return out
 
 
-def _divergence(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], margin: float = 0.1) -> dict[str, Any]:
+def _divergence(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                margin: float = DEFAULT_DIVERGENCE_MARGIN) -> dict[str, Any]:
     """The stress verdict on a run, from compare's summary (which flags the *first* loss above the
     start, even a transient one that training recovers from):
 
