@@ -131,3 +131,40 @@ def test_moe_load_stats_and_activation_swap_cover_every_expert():
         ffns = [block.ffn] if not isinstance(block.ffn, MoE) else [block.ffn.experts, block.ffn.shared_expert]
         for ffn in ffns:
             assert ffn.act.name == "swiglu_clip" and ffn.act.kwargs["limit"] == 5.0
+
+
+def _router_bias_rank(rank: int, world: int, init_file: str, local_loads: list[list[float]], out: str) -> None:
+    """One rank of the distributed router-bias test: each rank counted a different local load."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        moe = MoE(DIM, HIDDEN, len(local_loads[0]), TOP_K, n_shared=0, activation="swiglu", impl="reference")
+        moe.load_accum.copy_(torch.tensor(local_loads[rank]))
+        moe.update_router_bias()
+        torch.save(moe.router.expert_bias.clone(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_router_bias_update_uses_the_global_load_under_torch_distributed(tmp_path):
+    """SPEC §6: the bias update reads the load summed over ranks, so every rank holds the same biases.
+
+    The local loads are chosen so that each rank's *local* sign differs from the global one
+    (rank 0 alone would raise expert 1; globally experts 0 and 1 are both over-loaded)."""
+    import torch.multiprocessing as mp
+
+    local_loads = [[6.0, 0.0, 2.0, 0.0], [0.0, 6.0, 0.0, 2.0]]
+    out = str(tmp_path / "bias")
+    mp.spawn(_router_bias_rank, args=(2, str(tmp_path / "init"), local_loads, out), nprocs=2, join=True)
+    rate = MoE(DIM, HIDDEN, 4, TOP_K, n_shared=0, activation="swiglu").bias_update_rate
+    global_load = torch.tensor(local_loads).sum(0)  # [6, 6, 2, 2], mean 4
+    expected = torch.sign(global_load.mean() - global_load) * rate  # [-1, -1, +1, +1] · rate
+    for rank in range(2):
+        assert torch.equal(torch.load(f"{out}.{rank}"), expected)
+
+
+def test_router_bias_update_is_a_no_op_when_nothing_was_routed():
+    moe = _moe()
+    moe.update_router_bias()
+    assert torch.equal(moe.router.expert_bias, torch.zeros(EXPERTS))

@@ -161,11 +161,18 @@ class MoE(nn.Module):
         """One balancing step: raise the bias of under-loaded experts, lower over-loaded ones.
 
         Uses the load counted since the previous call (all training forwards, so gradient
-        accumulation counts every micro-batch), then clears it. No-op if nothing was routed.
+        accumulation counts every micro-batch), then clears it. When ``torch.distributed`` is
+        initialised the per-expert counts are first summed over all ranks, so every rank applies the
+        same update from the *global* load and the biases stay identical (SPEC §6); every rank must
+        call this at the same step (a collective). No-op if nothing was routed: all counts are then
+        zero and so is the sign of the load error. No host synchronisation.
         """
-        total = self.load_accum.sum()
-        if float(total) > 0 and self.bias_update_rate > 0:
-            error = self.load_accum.mean() - self.load_accum
+        load = self.load_accum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            load = load.clone()
+            torch.distributed.all_reduce(load, op=torch.distributed.ReduceOp.SUM)
+        if self.bias_update_rate > 0:
+            error = load.mean() - load
             self.router.expert_bias.add_(torch.sign(error), alpha=self.bias_update_rate)
         self.load_accum.zero_()
 
