@@ -7,13 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
 
-__all__ = ["PRECISIONS", "TrainConfig", "lr_at"]
+__all__ = ["FP8_BACKENDS", "FP8_RECIPES", "PRECISIONS", "TrainConfig", "lr_at"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
 _FP8_SCOPES: tuple[str, ...] = ("ffn", "all")
 _FP8_SCALINGS: tuple[str, ...] = ("current", "delayed")
+FP8_BACKENDS: tuple[str, ...] = ("steadylm", "torchao")
+FP8_RECIPES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -60,28 +63,42 @@ class TrainConfig:
       leaves torch's default. ``progress``: rich progress bar; None shows it only on a terminal.
     """
 
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "fp32"
-    seed: int = 0
-    eval_every: int = 50
-    eval_batches: int = 4
-    ckpt_every: int = 0
-    log_every: int = 1
-    probe_every: int = 10
-    fp8_scope: str = "ffn"
-    fp8_scaling: str = "current"
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    device: str = "auto"
-    threads: int | None = None
-    progress: bool | None = None
+    steps: int = spec_field(200, help="optimizer steps of the run", flag="--steps")
+    batch_size: int = spec_field(16, help="global batch: sequences per optimizer step, split over "
+                                 "ranks and micro-batches", flag="--batch-size")
+    lr: float = spec_field(3e-3, help="peak learning rate (AdamW)", flag="--lr")
+    min_lr: float = spec_field(3e-4, help="learning rate at the last step (cosine decay)")
+    warmup_steps: int = spec_field(20, help="linear warm-up steps")
+    weight_decay: float = spec_field(0.1, help="AdamW weight decay of the decayed groups")
+    grad_clip: float = spec_field(1.0, help="max global gradient L2 norm (0: no clipping)")
+    precision: str = spec_field("fp32", help="fp32; bf16 autocast; fp8 linears + bf16 autocast",
+                                flag="--precision", choices=PRECISIONS)
+    seed: int = spec_field(0, help="seed of initialisation and batch order", flag="--seed")
+    eval_every: int = spec_field(50, help="validation interval in steps (0: only at the end)")
+    eval_batches: int = spec_field(4, help="validation batches (a fixed set)")
+    ckpt_every: int = spec_field(0, help="checkpoint interval in steps (0: only at the end)",
+                                 flag="--ckpt-every")
+    log_every: int = spec_field(1, help="metrics row interval in steps")
+    probe_every: int = spec_field(10, help="probe sampling interval in steps")
+    fp8_scope: str = spec_field("ffn", help="FP8 linears: the FFN projections, or all but the head",
+                                choices=_FP8_SCOPES)
+    fp8_scaling: str = spec_field("current", help="steadylm FP8 scaling: per-tensor current or "
+                                  "delayed (amax history)", choices=_FP8_SCALINGS)
+    fp8_backend: str = spec_field("steadylm", help="FP8 implementation: steadylm's FP8Linear (with "
+                                  "counters) or torchao float8", flag="--fp8-backend",
+                                  choices=FP8_BACKENDS)
+    fp8_recipe: str = spec_field("tensorwise", help="torchao float8 recipe",
+                                 choices=FP8_RECIPES)
+    grad_accum: int = spec_field(1, help="micro-batches per optimizer step (gradient accumulation)",
+                                 flag="--grad-accum")
+    beta1: float = spec_field(0.9, help="AdamW beta1")
+    beta2: float = spec_field(0.95, help="AdamW beta2")
+    adam_eps: float = spec_field(1e-8, help="AdamW epsilon")
+    device: str = spec_field("auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; "
+                             "under torchrun each rank takes cuda:LOCAL_RANK")
+    threads: int | None = spec_field(None, help="torch intra-op threads (default: torch's; under "
+                                     "torchrun on CPU: cores / local world size)")
+    progress: bool | None = spec_field(None, help="progress bar (default: on a terminal only)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +123,12 @@ class TrainConfig:
         _check_int("probe_every", self.probe_every, 0)
         _check_choice("fp8_scope", self.fp8_scope, _FP8_SCOPES)
         _check_choice("fp8_scaling", self.fp8_scaling, _FP8_SCALINGS)
+        _check_choice("fp8_backend", self.fp8_backend, FP8_BACKENDS)
+        _check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        _check_int("grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
+                              f"grad_accum ({self.grad_accum})")
         _check_real("beta1", self.beta1, 0.0, 1.0, high_open=True)
         _check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
         _check_real("adam_eps", self.adam_eps, 0.0, low_open=True)
