@@ -10,8 +10,11 @@ Typical use::
 from steadylm.data.corpus import DEFAULT_CORPUS_NAME, describe_source, load_corpus, load_kjv
 from steadylm.data.dataset import (
     DEFAULT_VOCAB_SIZE,
+    PackedBatches,
     TokenData,
     add_data_arguments,
+    check_shard,
+    keyed_permutation,
     prepare_data,
     split_stream,
 )
@@ -22,11 +25,14 @@ __all__ = [
     "DEFAULT_VOCAB_SIZE",
     "EOS_TOKEN",
     "EncodedCorpus",
+    "PackedBatches",
     "TokenData",
     "add_data_arguments",
     "cache_root",
+    "check_shard",
     "describe_source",
     "encode_corpus",
+    "keyed_permutation",
     "load_corpus",
     "load_kjv",
     "prepare_data",
