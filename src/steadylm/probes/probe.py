@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from steadylm.probes import keys as K
 from steadylm.probes.stats import (
     DEFAULT_MAX_QUANTILE_ELEMS,
     pearson_r,
@@ -67,14 +68,14 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def _ffn_parts(ffn: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(tag, module-with-probe-points): ("", ffn) for a dense FFN, routed/shared for an MoE."""
+    """(part, module-with-probe-points): ("", ffn) for a dense FFN, routed/shared for an MoE."""
     experts = getattr(ffn, "experts", None)
     if experts is not None:
         if hasattr(experts, "down_input"):
-            yield "/routed", experts
+            yield "routed", experts
         shared = getattr(ffn, "shared_expert", None)
         if shared is not None and hasattr(shared, "down_input"):
-            yield "/shared", shared
+            yield "shared", shared
     elif hasattr(ffn, "down_input"):
         yield "", ffn
 
@@ -128,7 +129,8 @@ class StabilityProbe:
         self.sampled_steps: list[int] = []
         self.total_overhead_s = 0.0
         self._handles: list[Any] = []
-        self._bufs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # (family, layer, part) -> tensors seen this step
+        self._bufs: dict[tuple[str, int, str], list[torch.Tensor]] = defaultdict(list)
         self._sat: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._active = False
         self._overhead = 0.0
@@ -149,7 +151,7 @@ class StabilityProbe:
             self._hook_block(i, block)
         final = final_norm_of(model)
         if final is not None and hasattr(final, "saturation"):
-            self._hook_norm("sat/final_norm", final)
+            self._hook_norm(K.site_key(K.SAT, K.FINAL_SITE), final)
         self._overhead += time.perf_counter() - t0
 
     def end_step(self, step: int, model: nn.Module) -> dict[str, float]:
@@ -162,21 +164,21 @@ class StabilityProbe:
         self._handles.clear()
         out: dict[str, float] = {}
         with torch.no_grad():
-            for key, tensors in self._bufs.items():
-                if key.startswith("hidden/"):
+            for (family, layer, part), tensors in self._bufs.items():
+                if family == K.HIDDEN:
                     l2s, vars_ = zip(*(token_l2_and_variance(t) for t in tensors))
-                    out[f"{key}/l2"] = sum(l2s) / len(l2s)
-                    out[f"{key}/var"] = sum(vars_) / len(vars_)
+                    out[K.layer_key(family, layer, "l2")] = sum(l2s) / len(l2s)
+                    out[K.layer_key(family, layer, "var")] = sum(vars_) / len(vars_)
                 else:
                     for stat, value in tensor_stats(tensors, self.max_quantile_elems).items():
-                        out[f"{key}/{stat}"] = value
+                        out[K.layer_key(family, layer, stat, part)] = value
             for key, vals in self._sat.items():
                 out[key] = float(torch.stack([v.float() for v in vals]).mean())
             out.update(self._norm_params(model))
             out.update(self._bhyt_stats())
             out.update(self._moe_load(model))
         self._overhead += time.perf_counter() - t0
-        out["probe/overhead_ms"] = 1000.0 * self._overhead
+        out[K.PROBE_OVERHEAD] = 1000.0 * self._overhead
         self.total_overhead_s += self._overhead
         self.sampled_steps.append(step)
         self._clear()
@@ -190,7 +192,7 @@ class StabilityProbe:
             raise TypeError("StabilityProbe needs a model with a `.layers` list of blocks")
         return list(layers)
 
-    def _store(self, key: str):
+    def _store(self, key: tuple[str, int, str]):
         def hook(_mod, _args, output):
             t = _first_tensor(output)
             if t is not None:
@@ -198,7 +200,7 @@ class StabilityProbe:
 
         return hook
 
-    def _grad_hook(self, key: str):
+    def _grad_hook(self, key: tuple[str, int, str]):
         def fwd_hook(_mod, _args, output):
             t = _first_tensor(output)
             if t is None or not t.requires_grad:
@@ -226,20 +228,20 @@ class StabilityProbe:
 
     def _hook_block(self, i: int, block: nn.Module) -> None:
         reg = self._handles.append
-        reg(block.register_forward_hook(self._store(f"hidden/layer{i}")))
+        reg(block.register_forward_hook(self._store((K.HIDDEN, i, ""))))
         ffn = getattr(block, "ffn", None)
         if ffn is not None:
             for tag, part in _ffn_parts(ffn):
-                reg(part.down_input.register_forward_hook(self._store(f"ffn_down_in/layer{i}{tag}")))
+                reg(part.down_input.register_forward_hook(self._store((K.DOWN_IN, i, tag))))
                 if self.grad_stats:
-                    for point in ("gate_out", "up_out"):
+                    for point, family in (("gate_out", K.GRAD_GATE), ("up_out", K.GRAD_UP)):
                         mod = getattr(part, point, None)
                         if mod is not None:
-                            reg(mod.register_forward_hook(self._grad_hook(f"grad_{point}/layer{i}{tag}")))
+                            reg(mod.register_forward_hook(self._grad_hook((family, i, tag))))
         for site in _NORM_SITES:
             norm = getattr(block, site, None)
             if norm is not None and hasattr(norm, "saturation"):
-                self._hook_norm(f"sat/layer{i}/{site}", norm)
+                self._hook_norm(K.site_key(K.SAT, site, i), norm)
         if hasattr(block, "record_stats"):
             block.record_stats = True
             block.last_stats = None
@@ -249,24 +251,24 @@ class StabilityProbe:
     @staticmethod
     def _norm_params(model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
-        sites: list[tuple[str, nn.Module]] = []
+        sites: list[tuple[str, int | None, nn.Module]] = []
         for i, block in enumerate(StabilityProbe._layers(model)):
             for site in _NORM_SITES:
                 norm = getattr(block, site, None)
                 if norm is not None:
-                    sites.append((f"layer{i}/{site}", norm))
+                    sites.append((site, i, norm))
         final = final_norm_of(model)
         if final is not None:
-            sites.append(("final_norm", final))
-        for name, norm in sites:
-            for pname in ("lam", "alpha"):
+            sites.append((K.FINAL_SITE, None, final))
+        for site, layer, norm in sites:
+            for pname, family in (("lam", K.LAM), ("alpha", K.ALPHA)):
                 v = _scalar(getattr(norm, pname, None))
                 if v is not None:
-                    out[f"{pname}/{name}"] = v
+                    out[K.site_key(family, site, layer)] = v
         # the DyT recipe's learnable scalar on the embedding output (initialised to sqrt(d))
         scale = _scalar(getattr(model, "embed_scale", None))
         if scale is not None:
-            out["embed_scale"] = scale
+            out[K.EMBED_SCALE] = scale
         return out
 
     def _bhyt_stats(self) -> dict[str, float]:
@@ -278,9 +280,9 @@ class StabilityProbe:
                 continue
             va = stats["v_approx"].detach().float().reshape(-1)
             vt = stats["v_true"].detach().float().reshape(-1)
-            out[f"bhyt/layer{i}/v_approx"] = float(va.mean())
-            out[f"bhyt/layer{i}/v_true"] = float(vt.mean())
-            out[f"bhyt/layer{i}/pearson_r"] = pearson_r(va, vt)
+            out[K.layer_key(K.BHYT, i, "v_approx")] = float(va.mean())
+            out[K.layer_key(K.BHYT, i, "v_true")] = float(vt.mean())
+            out[K.layer_key(K.BHYT, i, "pearson_r")] = pearson_r(va, vt)
             if self.keep_samples > 0:
                 stride = max(1, -(-va.numel() // self.keep_samples))
                 self.samples[f"layer{i}"] = {
@@ -297,9 +299,9 @@ class StabilityProbe:
             if isinstance(load, torch.Tensor) and load.numel() > 0:
                 lf = load.detach().float().reshape(-1)
                 mean = float(lf.mean())
-                out[f"moe/layer{i}/load_max"] = float(lf.max())
-                out[f"moe/layer{i}/load_min"] = float(lf.min())
-                out[f"moe/layer{i}/load_cv"] = float(lf.std(unbiased=False)) / mean if mean > 0 else math.nan
+                out[K.layer_key(K.MOE, i, "load_max")] = float(lf.max())
+                out[K.layer_key(K.MOE, i, "load_min")] = float(lf.min())
+                out[K.layer_key(K.MOE, i, "load_cv")] = float(lf.std(unbiased=False)) / mean if mean > 0 else math.nan
         return out
 
     def _clear(self) -> None:
