@@ -46,6 +46,7 @@ __all__ = [
     "ProbeSpec",
     "RunSpec",
     "add_spec_arguments",
+    "user_assignments",
     "parse_value",
     "spec_field",
     "spec_from_args",
@@ -412,8 +413,11 @@ def _dest(section: str, name: str) -> str:
     return f"spec__{section}__{name}"
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--set`` and the short flags of every section (from the fields' metadata)."""
+def add_spec_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """``--config``, ``--set`` and the short flags of every section (from the fields' metadata).
+
+    ``exclude``: sections (``"parallel"``) or fields (``"model.activation"``) that get no short
+    flag, for a command that sets them itself (the lab sets each variant's activation)."""
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="run spec file (TOML or JSON): one table per section "
                         f"({', '.join(SECTIONS)}) whose keys are the field names")
@@ -421,10 +425,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set any field of the run spec, e.g. --set model.n_layers=6 "
                         "--set train.weight_decay=0 (repeatable)")
     for section, cls in SECTIONS.items():
+        if section in exclude:
+            continue
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip().split("\n")[0])
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag")
-            if not flag:
+            if not flag or f"{section}.{f.name}" in exclude:
                 continue
             tp = _hints(cls)[f.name]
             choices = f.metadata.get("choices")
@@ -486,6 +492,29 @@ def _parse_model_value(key: str, name: str, raw: str) -> Any:
         raise ConfigError(f"--set {key}: unknown key; model keys are preset and the ModelConfig "
                           f"fields {sorted(hints)}")
     return parse_value(key, raw, hints[name])
+
+
+def user_assignments(args: argparse.Namespace) -> dict[str, Any]:
+    """What the user set in parsed arguments, as ``{"section.key": value}`` with the usual
+    precedence (``--config`` file < ``--set`` < short flags), so that a command can build its own
+    base spec around them (e.g. derive ``train.min_lr`` from ``train.lr`` only where the user gave
+    none) and then apply them with :meth:`RunSpec.with_overrides`."""
+    out: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = read_config_file(args.config)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"--config {args.config} must be a table of sections {list(SECTIONS)}")
+        for section, values in data.items():
+            if section not in SECTIONS or not isinstance(values, Mapping):
+                raise ConfigError(f"--config {args.config}: unknown section or not a table: {section!r}; "
+                                  f"sections are {list(SECTIONS)}")
+            out.update({f"{section}.{name}": value for name, value in values.items()})
+    out.update(parse_assignments(getattr(args, "spec_set", []) or []))
+    for section, f, _ in _flag_fields():
+        value = getattr(args, _dest(section, f.name), None)
+        if value is not None:
+            out[f"{section}.{f.name}"] = value
+    return out
 
 
 def spec_from_args(args: argparse.Namespace, base: RunSpec | None = None) -> RunSpec:
