@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stress": ("steadylm.lab.stress", "stress protocols: LR sweep, mid-training switch, FP8 vs bf16"),
     "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),
     "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile)"),
+    "data": ("steadylm.data.prepare", "data prepare SRC OUT: tokenize a corpus into memory-mapped token shards"),
 }
 
 

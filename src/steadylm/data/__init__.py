@@ -1,41 +1,85 @@
-"""Corpora, the cached byte-level BPE tokenizer, and packed train/validation token streams.
+"""Corpora, the cached byte-level BPE tokenizer, packed train/validation token streams, and
+memory-mapped token shards prepared by ``steadylm data prepare``.
 
 Typical use::
 
     from steadylm.data import prepare_data
     data = prepare_data(None, vocab_size=4096, seq_len=128)   # the embedded King James Bible
     inputs, targets = data.train_batch(batch_index=0, batch_size=16, seed=0)
+    data = prepare_data("prepared/")                          # a `steadylm data prepare` output
+
+Names are imported lazily so that ``steadylm data prepare`` and its worker processes do not load
+PyTorch (only the batch classes need it).
 """
 
-from steadylm.data.corpus import DEFAULT_CORPUS_NAME, describe_source, load_corpus, load_kjv
-from steadylm.data.dataset import (
-    DEFAULT_VOCAB_SIZE,
-    PackedBatches,
-    TokenData,
-    add_data_arguments,
-    check_shard,
-    keyed_permutation,
-    prepare_data,
-    split_stream,
-)
-from steadylm.data.tokenizer import EOS_TOKEN, EncodedCorpus, cache_root, encode_corpus, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CORPUS_NAME",
-    "DEFAULT_VOCAB_SIZE",
-    "EOS_TOKEN",
-    "EncodedCorpus",
-    "PackedBatches",
-    "TokenData",
-    "add_data_arguments",
-    "cache_root",
-    "check_shard",
-    "describe_source",
-    "encode_corpus",
-    "keyed_permutation",
-    "load_corpus",
-    "load_kjv",
-    "prepare_data",
-    "split_stream",
-    "train_tokenizer",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> defining submodule
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_CORPUS_NAME": "corpus",
+    "Document": "corpus",
+    "describe_source": "corpus",
+    "iter_documents": "corpus",
+    "load_corpus": "corpus",
+    "load_kjv": "corpus",
+    "DEFAULT_VOCAB_SIZE": "tokenizer",
+    "PackedBatches": "dataset",
+    "TokenData": "dataset",
+    "add_data_arguments": "dataset",
+    "check_shard": "dataset",
+    "keyed_permutation": "dataset",
+    "prepare_data": "dataset",
+    "split_stream": "dataset",
+    "EOS_TOKEN": "tokenizer",
+    "EncodedCorpus": "tokenizer",
+    "cache_root": "tokenizer",
+    "encode_corpus": "tokenizer",
+    "load_tokenizer_file": "tokenizer",
+    "train_tokenizer": "tokenizer",
+    "ShardedTokenData": "shards",
+    "is_prepared_dir": "shard_format",
+    "open_prepared": "shards",
+    "prepare_corpus": "prepare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from steadylm.data.corpus import DEFAULT_CORPUS_NAME, Document, describe_source, iter_documents, load_corpus, load_kjv
+    from steadylm.data.dataset import (
+        PackedBatches,
+        TokenData,
+        add_data_arguments,
+        check_shard,
+        keyed_permutation,
+        prepare_data,
+        split_stream,
+    )
+    from steadylm.data.prepare import prepare_corpus
+    from steadylm.data.shard_format import is_prepared_dir
+    from steadylm.data.shards import ShardedTokenData, open_prepared
+    from steadylm.data.tokenizer import (
+        DEFAULT_VOCAB_SIZE,
+        EOS_TOKEN,
+        EncodedCorpus,
+        cache_root,
+        encode_corpus,
+        load_tokenizer_file,
+        train_tokenizer,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'steadylm.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"steadylm.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -37,7 +37,18 @@ import torch
 from tokenizers import Tokenizer
 
 from steadylm.data.corpus import describe_source, load_corpus
-from steadylm.data.tokenizer import encode_corpus, validate_vocab_size
+from steadylm.data.shard_format import is_prepared_dir
+from steadylm.data.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
+    EncodedCorpus,
+    encode_documents,
+    docs_fingerprint,
+    encode_corpus,
+    load_tokenizer_file,
+    tokenizer_sha256,
+    user_tokenizer_settings,
+    validate_vocab_size,
+)
 from steadylm.errors import ConfigError, DataError
 
 __all__ = [
@@ -53,7 +64,6 @@ __all__ = [
     "split_stream",
 ]
 
-DEFAULT_VOCAB_SIZE = 4096
 _MAX_SPLIT_BLOCKS = 200
 # Up to this many training sequences an epoch's order is a stored ``torch.randperm`` (8 bytes per
 # sequence, 32 MiB at the limit); beyond it a keyed Feistel bijection computed per batch, so the
@@ -356,20 +366,49 @@ def prepare_data(
     *,
     text_field: str = "text",
     use_cache: bool = True,
-) -> TokenData:
+    tokenizer: str | os.PathLike[str] | None = None,
+    eos_token: str | None = None,
+) -> PackedBatches:
     """Load a corpus (``None`` = the embedded KJV), tokenize it (cached) and split/pack it.
 
+    ``path`` may also be a directory written by ``steadylm data prepare``: the result is then a
+    memory-mapped :class:`~steadylm.data.shards.ShardedTokenData` (same interface, same batches
+    as the in-memory path for the same corpus and tokenizer; it carries its own tokenizer, so
+    ``vocab_size`` and ``text_field`` are not used). Otherwise the result is a :class:`TokenData`.
+
+    ``tokenizer``: a Hugging Face ``tokenizer.json`` to use instead of training steadylm's
+    byte-level BPE (``eos_token`` names its end-of-text token, see
+    :func:`~steadylm.data.tokenizer.load_tokenizer_file`).
+
     ``seed`` only fixes which blocks go to validation; batch order is seeded by the trainer.
-    The model must use ``TokenData.vocab_size``, which can be below ``vocab_size`` when the corpus
+    The model must use ``data.vocab_size``, which can be below ``vocab_size`` when the corpus
     is too small to learn that many merges.
     """
-    validate_vocab_size(vocab_size)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if is_prepared_dir(path):
+        from steadylm.data.shards import open_prepared  # imports this module
+
+        data = open_prepared(path, seq_len, val_fraction, seed)
+        if tokenizer is not None:
+            wanted, _ = load_tokenizer_file(tokenizer, eos_token)
+            if tokenizer_sha256(wanted) != tokenizer_sha256(data.tokenizer):
+                raise ConfigError(
+                    f"tokenizer {tokenizer} differs from the one {path} was prepared with; "
+                    "a prepared directory carries its tokenizer (leave --tokenizer out)"
+                )
+        return data
     docs = load_corpus(path, text_field=text_field)
-    encoded = encode_corpus(docs, vocab_size, use_cache=use_cache)
+    if tokenizer is not None:
+        user_tokenizer, eos_id = load_tokenizer_file(tokenizer, eos_token)
+        tokens = encode_documents(user_tokenizer, docs, eos_id)
+        fingerprint = docs_fingerprint(docs, user_tokenizer_settings(user_tokenizer))
+        encoded = EncodedCorpus(user_tokenizer, tokens, fingerprint, None, from_cache=False, eos=eos_id)
+    else:
+        validate_vocab_size(vocab_size)
+        encoded = encode_corpus(docs, vocab_size, use_cache=use_cache)
     train, val = split_stream(encoded.tokens, seq_len, val_fraction, seed)
     return TokenData(
         train_tokens=torch.from_numpy(train.astype(np.int32)),

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -26,17 +26,32 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from steadylm.errors import ConfigError, DataError
 
 __all__ = [
+    "DEFAULT_VOCAB_SIZE",
     "EOS_TOKEN",
     "MAX_VOCAB_SIZE",
     "MIN_VOCAB_SIZE",
+    "CorpusHasher",
     "EncodedCorpus",
     "cache_root",
+    "cached_tokenizer",
     "corpus_fingerprint",
+    "docs_fingerprint",
     "encode_corpus",
+    "encode_documents",
+    "encode_pieces",
+    "fsync_path",
+    "iter_pieces",
+    "load_tokenizer_file",
+    "store_tokenizer",
+    "token_dtype",
+    "tokenizer_sha256",
     "train_tokenizer",
+    "trained_tokenizer_settings",
+    "user_tokenizer_settings",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 4096
 # 256 byte symbols + the end-of-text token is the smallest byte-level vocabulary.
 MIN_VOCAB_SIZE = 257
 MAX_VOCAB_SIZE = 1 << 20
@@ -67,30 +82,72 @@ def validate_vocab_size(vocab_size: int) -> int:
     return vocab_size
 
 
+class CorpusHasher:
+    """Incremental form of :func:`corpus_fingerprint`: ``begin_document(num_bytes)``, then the
+    document's text in any number of ``update`` calls, for each document in order."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._digest = hashlib.sha256()
+        self._digest.update(json.dumps(settings, sort_keys=True).encode())
+
+    def begin_document(self, num_bytes: int) -> None:
+        self._digest.update(num_bytes.to_bytes(8, "little"))
+
+    def update(self, text: str) -> None:
+        self._digest.update(text.encode("utf-8"))
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def trained_tokenizer_settings(vocab_size: int) -> dict[str, Any]:
+    """What, besides the corpus, determines the trained tokenizer (part of the fingerprint)."""
+    return {**_TOKENIZER_SETTINGS, "vocab_size": vocab_size}
+
+
+def user_tokenizer_settings(tokenizer: Tokenizer) -> dict[str, Any]:
+    """Fingerprint settings for a user-supplied tokenizer: its identity instead of BPE settings."""
+    return {"kind": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer)}
+
+
+def docs_fingerprint(docs: Iterable[str], settings: dict[str, Any]) -> str:
+    """SHA-256 of the documents (with their boundaries) and the tokenizer settings."""
+    hasher = CorpusHasher(settings)
+    for doc in docs:
+        hasher.begin_document(len(doc.encode("utf-8")))
+        hasher.update(doc)
+    return hasher.hexdigest()
+
+
 def corpus_fingerprint(docs: Sequence[str], vocab_size: int) -> str:
     """SHA-256 of the documents (with their boundaries), the vocabulary size and the settings."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({**_TOKENIZER_SETTINGS, "vocab_size": vocab_size}, sort_keys=True).encode())
-    for doc in docs:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+    return docs_fingerprint(docs, trained_tokenizer_settings(vocab_size))
+
+
+def iter_pieces(chunks: Iterable[str]) -> Iterator[str]:
+    """Cut a document, given as consecutive chunks of text, at line breaks into pieces of roughly
+    ``_PIECE_CHARS`` characters. The pieces depend only on the text, not on how it is chunked."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) > _PIECE_CHARS:
+            cut = buffer.rfind("\n", _PIECE_CHARS // 2, _PIECE_CHARS)
+            end = cut + 1 if cut >= 0 else _PIECE_CHARS
+            yield buffer[:end]
+            buffer = buffer[end:]
+    yield buffer
 
 
 def _pieces(doc: str) -> Iterator[str]:
-    """Cut a document at line breaks into pieces of roughly ``_PIECE_CHARS`` characters."""
-    start = 0
-    while len(doc) - start > _PIECE_CHARS:
-        cut = doc.rfind("\n", start + _PIECE_CHARS // 2, start + _PIECE_CHARS)
-        end = cut + 1 if cut >= 0 else start + _PIECE_CHARS
-        yield doc[start:end]
-        start = end
-    yield doc[start:]
+    return iter_pieces((doc,))
 
 
-def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``docs`` (deterministic for the same input)."""
+def train_tokenizer(docs: Sequence[str] | Iterable[str], vocab_size: int, *, pieces: Iterable[str] | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``docs`` (deterministic for the same input).
+
+    ``pieces`` (instead of ``docs``, which is then ignored) streams already-cut pieces
+    (:func:`iter_pieces`), so a corpus larger than memory can be trained on.
+    """
     validate_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,21 +159,84 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator((piece for doc in docs for piece in _pieces(doc)), trainer=trainer)
+    if pieces is None:
+        pieces = (piece for doc in docs for piece in _pieces(doc))
+    tokenizer.train_from_iterator(pieces, trainer=trainer)
     return tokenizer
 
 
-def _encode_stream(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id fits (vocab_size <= 65536), else ``uint32``."""
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def encode_pieces(
+    tokenizer: Tokenizer, pieces: Sequence[str], ends: Sequence[bool], eos_id: int, dtype: np.dtype
+) -> np.ndarray:
+    """Encode ``pieces`` into one token array, with ``eos_id`` after each piece whose ``ends`` flag
+    says it is the last piece of its document."""
     parts: list[np.ndarray] = []
     eos = np.array([eos_id], dtype=dtype)
+    for encoding, end in zip(tokenizer.encode_batch(list(pieces), add_special_tokens=False), ends):
+        parts.append(np.asarray(encoding.ids, dtype=dtype))
+        if end:
+            parts.append(eos)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+def encode_documents(tokenizer: Tokenizer, docs: Sequence[str], eos_id: int | None = None) -> np.ndarray:
+    """The documents as one token stream, each followed by ``eos_id`` (default: the id of
+    ``EOS_TOKEN``); ``uint16`` when the vocabulary fits, else ``int32``."""
+    eos_id = tokenizer.token_to_id(EOS_TOKEN) if eos_id is None else eos_id
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
+    parts: list[np.ndarray] = []
     for doc in docs:
         pieces = list(_pieces(doc))
-        for encoding in tokenizer.encode_batch(pieces, add_special_tokens=False):
-            parts.append(np.asarray(encoding.ids, dtype=dtype))
-        parts.append(eos)
+        parts.append(encode_pieces(tokenizer, pieces, [False] * (len(pieces) - 1) + [True], eos_id, dtype))
     return np.concatenate(parts)
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """SHA-256 of the tokenizer's serialised form (its identity in fingerprints and indexes)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+# End-of-text tokens looked for, in this order, in a tokenizer.json without a tokenizer_config.json.
+_EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+
+
+def load_tokenizer_file(path: str | os.PathLike[str], eos_token: str | None = None) -> tuple[Tokenizer, int]:
+    """Load a Hugging Face ``tokenizer.json`` and find its end-of-text id: ``eos_token`` if given,
+    else ``eos_token`` of a ``tokenizer_config.json`` beside it, else the first known EOS token
+    (``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>``) in its vocabulary."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"tokenizer file not found: {file}")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
+        raise DataError(f"{file} is not a readable tokenizer.json ({str(err).splitlines()[0]})") from err
+    candidates: tuple[str, ...] = _EOS_CANDIDATES
+    if eos_token is not None:
+        candidates = (eos_token,)
+    else:
+        config = file.parent / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                value = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+            except (OSError, ValueError, AttributeError) as err:
+                raise DataError(f"cannot read {config}: {err}") from err
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                candidates = (value,)
+    for token in candidates:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return tokenizer, int(token_id)
+    raise DataError(
+        f"{file}: no end-of-text token among {', '.join(candidates)} in its vocabulary; "
+        "name it with --eos-token"
+    )
 
 
 @dataclass(frozen=True)
@@ -128,6 +248,7 @@ class EncodedCorpus:
     fingerprint: str
     cache_dir: Path | None  # where it is cached, None if caching was disabled
     from_cache: bool
+    eos: int | None = None  # end-of-text id of a user tokenizer; None: the id of EOS_TOKEN
 
     @property
     def vocab_size(self) -> int:
@@ -135,7 +256,7 @@ class EncodedCorpus:
 
     @property
     def eos_id(self) -> int:
-        return int(self.tokenizer.token_to_id(EOS_TOKEN))
+        return int(self.tokenizer.token_to_id(EOS_TOKEN)) if self.eos is None else self.eos
 
 
 def _load_entry(entry: Path, fingerprint: str) -> EncodedCorpus | None:
@@ -152,7 +273,8 @@ def _load_entry(entry: Path, fingerprint: str) -> EncodedCorpus | None:
     return EncodedCorpus(tokenizer, tokens, fingerprint, entry, from_cache=True)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -169,7 +291,7 @@ def _store_entry(root: Path, entry: Path, tokenizer: Tokenizer, tokens: np.ndarr
             np.save(handle, tokens, allow_pickle=False)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name in ("tokenizer.json", "tokens.npy", "meta.json"):
-            _fsync_path(staging / name)
+            fsync_path(staging / name)
         try:
             os.rename(staging, entry)
         except OSError:
@@ -177,9 +299,49 @@ def _store_entry(root: Path, entry: Path, tokenizer: Tokenizer, tokens: np.ndarr
             if not entry.is_dir():
                 raise
         else:
-            _fsync_path(root)
+            fsync_path(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def cached_tokenizer(fingerprint: str) -> Tokenizer | None:
+    """The cached trained tokenizer for a corpus fingerprint (from an :func:`encode_corpus` entry or
+    one stored by :func:`store_tokenizer`), or ``None``."""
+    root = cache_root()
+    for entry in (root / "tokenized" / fingerprint[:32], root / "tokenizers" / fingerprint[:32]):
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            if meta.get("fingerprint") == fingerprint:
+                return Tokenizer.from_file(str(entry / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 - missing or unreadable: not cached
+            continue
+    return None
+
+
+def store_tokenizer(fingerprint: str, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
+    """Cache a trained tokenizer (without the token stream) under its corpus fingerprint; a cache
+    that cannot be written only costs re-training next time."""
+    root = cache_root() / "tokenizers"
+    entry = root / fingerprint[:32]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
+        try:
+            tokenizer.save(str(staging / "tokenizer.json"))
+            (staging / "meta.json").write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2, sort_keys=True))
+            for name in ("tokenizer.json", "meta.json"):
+                fsync_path(staging / name)
+            try:
+                os.rename(staging, entry)
+            except OSError:
+                if not entry.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as err:
+        import warnings
+
+        warnings.warn(f"steadylm: could not write the tokenizer cache at {root}: {err}", stacklevel=2)
 
 
 def encode_corpus(docs: Sequence[str], vocab_size: int, *, use_cache: bool = True) -> EncodedCorpus:
@@ -196,8 +358,8 @@ def encode_corpus(docs: Sequence[str], vocab_size: int, *, use_cache: bool = Tru
             return cached
         shutil.rmtree(entry, ignore_errors=True)  # stale or damaged: rebuild below
 
-    tokenizer = train_tokenizer(docs, vocab_size)
-    tokens = _encode_stream(tokenizer, docs)
+    tokenizer = (cached_tokenizer(fingerprint) if use_cache else None) or train_tokenizer(docs, vocab_size)
+    tokens = encode_documents(tokenizer, docs)
     if not use_cache:
         return EncodedCorpus(tokenizer, tokens, fingerprint, None, from_cache=False)
     meta = {
