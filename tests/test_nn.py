@@ -81,7 +81,7 @@ def test_layernorm_parameters_and_init() -> None:
 def test_dyt_parameters_and_init() -> None:
     norm = DyT(24)
     assert set(_params(norm)) == {"weight", "alpha"}
-    assert norm.alpha.dim() == 0 and norm.alpha.item() == 0.5 and norm.alpha.requires_grad  # DyT paper default
+    assert norm.alpha.shape == (1,) and norm.alpha.item() == 0.5 and norm.alpha.requires_grad  # DyT paper default
     assert torch.equal(norm.weight, torch.ones(24))
     # The LLM recipe's α0 (0.8 before attention, 0.2 before the FFN) is a constructor argument.
     assert DyT(24, alpha_init=0.8).alpha.item() == pytest.approx(0.8)
@@ -92,7 +92,7 @@ def test_dyt_parameters_and_init() -> None:
 def test_bhyt_parameters_and_init() -> None:
     norm = BHyT(24)
     assert set(_params(norm)) == {"weight", "lam"}  # κ is fixed: not a parameter
-    assert norm.lam.dim() == 0 and norm.lam.item() == 1.0 and norm.lam.requires_grad
+    assert norm.lam.shape == (1,) and norm.lam.item() == 1.0 and norm.lam.requires_grad
     assert norm.kappa == 10.0 and norm.eps == 1e-6
     assert torch.equal(norm.weight, torch.ones(24))
     assert BHyT(24, lam_init=2.0).lam.item() == 2.0  # published λ0 at the attention site

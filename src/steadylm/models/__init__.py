@@ -10,7 +10,8 @@ model.after_optimizer_step(step, total_steps)       # router bias, c_l refresh e
 """
 
 from steadylm.models.attention import Attention, KVCache, RotaryEmbedding, apply_rotary
-from steadylm.models.blocks import BHyTBlock, DecoderBlock, build_block
+from steadylm.models.blocks import BLOCK_CLASSES, BHyTBlock, DecoderBlock, build_block
+from steadylm.models.forms import BLOCK_FORMS, BlockForm, get_block_form, register_block_form
 from steadylm.models.config import (
     BLOCK_NORMS,
     FINAL_NORMS,
@@ -24,11 +25,14 @@ from steadylm.models.moe import MoE, RoutedExperts, Router
 from steadylm.models.transformer import Transformer, build_model
 
 __all__ = [
+    "BLOCK_CLASSES",
+    "BLOCK_FORMS",
     "BLOCK_NORMS",
     "FINAL_NORMS",
     "PRESETS",
     "Attention",
     "BHyTBlock",
+    "BlockForm",
     "DecoderBlock",
     "KVCache",
     "MoE",
@@ -43,4 +47,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "default_refresh_interval",
+    "get_block_form",
+    "register_block_form",
 ]

@@ -115,9 +115,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         d = config.dim
-        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        qkv_bias = config.qkv_bias  # Qwen2 layout; Llama/Mistral/Qwen3 have none
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         if config.qk_norm:
             # Per-head RMSNorm of queries and keys before RoPE (Ling / OLMo-2 style).

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from steadylm.errors import ConfigError
+from steadylm.models.forms import BLOCK_FORMS, FINAL_NORM_CHOICES, BlockForm, get_block_form, norm_param_count
 from steadylm.nn import ACTIVATIONS, IMPLS as NN_IMPLS, get_activation
 
 __all__ = [
@@ -33,24 +34,12 @@ __all__ = [
     "default_refresh_interval",
 ]
 
-#: Block norm forms (SPEC §2): a per-module swap, or a block form (bhyt, lns, peri_ln).
-BLOCK_NORMS: tuple[str, ...] = ("rmsnorm", "layernorm", "dyt", "bhyt", "bhyt_star", "lns", "peri_ln")
+#: Block norm forms (SPEC §2) built in: the keys of :data:`steadylm.models.forms.BLOCK_FORMS`.
+BLOCK_NORMS: tuple[str, ...] = tuple(BLOCK_FORMS)
 #: Norms allowed after the last block.
-FINAL_NORMS: tuple[str, ...] = ("rmsnorm", "layernorm", "dyt", "bhyt_star")
+FINAL_NORMS: tuple[str, ...] = FINAL_NORM_CHOICES
 #: Implementations of the nn modules: the fused kernels or the float64-checkable reference math.
 IMPLS: tuple[str, ...] = NN_IMPLS
-
-# The final norm a block norm implies when ``final_norm`` is left as None. BHyT's published
-# pre-training runs keep an RMSNorm at the end (SPEC §2.5); LNS and Peri-LN are RMSNorm-based.
-_DEFAULT_FINAL_NORM: dict[str, str] = {
-    "rmsnorm": "rmsnorm",
-    "layernorm": "layernorm",
-    "dyt": "dyt",
-    "bhyt": "rmsnorm",
-    "bhyt_star": "rmsnorm",
-    "lns": "rmsnorm",
-    "peri_ln": "rmsnorm",
-}
 
 
 def default_refresh_interval(total_steps: int) -> int:
@@ -74,6 +63,8 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
     ffn_dim: int = 384  # hidden width of the dense gated FFN
     max_seq_len: int = 256  # training context length T (also c_ℓ's T and the RoPE table size)
+    head_size: int | None = None  # per-head width; None: dim // n_heads (Qwen3 sets it explicitly)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
 
     # --- activation (SPEC §1) ----------------------------------------------------------------
     activation: str = "swiglu"
@@ -124,7 +115,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.dim // self.n_heads if self.head_size is None else self.head_size
 
     @property
     def rotary_dim(self) -> int:
@@ -140,8 +131,13 @@ class ModelConfig:
         return self.ffn_dim if self.expert_ffn_dim is None else self.expert_ffn_dim
 
     @property
+    def block_form(self) -> BlockForm:
+        """The :class:`~steadylm.models.forms.BlockForm` registered under ``norm``."""
+        return get_block_form(self.norm)
+
+    @property
     def final_norm_type(self) -> str:
-        return _DEFAULT_FINAL_NORM[self.norm] if self.final_norm is None else self.final_norm
+        return self.block_form.final_norm if self.final_norm is None else self.final_norm
 
     def layer_is_moe(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_layers
@@ -167,9 +163,12 @@ class ModelConfig:
         """Raise :class:`ConfigError` naming the first invalid field and its allowed range."""
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             _check_int(name, getattr(self, name), minimum=1)
-        if self.dim % self.n_heads != 0:
+        if self.head_size is not None:
+            _check_int("head_size", self.head_size, minimum=1)
+        elif self.dim % self.n_heads != 0:
             raise ConfigError(
-                f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"
+                f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                "unless head_size is set"
             )
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(
@@ -186,9 +185,10 @@ class ModelConfig:
         _check_real("init_std", self.init_std, low=0.0, low_open=True)
         _check_bool("tie_embeddings", self.tie_embeddings)
         _check_bool("qk_norm", self.qk_norm)
+        _check_bool("qkv_bias", self.qkv_bias)
         _check_choice("impl", self.impl, IMPLS)
 
-        _check_choice("norm", self.norm, BLOCK_NORMS)
+        _check_choice("norm", self.norm, tuple(BLOCK_FORMS))
         if self.final_norm is not None:
             _check_choice("final_norm", self.final_norm, FINAL_NORMS)
         _check_real("norm_eps", self.norm_eps, low=0.0)
@@ -377,16 +377,6 @@ class ParamCount(NamedTuple):
     embedding: int  # token embedding (+ untied output head)
 
 
-def _norm_params(kind: str, dim: int) -> int:
-    return {
-        "rmsnorm": dim,
-        "layernorm": 2 * dim,  # gain + bias
-        "dyt": dim + 1,  # gain + α
-        "bhyt": dim + 1,  # gain + λ
-        "bhyt_star": dim + 1,
-    }[kind]
-
-
 def count_parameters(config: ModelConfig) -> ParamCount:
     """Total and active parameter counts, computed from the config alone.
 
@@ -394,18 +384,12 @@ def count_parameters(config: ModelConfig) -> ParamCount:
     """
     d, hd = config.dim, config.head_dim
     attention = d * config.n_heads * hd * 2 + d * config.n_kv_heads * hd * 2
+    if config.qkv_bias:
+        attention += (config.n_heads + 2 * config.n_kv_heads) * hd
     if config.qk_norm:
         attention += 2 * hd  # RMSNorm gains on q and k (per head_dim, shared across heads)
 
-    block_norm = {
-        "rmsnorm": 2 * _norm_params("rmsnorm", d),
-        "layernorm": 2 * _norm_params("layernorm", d),
-        "dyt": 2 * _norm_params("dyt", d),
-        "bhyt": 2 * _norm_params("bhyt", d),
-        "bhyt_star": 2 * _norm_params("bhyt_star", d),
-        "lns": 2 * _norm_params("rmsnorm", d),
-        "peri_ln": 4 * _norm_params("rmsnorm", d),  # before and after each sublayer
-    }[config.norm]
+    block_norm = config.block_form.block_param_count(d)
 
     total = 0
     inactive = 0
@@ -423,7 +407,7 @@ def count_parameters(config: ModelConfig) -> ParamCount:
 
     embedding = config.vocab_size * d * (1 if config.tie_embeddings else 2)
     total += embedding
-    total += _norm_params(config.final_norm_type, d)
-    if config.norm == "dyt":
+    total += norm_param_count(config.final_norm_type, d)
+    if config.block_form.embed_scale:
         total += 1  # learnable scalar on the embedding output
     return ParamCount(total=total, active=total - inactive, embedding=embedding)

@@ -19,22 +19,15 @@ from steadylm.models.attention import KVCache, RotaryEmbedding
 from steadylm.models.blocks import BHyTBlock, build_block
 from steadylm.models.config import ModelConfig
 from steadylm.models.moe import MoE, Router
-from steadylm.nn import BHyT, DyT, LayerNorm, RMSNorm
+from steadylm.models.forms import norm_kwargs
+from steadylm.nn import build_norm, scalar_parameter, upgrade_scalar_entries
 
 __all__ = ["Transformer", "build_model"]
 
 
 def _build_final_norm(config: ModelConfig) -> nn.Module:
-    kind, d, eps, impl = config.final_norm_type, config.dim, config.norm_eps, config.impl
-    if kind == "rmsnorm":
-        return RMSNorm(d, eps=eps, impl=impl)
-    if kind == "layernorm":
-        return LayerNorm(d, eps=eps, impl=impl)
-    if kind == "dyt":
-        return DyT(d, alpha_init=config.dyt_alpha_other, impl=impl)
-    if kind == "bhyt_star":
-        return BHyT(d, lam_init=config.bhyt_lambda_ffn, kappa=config.bhyt_kappa, eps=eps, impl=impl)
-    raise AssertionError(kind)  # pragma: no cover - ModelConfig.validate rejects other names
+    kind = config.final_norm_type
+    return build_norm(kind, config.dim, impl=config.impl, **norm_kwargs(kind, config, "final"))
 
 
 class Transformer(nn.Module):
@@ -45,8 +38,10 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         # DyT LLM recipe: a learnable scalar on the embedding output, initialised to sqrt(d).
+        # Shape [1] like every learnable scalar (FSDP2 refuses 0-dim parameters); 0-dim values
+        # in older checkpoints are reshaped by the load pre-hook below.
         self.embed_scale: nn.Parameter | None = (
-            nn.Parameter(torch.tensor(math.sqrt(config.dim))) if config.norm == "dyt" else None
+            scalar_parameter(math.sqrt(config.dim)) if config.block_form.embed_scale else None
         )
         self.rope = RotaryEmbedding(config.rotary_dim, config.max_seq_len, config.rope_theta)
         self.layers = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
@@ -54,6 +49,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.register_load_state_dict_pre_hook(_upgrade_embed_scale)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -249,6 +245,10 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.ffn.set_activation(name, **kwargs)
         self.config = new_config
+
+
+def _upgrade_embed_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    upgrade_scalar_entries(state_dict, prefix, ("embed_scale",))
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

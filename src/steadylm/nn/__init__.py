@@ -13,7 +13,19 @@ from steadylm.nn.activations import (
     get_activation,
     register_activation,
 )
-from steadylm.nn.norms import NORMS, SATURATION_THRESHOLD, BHyT, DyT, LayerNorm, RMSNorm, build_norm, register_norm
+from steadylm.nn.norms import (
+    NORMS,
+    SATURATION_THRESHOLD,
+    BHyT,
+    DyT,
+    LayerNorm,
+    RMSNorm,
+    build_norm,
+    register_norm,
+    scalar_parameter,
+    upgrade_scalar_entries,
+)
+from steadylm.nn.bhyt_pair import BHyTPair, full_tensor
 
 __all__ = [
     "ACTIVATIONS",
@@ -23,14 +35,18 @@ __all__ = [
     "Activation",
     "ActivationSpec",
     "BHyT",
+    "BHyTPair",
     "DyT",
     "GatedFFN",
     "LayerNorm",
     "RMSNorm",
     "build_norm",
     "check_impl",
+    "full_tensor",
     "get_activation",
     "register_activation",
     "register_norm",
     "resolve_op",
+    "scalar_parameter",
+    "upgrade_scalar_entries",
 ]

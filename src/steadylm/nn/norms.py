@@ -6,6 +6,7 @@ variance) is assembled by the models, which pass ``variance=`` to :class:`BHyT`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -16,7 +17,17 @@ from steadylm import functional
 from steadylm.errors import ConfigError
 from steadylm.nn._impl import check_impl, resolve_op
 
-__all__ = ["NORMS", "BHyT", "DyT", "LayerNorm", "RMSNorm", "build_norm", "register_norm"]
+__all__ = [
+    "NORMS",
+    "BHyT",
+    "DyT",
+    "LayerNorm",
+    "RMSNorm",
+    "build_norm",
+    "register_norm",
+    "scalar_parameter",
+    "upgrade_scalar_entries",
+]
 
 #: |tanh| above this counts as saturated (SPEC §5).
 SATURATION_THRESHOLD = 0.95
@@ -26,6 +37,39 @@ def _check_dim(dim: int) -> int:
     if dim <= 0:
         raise ConfigError(f"norm dim must be > 0, got {dim}")
     return dim
+
+
+def scalar_parameter(value: float) -> nn.Parameter:
+    """A learnable scalar as a shape-``[1]`` parameter (λ, α, the DyT embedding scale).
+
+    Shape ``[1]`` rather than 0-dim: FSDP2's ``fully_shard`` refuses 0-dim parameters, and a
+    ``[1]`` tensor broadcasts exactly like a scalar against ``[..., d]`` activations.
+    """
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def upgrade_scalar_entries(state_dict: dict[str, Any], prefix: str, names: tuple[str, ...]) -> None:
+    """Reshape 0-dim entries ``prefix + name`` of a state dict to ``[1]`` in place.
+
+    Checkpoints written before learnable scalars became ``[1]`` hold them 0-dim; call this from a
+    ``load_state_dict`` pre-hook so those checkpoints still load.
+    """
+    for name in names:
+        key = prefix + name
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.dim() == 0:
+            state_dict[key] = value.reshape(1)
+
+
+def _upgrade_scalars_pre_hook(
+    names: tuple[str, ...], module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    upgrade_scalar_entries(state_dict, prefix, names)
+
+
+def _upgrade_hook(names: tuple[str, ...]) -> Any:
+    # A partial of a module-level function (not a closure), so modules stay picklable.
+    return functools.partial(_upgrade_scalars_pre_hook, names)
 
 
 def _checked(fn, *args: Any) -> Any:
@@ -79,15 +123,17 @@ class LayerNorm(nn.Module):
 
 
 class DyT(nn.Module):
-    """Dynamic Tanh ``γ ⊙ tanh(α x) (+ β)`` with a learnable scalar α."""
+    """Dynamic Tanh ``γ ⊙ tanh(α x) (+ β)`` with a learnable scalar α (shape ``[1]``; 0-dim
+    values in old state dicts are reshaped on load)."""
 
     def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, impl: str = "fused") -> None:
         super().__init__()
         self.impl = check_impl(impl)
         self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.alpha = scalar_parameter(alpha_init)
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self._op = resolve_op(self.impl, "dyt")
+        self.register_load_state_dict_pre_hook(_upgrade_hook(("alpha",)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.alpha, self.bias)
@@ -104,6 +150,8 @@ class DyT(nn.Module):
 class BHyT(nn.Module):
     """Bounded tanh ``γ ⊙ tanh(λ x / (κ sqrt(v + ε)))``, λ a learnable scalar, κ fixed.
 
+    λ has shape ``[1]`` (0-dim values in old state dicts are reshaped on load).
+
     ``forward(x, variance=None)``: with ``variance`` (per-token mean square, fp32,
     ``x.shape[:-1] + (1,)``) the statistic is taken from it instead of being recomputed — the
     BHyT block's once-per-block reduction. Without it this is BHyT* (exact statistics).
@@ -117,8 +165,9 @@ class BHyT(nn.Module):
         self.eps = _checked(functional.validate_eps, eps)
         self.impl = check_impl(impl)
         self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
-        self.lam = nn.Parameter(torch.tensor(float(lam_init)))
+        self.lam = scalar_parameter(lam_init)
         self._op = resolve_op(self.impl, "bhyt")
+        self.register_load_state_dict_pre_hook(_upgrade_hook(("lam",)))
 
     def forward(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
         return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
