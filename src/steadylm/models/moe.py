@@ -9,10 +9,13 @@
 * One shared expert (a :class:`~steadylm.nn.GatedFFN` of width ``n_shared · expert_hidden``) sees
   every token. The activation is applied in every routed and shared expert.
 
-Dispatch is vectorised: token-slots are sorted by expert once, each expert runs one matmul over
-its contiguous slice, and results are scattered back with one ``index_add_``. The loop is over
-experts, never over tokens; the per-expert slice sizes are read to the host once per layer (the
-one point where a compiled graph breaks in an MoE layer).
+Dispatch is vectorised and sync-free: token-slots are sorted by expert once, the per-expert slice
+ends stay on the device as a cumulative count, each projection is one grouped linear layer over the
+sorted slots (:func:`steadylm.kernels.grouped.grouped_linear`: ``torch._grouped_mm`` on CUDA where
+available, a single custom op elsewhere), and results are scattered back with one ``index_add_``.
+A compiled MoE model therefore has no graph break. Experts that are not plain ``nn.Linear``
+layers (e.g. after an FP8 conversion) take the per-expert loop instead, which reads the slice sizes
+to the host once per layer.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steadylm.kernels.grouped import grouped_linear
 from steadylm.nn import GatedFFN
 from steadylm.nn.activations import Activation
 
@@ -82,13 +86,37 @@ class RoutedExperts(nn.Module):
     def set_activation(self, name: str, impl: str | None = None, **kwargs: Any) -> None:
         self.act = Activation(name, impl or self.act.impl, **kwargs)
 
-    def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
-        """``x_sorted``: ``[slots, dim]`` grouped by expert, ``counts[e]`` slots for expert ``e``."""
+    def grouped_dispatch(self) -> bool:
+        """Whether every projection is a plain bias-free ``nn.Linear`` (then the grouped path runs)."""
+        return all(
+            type(layer) is nn.Linear and layer.bias is None
+            for layers in (self.w_gate, self.w_up, self.w_down)
+            for layer in layers
+        )
+
+    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        """``x_sorted``: ``[slots, dim]`` grouped by expert; ``counts`` (``[E]``, integer, on the
+        device) holds the number of slots of each expert."""
+        if not self.grouped_dispatch():
+            return self._forward_per_expert(x_sorted, counts.tolist())
+        ends = counts.cumsum(0)
+        gate = self.gate_out(grouped_linear(x_sorted, _stack(self.w_gate), ends))
+        up = self.up_out(grouped_linear(x_sorted, _stack(self.w_up), ends))
+        hidden = self.down_input(self.act(gate, up))
+        return grouped_linear(hidden, _stack(self.w_down), ends)
+
+    def _forward_per_expert(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+        """One module call per expert (works for any layer type; breaks a compiled graph)."""
         chunks = x_sorted.split(counts)
         gate = self.gate_out(torch.cat([self.w_gate[e](chunks[e]) for e in range(self.n_experts)]))
         up = self.up_out(torch.cat([self.w_up[e](chunks[e]) for e in range(self.n_experts)]))
         hidden = self.down_input(self.act(gate, up)).split(counts)
         return torch.cat([self.w_down[e](hidden[e]) for e in range(self.n_experts)])
+
+
+def _stack(layers: nn.ModuleList) -> Tensor:
+    """The experts' weights as one ``[E, out, in]`` tensor (differentiable)."""
+    return torch.stack([layer.weight for layer in layers])
 
 
 class MoE(nn.Module):
@@ -147,7 +175,7 @@ class MoE(nn.Module):
             if self.training:
                 self.load_accum.add_(load)
 
-        routed = self.experts(x_flat.index_select(0, token_of_slot), counts.tolist())
+        routed = self.experts(x_flat.index_select(0, token_of_slot), counts)
         slot_weight = weight.reshape(-1).index_select(0, order).unsqueeze(-1)
         out = torch.zeros(x_flat.shape, device=x.device, dtype=torch.float32)
         out.index_add_(0, token_of_slot, routed.float() * slot_weight)
