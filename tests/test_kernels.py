@@ -274,6 +274,37 @@ def test_eps0_tiny_rows_normalise_exactly(eager_kernels):
         _assert_close(out, ref, FP32_TOL, "eps=0 subnormal rows")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("m", [3.0, 1.5, 9.5])
+def test_powlu_gate_gradient_sign_and_value_for_huge_gates(m, compiled):
+    """d(gate) for gates 1 … 1e30 against the float64 reference, in sign and in value.
+
+    f_m'(z) < 0 for large z (f decays to 1), but ``1 − σ(z)`` is exactly 0 in fp32 and the old
+    ``p'·ln z + 1 − σ`` rounded the small negative term away, leaving a positive gradient from
+    z ≈ 1e6 on. Two output-gradient scales: 1 (f'(1e30) ≈ −1e-43 is then an fp32 *subnormal*, whose
+    spacing 2^-149 bounds the absolute error) and 1e20 (every result a normal number, so the plain
+    fp32 relative tolerance applies). Tolerance: FP32_TOL — about ten fp32 roundings, see above.
+    """
+    previous = K.compile_enabled()
+    K.set_compile(compiled)
+    try:
+        gate = torch.logspace(0, 30, 121, dtype=torch.float32)
+        up = torch.linspace(0.5, 2.0, 121)
+        for dy_scale in (1.0, 1e20):
+            dy = torch.full_like(gate, dy_scale)
+            g = gate.clone().requires_grad_(True)
+            K.powlu_glu(g, up, m=m).backward(dy)
+            g64 = gate.double().requires_grad_(True)
+            F.powlu_glu(g64, up.double(), m=m).backward(dy.double())
+            ref = g64.grad
+            assert torch.equal(torch.sign(g.grad.double()), torch.sign(ref)), (m, dy_scale)
+            err = (g.grad.double() - ref).abs()
+            allowed = FP32_TOL[0] * ref.abs() + 4 * 2.0**-149  # a few subnormal spacings
+            assert bool((err <= allowed).all()), (m, dy_scale, float((err / ref.abs()).max()))
+    finally:
+        K.set_compile(previous)
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_float64_gradcheck(case, eager_kernels):
     # float64 inputs keep float64 math in the kernels, so gradcheck verifies the hand-derived backward.

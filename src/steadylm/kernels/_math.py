@@ -12,6 +12,8 @@ Conventions (all shapes as seen by these functions, after the wrappers flattened
 * norms: ``x``, ``dy`` are 2-D ``[tokens, d]``; ``weight`` is ``[d]`` (never None here: the
   wrappers pass a flag instead); ``alpha``/``lam`` are 0-dim tensors; ``variance`` is
   ``[tokens, 1]``.
+* flags and hyper-parameters of the norms are keyword-only (``has_weight=…, need_lam_grad=…``), so
+  a call site names every boolean instead of relying on its position;
 * math is fp32 (float64 inputs stay float64, so that gradcheck sees true float64 math);
 * per-token statistics are exact over the whole fp32 range without the reference's extra amax
   pass (see ``_row_scale_and_inv_rms``);
@@ -48,22 +50,37 @@ def swiglu_bwd(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
-def _powlu_gate_and_slope(g: Tensor, m: float | Tensor) -> tuple[Tensor, Tensor]:
-    """f_m(g) and f_m'(g) (SPEC §1), on safe bases so neither branch can produce NaN."""
+def _powlu_gate_and_grad(g: Tensor, du: Tensor, m: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(f_m(g), du · f_m'(g))`` (SPEC §1), on safe bases so neither branch can produce NaN.
+
+    For z > 0, with s = σ(z), r = √z, p = m/(r+1) and p' = −m/(2r(r+1)²), SPEC's
+    f' = z^p·s·(p'·ln z + p/z + 1 − s) is regrouped, using p'·ln z = −(p/z)·r·ln z/(2(r+1)), as
+
+        f' = z^p·s·( σ(−z) + (p/z)·(1 − (r/(r+1))·ln z / 2) ).
+
+    Both changes matter for large gates. ``1 − s`` cancels to exactly 0 in fp32 once z ≳ 17, and
+    for z ≳ 1e6 the small negative p'·ln z then rounded away against the 1 in ``p'·ln z + 1 − s``,
+    leaving the positive p/z: the wrong sign. σ(−z) keeps the tiny tail, and the factor
+    ``1 − (r/(r+1))·ln z/2`` (negative for z > e² ≈ 7.4) carries the sign without cancellation.
+    Computing p'·ln z itself would also overflow ``2r(r+1)²`` in fp32 for z ≳ 1e25. The product is
+    formed as ``((du·f)·(p·factor))/z`` so that a large ``du`` keeps a result that is a normal
+    number even where f'(z) alone would be subnormal (z up to the fp32 maximum).
+    """
     positive = g > 0
     safe = torch.where(positive, g, torch.ones_like(g))
     s = torch.sigmoid(g)  # σ(safe) == σ(g) wherever the positive branch is taken
+    s_neg = torch.sigmoid(-g)  # 1 − σ(g) without cancellation
     root = torch.sqrt(safe)
     exponent = m / (root + 1.0)
     log_z = torch.log(safe)
-    power = torch.exp(exponent * log_z)
-    # f' = z^p·σ·(p'·ln z + p/z + 1 − σ), p' = −m / (2 r (r+1)²). (p·power)/z is kept apart and
-    # ordered so that power = 0 (tiny z) gives 0, not 0·inf.
-    d_exponent = -m / (2.0 * root * (root + 1.0) * (root + 1.0))
-    slope_pos = power * s * (d_exponent * log_z + 1.0 - s) + s * ((exponent * power) / safe)
-    f = torch.where(positive, power * s, g * s)
-    slope = torch.where(positive, slope_pos, s * (1.0 + g * (1.0 - s)))
-    return f, slope
+    f_pos = torch.exp(exponent * log_z) * s
+    factor = 1.0 - (root / (root + 1.0)) * log_z * 0.5
+    du_f = du * f_pos
+    # power = 0 (tiny z) gives 0/z = 0, never 0·inf.
+    grad_pos = du_f * s_neg + (du_f * (exponent * factor)) / safe
+    f = torch.where(positive, f_pos, g * s)
+    grad = torch.where(positive, grad_pos, du * (s * (1.0 + g * s_neg)))
+    return f, grad
 
 
 def powlu_glu_fwd(gate: Tensor, up: Tensor, m: float) -> Tensor:
@@ -79,8 +96,8 @@ def powlu_glu_fwd(gate: Tensor, up: Tensor, m: float) -> Tensor:
 def powlu_glu_bwd(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
     ct = _compute_dtype(gate)
     g, u, d = gate.to(ct), up.to(ct), dy.to(ct)
-    f, slope = _powlu_gate_and_slope(g, m)
-    return (d * u * slope).to(gate.dtype), (d * f).to(up.dtype)
+    f, d_gate = _powlu_gate_and_grad(g, d * u, m)
+    return d_gate.to(gate.dtype), (d * f).to(up.dtype)
 
 
 # swiglu_clip: one function per variant, so each compiles to its own branch-free kernel.
@@ -231,7 +248,7 @@ def _row_scale_and_inv_rms(xc: Tensor, eps: float, allow_upscale: bool) -> tuple
     return scale, inv_rms_scaled
 
 
-def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, has_weight: bool, allow_upscale: bool) -> Tensor:
+def rms_norm_fwd(x: Tensor, weight: Tensor, *, eps: float, has_weight: bool, allow_upscale: bool) -> Tensor:
     ct = _compute_dtype(x)
     xc = x.to(ct)
     scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
@@ -245,6 +262,7 @@ def rms_norm_bwd(
     x: Tensor,
     weight: Tensor,
     dy: Tensor,
+    *,
     eps: float,
     has_weight: bool,
     allow_upscale: bool,
@@ -262,7 +280,7 @@ def rms_norm_bwd(
 
 
 def dyt_fwd(
-    x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool
+    x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, *, has_weight: bool, has_bias: bool
 ) -> Tensor:
     ct = _compute_dtype(x)
     out = _tanh(alpha.to(ct) * x.to(ct))
@@ -278,6 +296,7 @@ def dyt_bwd(
     weight: Tensor,
     alpha: Tensor,
     dy: Tensor,
+    *,
     has_weight: bool,
     need_weight_grad: bool,
     need_alpha_grad: bool,
@@ -299,7 +318,7 @@ def dyt_bwd(
 
 
 def _bhyt_normalise(
-    xc: Tensor, variance: Tensor, eps: float, use_variance: bool, allow_upscale: bool
+    xc: Tensor, variance: Tensor, *, eps: float, use_variance: bool, allow_upscale: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(x̂, S, r_S)`` with x̂ = x·r, r = S·r_S = 1/sqrt(v + ε), v the given variance or mean(x²).
 
@@ -317,6 +336,7 @@ def bhyt_fwd(
     weight: Tensor,
     lam: Tensor,
     variance: Tensor,
+    *,
     kappa: float,
     eps: float,
     has_weight: bool,
@@ -325,7 +345,7 @@ def bhyt_fwd(
 ) -> Tensor:
     ct = _compute_dtype(x)
     xc = x.to(ct)
-    x_hat, _, _ = _bhyt_normalise(xc, variance, eps, use_variance, allow_upscale)
+    x_hat, _, _ = _bhyt_normalise(xc, variance, eps=eps, use_variance=use_variance, allow_upscale=allow_upscale)
     out = _tanh((lam.to(ct) / kappa) * x_hat)
     if has_weight:
         out = out * weight.to(ct)
@@ -338,6 +358,7 @@ def bhyt_bwd(
     lam: Tensor,
     variance: Tensor,
     dy: Tensor,
+    *,
     kappa: float,
     eps: float,
     has_weight: bool,
@@ -350,7 +371,9 @@ def bhyt_bwd(
     ct = _compute_dtype(x)
     xc, d = x.to(ct), dy.to(ct)
     c = lam.to(ct) / kappa
-    x_hat, scale, inv = _bhyt_normalise(xc, variance, eps, use_variance, allow_upscale)
+    x_hat, scale, inv = _bhyt_normalise(
+        xc, variance, eps=eps, use_variance=use_variance, allow_upscale=allow_upscale
+    )
     arg = c * x_hat
     t = _tanh(arg)
     g = d * weight.to(ct) if has_weight else d

@@ -66,15 +66,15 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn)
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> Any:
+def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call the compiled version of ``fn`` (or ``fn`` itself when compilation is off).
 
     Under an outer ``torch.compile`` the plain function is called: Dynamo is already tracing and
     would inline the inner compiled wrapper anyway.
     """
     if not _compile_enabled or torch.compiler.is_compiling():
-        return fn(*args)
-    return _compiled(fn)(*args)
+        return fn(*args, **kwargs)
+    return _compiled(fn)(*args, **kwargs)
 
 
 def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
@@ -189,7 +189,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.eps, ctx.has_weight = eps, has_weight
-        return _run(_math.rms_norm_fwd, x, weight, eps, has_weight, _allow_upscale(eps))
+        return _run(_math.rms_norm_fwd, x, weight, eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps))
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -197,7 +197,14 @@ class _RMSNorm(torch.autograd.Function):
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         _mark_rows_dynamic(x, dy)
         dx, dw = _run(
-            _math.rms_norm_bwd, x, weight, dy.contiguous(), ctx.eps, ctx.has_weight, _allow_upscale(ctx.eps), need_w
+            _math.rms_norm_bwd,
+            x,
+            weight,
+            dy.contiguous(),
+            eps=ctx.eps,
+            has_weight=ctx.has_weight,
+            allow_upscale=_allow_upscale(ctx.eps),
+            need_weight_grad=need_w,
         )
         return dx, dw, None, None
 
@@ -221,7 +228,7 @@ class _DyT(torch.autograd.Function):
         ctx.save_for_backward(x, weight, alpha)
         ctx.has_weight, ctx.has_bias = has_weight, has_bias
         ctx.bias_dtype = bias.dtype
-        return _run(_math.dyt_fwd, x, weight, alpha, bias, has_weight, has_bias)
+        return _run(_math.dyt_fwd, x, weight, alpha, bias, has_weight=has_weight, has_bias=has_bias)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -234,10 +241,10 @@ class _DyT(torch.autograd.Function):
             weight,
             alpha,
             dy.contiguous(),
-            ctx.has_weight,
-            ctx.has_weight and need[1],
-            need[2],
-            ctx.has_bias and need[3],
+            has_weight=ctx.has_weight,
+            need_weight_grad=ctx.has_weight and need[1],
+            need_alpha_grad=need[2],
+            need_bias_grad=ctx.has_bias and need[3],
         )
         if db is not None:
             db = db.to(ctx.bias_dtype)
@@ -273,7 +280,16 @@ class _BHyT(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lam, variance)
         ctx.kappa, ctx.eps, ctx.has_weight, ctx.use_variance = kappa, eps, has_weight, use_variance
         return _run(
-            _math.bhyt_fwd, x, weight, lam, variance, kappa, eps, has_weight, use_variance, _allow_upscale(eps)
+            _math.bhyt_fwd,
+            x,
+            weight,
+            lam,
+            variance,
+            kappa=kappa,
+            eps=eps,
+            has_weight=has_weight,
+            use_variance=use_variance,
+            allow_upscale=_allow_upscale(eps),
         )
 
     @staticmethod
@@ -288,14 +304,14 @@ class _BHyT(torch.autograd.Function):
             lam,
             variance,
             dy.contiguous(),
-            ctx.kappa,
-            ctx.eps,
-            ctx.has_weight,
-            ctx.use_variance,
-            _allow_upscale(ctx.eps),
-            ctx.has_weight and need[1],
-            need[2],
-            ctx.use_variance and need[3],
+            kappa=ctx.kappa,
+            eps=ctx.eps,
+            has_weight=ctx.has_weight,
+            use_variance=ctx.use_variance,
+            allow_upscale=_allow_upscale(ctx.eps),
+            need_weight_grad=ctx.has_weight and need[1],
+            need_lam_grad=need[2],
+            need_variance_grad=ctx.use_variance and need[3],
         )
         return dx, dw, dl, dv, None, None, None, None
 
