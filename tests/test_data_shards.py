@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from steadylm.data import TokenData, keyed_permutation
+from steadylm.cli import main as cli_main
+from steadylm.data import (
+    ShardedTokenData,
+    TokenData,
+    encode_corpus,
+    keyed_permutation,
+    load_corpus,
+    load_kjv,
+    open_prepared,
+    prepare_corpus,
+    prepare_data,
+    split_stream,
+)
+from steadylm.data import corpus as corpus_module
 from steadylm.data import dataset as dataset_module
-from steadylm.errors import ConfigError
+from steadylm.data import prepare as prepare_module
+from steadylm.data import tokenizer as tokenizer_module
+from steadylm.data.shards import verify_prepared
+from steadylm.data.tokenizer import encode_documents
+from steadylm.errors import ConfigError, DataError
 
 
 @pytest.fixture(autouse=True)
@@ -86,3 +108,319 @@ def test_large_corpora_use_the_keyed_permutation_and_still_visit_every_sequence(
     assert not data._permutations or all(p.numel() == 100 for p in data._permutations.values())
     nxt = torch.cat([data.train_batch_indices(i, 10, seed=3) for i in range(10, 20)])
     assert sorted(nxt.tolist()) == list(range(100)) and not torch.equal(nxt, keyed)
+
+
+# ----------------------------------------------------------------------------------------------
+# steadylm data prepare -> memory-mapped shards
+# ----------------------------------------------------------------------------------------------
+
+
+def _shard_stream(directory: Path) -> np.ndarray:
+    index = json.loads((directory / "index.json").read_text())
+    dtype = np.dtype("<" + {"uint16": "u2", "uint32": "u4"}[index["dtype"]])
+    return np.concatenate([np.fromfile(directory / s["file"], dtype=dtype) for s in index["shards"]])
+
+
+@pytest.fixture(scope="module")
+def kjv_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[TokenData, Path, Path]:
+    """The KJV default (vocab 4096, seq_len 128) in memory, and prepared twice: in one shard by one
+    in-process worker, and in 100k-token shards by two worker processes."""
+    cache = tmp_path_factory.mktemp("kjv-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STEADYLM_CACHE", str(cache))
+        in_memory = prepare_data(None)  # the lab's defaults: vocab 4096, seq_len 128
+        root = tmp_path_factory.mktemp("kjv-prepared")
+        one = prepare_corpus("kjv", root / "one", workers=1).directory
+        many = prepare_corpus(None, root / "many", workers=2, shard_tokens=100_000).directory
+    return in_memory, one, many
+
+
+def test_prepared_kjv_gives_the_in_memory_batches_bit_for_bit(kjv_prepared: tuple[TokenData, Path, Path]) -> None:
+    in_memory, one, many = kjv_prepared
+    index = json.loads((many / "index.json").read_text())
+    assert index["dtype"] == "uint16" and len(index["shards"]) == 12 and index["version"] == 1
+    assert np.array_equal(_shard_stream(one), _shard_stream(many))  # workers and shard size do not matter
+    for directory in (one, many):
+        data = prepare_data(directory)  # --data DIR: the default seq_len 128, split seed 0
+        assert isinstance(data, ShardedTokenData)
+        assert (data.vocab_size, data.eos_id, data.fingerprint) == (
+            in_memory.vocab_size, in_memory.eos_id, in_memory.fingerprint)
+        assert data.tokenizer.to_str() == in_memory.tokenizer.to_str()
+        described = data.describe()
+        assert {k: described[k] for k in in_memory.describe()} == in_memory.describe()
+        assert data.train_tokens.shape == tuple(in_memory.train_tokens.shape)
+        # batch 523 of 16 crosses the first epoch boundary (8363 sequences)
+        for batch_index, seed in [(0, 0), (7, 0), (522, 0), (523, 0), (1500, 3)]:
+            expected = in_memory.train_batch(batch_index, 16, seed)
+            got = data.train_batch(batch_index, 16, seed)
+            assert got[0].dtype == torch.long and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            halves = [data.train_batch(batch_index, 16, seed, shard=(r, 2)) for r in range(2)]
+            assert torch.equal(torch.cat([h[0] for h in halves]), expected[0])
+        for expected, got in zip(in_memory.val_batches(4, 16), data.val_batches(4, 16), strict=True):
+            assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+def test_prepared_kjv_other_split_matches_too(kjv_prepared: tuple[TokenData, Path, Path]) -> None:
+    in_memory, _, many = kjv_prepared
+    data = prepare_data(many, seq_len=64, val_fraction=0.1, seed=2)
+    reference = TokenData(
+        *[torch.from_numpy(s.astype(np.int32)) for s in split_stream(_shard_stream(many), 64, 0.1, 2)],
+        seq_len=64, vocab_size=in_memory.vocab_size, tokenizer=in_memory.tokenizer, eos_id=in_memory.eos_id,
+    )
+    for batch_index in (0, 100, 1100):
+        assert torch.equal(data.train_batch(batch_index, 24, 9)[0], reference.train_batch(batch_index, 24, 9)[0])
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(data.val_batches(3, 24), reference.val_batches(3, 24), strict=True))
+
+
+@pytest.fixture(scope="module")
+def ruth() -> str:
+    return load_kjv()[7]  # the Book of Ruth, ~25 KB
+
+
+def _write_mixed_corpus(folder: Path, ruth: str) -> None:
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(ruth[:9000].replace("\n", "\r\n").encode("utf-8"))  # CRLF: universal newlines
+    (folder / "sub" / "b.md").write_text(ruth[9000:] + "\n\nnaïve 東京 🙂\n", encoding="utf-8")
+    (folder / "sub" / "c.jsonl").write_text(
+        json.dumps({"text": ruth[:700]}) + "\n\n" + json.dumps({"text": "  "}) + "\n" + json.dumps({"text": ruth[700:2000]}) + "\n",
+        encoding="utf-8",
+    )
+    (folder / "blank.txt").write_text(" \n\t\n", encoding="utf-8")  # whitespace only: no document
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_text_directory_and_jsonl_stream_equals_the_in_memory_encoding(
+    tmp_path: Path, ruth: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small pieces and chunks so that documents span many chunks, pieces and tasks.
+    monkeypatch.setattr(tokenizer_module, "_PIECE_CHARS", 300)
+    monkeypatch.setattr(corpus_module, "_TEXT_CHUNK_CHARS", 257)
+    monkeypatch.setattr(prepare_module, "_TASK_CHARS", 1000)
+    folder = tmp_path / "corpus"
+    _write_mixed_corpus(folder, ruth)
+    for source in (folder, folder / "a.txt", folder / "sub" / "c.jsonl"):
+        out = tmp_path / f"out-{source.name}"
+        # Workers are fresh processes (spawn): they encode with the tokenizer they are given, and
+        # piece cutting happens in this process, so the patched sizes apply.
+        result = prepare_corpus(source, out, vocab_size=400, workers=workers, shard_tokens=1000)
+        encoded = encode_corpus(load_corpus(source), vocab_size=400)
+        assert np.array_equal(_shard_stream(out), encoded.tokens.astype(np.int64))
+        assert result.index.fingerprint == encoded.fingerprint
+        assert result.num_documents == len(load_corpus(source))
+        assert result.index.source["bytes"] == sum(len(d.encode()) for d in load_corpus(source))
+        assert all(s.tokens <= 1000 for s in result.index.shards)
+
+
+def test_prepare_parquet(tmp_path: Path, ruth: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "docs.parquet"
+    texts = [ruth[i : i + 1500] for i in range(0, len(ruth), 1500)]
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), path, row_group_size=4)
+    result = prepare_corpus(path, tmp_path / "out", vocab_size=400, text_field="body", workers=1)
+    assert result.num_documents == len(texts)
+    assert np.array_equal(_shard_stream(result.directory), encode_corpus(texts, 400).tokens.astype(np.int64))
+    with pytest.raises(DataError, match=r"docs\.parquet: no column 'text'"):
+        prepare_corpus(path, tmp_path / "out2", vocab_size=400, workers=1)
+    with pytest.raises(DataError, match=r"docs\.parquet: column 'id' must hold strings"):
+        prepare_corpus(path, tmp_path / "out2", vocab_size=400, text_field="id", workers=1)
+
+
+def _llama_like_tokenizer(directory: Path, corpus: str, eos: str = "</s>", config: bool = True) -> Path:
+    """A byte-level BPE with <s>/</s> specials, saved like a Hugging Face model repo (nothing downloaded)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus], trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    if config:
+        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos}}))
+    return directory / "tokenizer.json"
+
+
+def test_bring_your_own_tokenizer_json(tmp_path: Path, ruth: str) -> None:
+    tok_path = _llama_like_tokenizer(tmp_path / "llama", ruth)
+    source = tmp_path / "docs.jsonl"
+    docs = [ruth[i : i + 2000] for i in range(0, len(ruth), 2000)]
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    result = prepare_corpus(source, tmp_path / "out", tokenizer=tok_path, workers=2)
+    tok = Tokenizer.from_file(str(tok_path))
+    eos = tok.token_to_id("</s>")
+    assert result.index.eos_id == eos == 2 and result.index.vocab_size == tok.get_vocab_size()
+    stream = _shard_stream(result.directory)
+    assert int((stream == eos).sum()) == len(docs) and stream[-1] == eos
+    assert np.array_equal(stream, encode_documents(tok, docs, eos).astype(np.int64))
+    # The in-memory path with the same tokenizer.json gives the same batches and fingerprint.
+    in_memory = prepare_data(source, seq_len=16, tokenizer=tok_path)
+    prepared = prepare_data(result.directory, seq_len=16)
+    assert prepared.fingerprint == in_memory.fingerprint and prepared.eos_id == in_memory.eos_id == eos
+    for i in (0, 9, 40):
+        assert torch.equal(prepared.train_batch(i, 8, 1)[0], in_memory.train_batch(i, 8, 1)[0])
+    assert prepared.decode(prepared.train_batch(0, 1, 0)[0][0])  # the carried tokenizer decodes
+    with pytest.raises(ConfigError, match="differs from the one"):
+        prepare_data(result.directory, tokenizer=_llama_like_tokenizer(tmp_path / "other", ruth[:5000]))
+
+    # Without tokenizer_config.json the EOS token is found by name, or named with eos_token.
+    bare = _llama_like_tokenizer(tmp_path / "bare", ruth, eos="<|end_of_text|>", config=False)
+    found = prepare_corpus(source, tmp_path / "out-bare", tokenizer=bare, workers=1)
+    assert found.index.eos_id == Tokenizer.from_file(str(bare)).token_to_id("<|end_of_text|>")
+    odd = _llama_like_tokenizer(tmp_path / "odd", ruth, eos="<|stop|>", config=False)
+    with pytest.raises(DataError, match=r"odd/tokenizer\.json: no end-of-text token .* --eos-token"):
+        prepare_corpus(source, tmp_path / "out-odd", tokenizer=odd, workers=1)
+    named = prepare_corpus(source, tmp_path / "out-odd", tokenizer=odd, eos_token="<|stop|>", workers=1)
+    assert named.index.eos_id == 2
+    with pytest.raises(DataError, match=r"tokenizer file not found: .*missing\.json"):
+        prepare_corpus(source, tmp_path / "x", tokenizer=tmp_path / "missing.json")
+
+
+def test_vocabulary_over_65536_gives_uint32_shards(tmp_path: Path) -> None:
+    vocab = {f"w{i}": i for i in range(70_000)}
+    vocab.update({"[UNK]": 70_000, "</s>": 70_001})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_path = tmp_path / "big.json"
+    tok.save(str(tok_path))
+    rng = np.random.default_rng(0)
+    docs = [" ".join(f"w{i}" for i in rng.integers(60_000, 70_000, size=300)) for _ in range(20)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    result = prepare_corpus(source, tmp_path / "out", tokenizer=tok_path, workers=1)
+    assert result.index.dtype == "uint32" and result.index.vocab_size == 70_002
+    stream = _shard_stream(result.directory)
+    assert stream.max() >= 65_536 and stream[300] == 70_001  # the first document's EOS
+    prepared, in_memory = prepare_data(result.directory, seq_len=32), prepare_data(source, seq_len=32, tokenizer=tok_path)
+    assert torch.equal(prepared.train_batch(2, 16, 0)[0], in_memory.train_batch(2, 16, 0)[0])
+    assert int(prepared.train_batch(2, 16, 0)[0].max()) >= 65_536
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged shards and indexes: one-line DataError naming the file, never garbage tokens
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small_prepared(tmp_path: Path, ruth: str) -> Path:
+    source = tmp_path / "ruth.txt"
+    source.write_text(ruth, encoding="utf-8")
+    return prepare_corpus(source, tmp_path / "prepared", vocab_size=300, workers=1, shard_tokens=4000).directory
+
+
+def _one_line_error(match: str, call) -> str:  # noqa: ANN001 - a zero-argument callable
+    with pytest.raises(DataError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_truncated_missing_or_corrupt_shards(small_prepared: Path) -> None:
+    shard = small_prepared / "tokens-00001.bin"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-6])
+    _one_line_error(r"tokens-00001\.bin: 7994 bytes, the index says 8000 \(truncated", lambda: prepare_data(small_prepared, seq_len=16))
+    shard.unlink()
+    _one_line_error(r"tokens-00001\.bin: shard missing", lambda: prepare_data(small_prepared, seq_len=16))
+    # Same size, ids scrambled to 0xFFFF: the SHA-256 check on open (small sets) catches it ...
+    shard.write_bytes(b"\xff" * len(original))
+    _one_line_error(r"tokens-00001\.bin: SHA-256 differs from the index", lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(r"tokens-00001\.bin: SHA-256 differs", lambda: verify_prepared(small_prepared))
+    # ... and without it every window read checks ids against the vocabulary.
+    data = open_prepared(small_prepared, seq_len=16, verify=False)
+    message = _one_line_error(r"tokens-00001\.bin: token id 65535 at token \d+ is >= vocab_size 300",
+                              lambda: [data.train_batch(i, 16, 0) for i in range(data.num_train_sequences // 16)])
+    assert "corrupt" in message
+    shard.write_bytes(original)
+    assert verify_prepared(small_prepared).num_tokens == data.train_tokens.shape[0] + data.val_tokens.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda raw: "{not json", r"index\.json: not valid JSON"),
+        (lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != "dtype"}), r"index\.json: missing key 'dtype'"),
+        (lambda raw: json.dumps({**json.loads(raw), "version": 2}), r"index\.json: format version 2 is not supported"),
+        (lambda raw: json.dumps({**json.loads(raw), "format": "other"}), r"index\.json: not a steadylm token-shard index"),
+        (lambda raw: json.dumps({**json.loads(raw), "num_tokens": 5}), r"index\.json: num_tokens 5 is not the sum"),
+        (lambda raw: json.dumps({**json.loads(raw), "dtype": "int8"}), r"index\.json: dtype must be one of"),
+        (lambda raw: json.dumps({**json.loads(raw), "eos_id": 999}), r"index\.json: eos_id 999 is outside"),
+        (lambda raw: json.dumps({**json.loads(raw), "shards": [{"file": "../x.bin", "tokens": 1, "bytes": 2, "sha256": ""}]}),
+         r"index\.json: shards\[0\] is invalid"),
+        (lambda raw: json.dumps({**json.loads(raw), "shards": [{"file": "tokens-00000.bin", "tokens": "1"}]}),
+         r"index\.json: key shards\[0\]\.'tokens' has the wrong type"),
+    ],
+)
+def test_damaged_index(small_prepared: Path, edit, match: str) -> None:  # noqa: ANN001
+    index = small_prepared / "index.json"
+    index.write_text(edit(index.read_text()))
+    _one_line_error(match, lambda: prepare_data(small_prepared, seq_len=16))
+
+
+def test_missing_index_and_replaced_tokenizer(small_prepared: Path, ruth: str) -> None:
+    tokenizer = small_prepared / "tokenizer.json"
+    tokenizer.write_text(Tokenizer.from_file(str(tokenizer)).to_str().replace('"<|endoftext|>"', '"<|end|>"'))
+    _one_line_error(r"tokenizer\.json: differs from the tokenizer the shards were made with",
+                    lambda: prepare_data(small_prepared, seq_len=16))
+    tokenizer.write_text("{}")
+    _one_line_error(r"tokenizer\.json: cannot load the tokenizer", lambda: prepare_data(small_prepared, seq_len=16))
+    (small_prepared / "index.json").unlink()
+    _one_line_error(r"index\.json: missing \(a prepared directory needs its index",
+                    lambda: prepare_data(small_prepared, seq_len=16))
+
+
+def test_failed_prepare_leaves_no_output_and_keeps_the_old_one(tmp_path: Path, ruth: str) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": ruth}) + "\n" + "{broken\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"docs\.jsonl:2: not valid JSON"):
+        prepare_corpus(source, tmp_path / "out", vocab_size=300, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no OUT, no staging left
+    good = tmp_path / "good.txt"
+    good.write_text(ruth, encoding="utf-8")
+    first = prepare_corpus(good, tmp_path / "out", vocab_size=300, workers=1)
+    before = (first.directory / "index.json").read_text()
+    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+        prepare_corpus(good, tmp_path / "out", vocab_size=300, workers=1)
+    with pytest.raises(DataError, match="not valid JSON"):
+        prepare_corpus(source, tmp_path / "out", vocab_size=300, workers=1, overwrite=True)
+    assert (first.directory / "index.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "good.txt", "out"]
+    again = prepare_corpus(good, tmp_path / "out", vocab_size=320, workers=1, overwrite=True)
+    assert again.index.vocab_size == 320
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_prepare_verify_and_one_line_errors(tmp_path: Path, ruth: str, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "ruth.txt"
+    source.write_text(ruth, encoding="utf-8")
+    out = tmp_path / "prepared"
+    assert cli_main(["data", "prepare", str(source), str(out), "--vocab-size", "300", "--workers", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("prepared 1 documents") and "uint16 tokens in 1 shard(s)" in printed
+    assert cli_main(["data", "verify", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+
+    def fails(argv: list[str], match: str) -> None:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and re.search(match, err), err
+
+    fails(["data", "prepare", str(source), str(out), "--quiet"], "already exists; pass --overwrite")
+    fails(["data", "prepare", str(tmp_path / "nope.txt"), str(tmp_path / "o")], r"data file not found: .*nope\.txt")
+    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--workers", "0"], "workers must be an integer >= 1")
+    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--vocab-size", "10"], "vocab_size must be in")
+    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--eos-token", "</s>"], "eos_token .* only applies with tokenizer")
+    (out / "tokens-00000.bin").write_bytes(b"\x00\x01")
+    fails(["data", "verify", str(out)], r"tokens-00000\.bin: 2 bytes, the index says")
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "steadylm.cli", "data", "prepare", str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "data file not found" in done.stderr
