@@ -127,8 +127,9 @@ def test_one_seed_gives_identical_metrics_and_files(data: TokenData, tmp_path: P
     assert first.final_loss < first.start_loss  # it learns something even in 12 steps
     assert first.diverged_at is None and first.steps_done == 12 and first.tokens_seen == 12 * 4 * 32
     assert first.tokens_per_s > 0 and first.num_params["total"] > 0
-    state_a = (first.checkpoint_dir / "model.safetensors").read_bytes()
-    assert state_a == (second.checkpoint_dir / "model.safetensors").read_bytes()
+    # The DCP shard (model + optimizer) is byte-identical too.
+    state_a = (first.checkpoint_dir / "__0_0.distcp").read_bytes()
+    assert state_a == (second.checkpoint_dir / "__0_0.distcp").read_bytes()
 
 
 class CrashAt:
@@ -306,8 +307,9 @@ def test_run_directory_contents(data: TokenData, tmp_path: Path) -> None:
     assert config["data"]["fingerprint"] == data.fingerprint
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    # torch.distributed.checkpoint's layout, plus the rank's RNG and the trainer state
     assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == [
-        "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+        ".metadata", "__0_0.distcp", "rng-rank0.safetensors", "state.json",
     ]
     # A fresh run in the same directory starts over: old metrics and checkpoint are gone.
     again = Trainer(small_model(data), quick_config(steps=2, ckpt_every=0), data, tmp_path).run()
@@ -351,7 +353,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(
     data: TokenData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     Trainer(small_model(data), quick_config(steps=2), data, tmp_path).run()
-    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights = tmp_path / "checkpoint" / "__0_0.distcp"
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # one flipped byte inside the tensor data
     weights.write_bytes(bytes(blob))
@@ -362,7 +364,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(
 
     code, err = run_cli_command(monkeypatch, resume, capsys)
     assert code == 2
-    assert err.startswith("error: checkpoint file ") and "model.safetensors is corrupt" in err
+    assert err.startswith("error: checkpoint file ") and "__0_0.distcp is corrupt" in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
     (tmp_path / "checkpoint" / "state.json").write_text('{"format_version": 1, "st')  # truncated

@@ -1,10 +1,10 @@
 """Checkpoints: round trip, and a process SIGKILLed while writing one leaves the previous loadable.
 
 The crash tests run a real training process and kill it with SIGKILL at two points of its second
-checkpoint save: (a) half-way through writing ``model.safetensors`` in the staging directory, and
+checkpoint save: (a) with the DCP shard half written in the staging directory, and
 (b) between the two renames of the swap (``checkpoint`` already moved to ``checkpoint.old``, the
-new one not yet in place). The process is paused there by wrapping the module's own file-writing
-function / ``os.rename`` (the real save code runs up to that point), then killed from outside.
+new one not yet in place). The process is paused there by wrapping the RNG write that follows the shard write
+(or ``os.rename``; the real save code runs up to that point), then killed from outside.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ _CHILD = textwrap.dedent(
     from steadylm.data import prepare_data
     from steadylm.models import ModelConfig
     from steadylm.train import TrainConfig, Trainer
-    from steadylm.train import checkpoint
+    from steadylm.train import dcp
 
     phase, run_dir, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     MODEL, TRAIN = {model!r}, {train!r}
@@ -116,25 +116,27 @@ _CHILD = textwrap.dedent(
         sys.exit("not killed")
 
     saves = {{"model": 0}}
-    real_write, real_rename = checkpoint._write_file, os.rename
+    real_save_rng, real_rename = dcp._save_rng, os.rename
 
-    def write_file(path, data):
-        if path.name == "model.safetensors":
-            saves["model"] += 1
-            if phase == "mid-write" and saves["model"] == 2:
-                with open(path, "wb") as handle:  # a large file, half written
-                    handle.write(data[: len(data) // 2])
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                pause_here()
-        real_write(path, data)
+    def save_rng(path):
+        # called once per save, after DCP wrote the shard and before the commit
+        saves["model"] += 1
+        if phase == "mid-write" and saves["model"] == 2:
+            shard = path.parent / "__0_0.distcp"
+            blob = shard.read_bytes()
+            with open(shard, "wb") as handle:  # the shard, half written
+                handle.write(blob[: len(blob) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            pause_here()
+        real_save_rng(path)
 
     def rename(src, dst):
         real_rename(src, dst)
         if phase == "mid-swap" and Path(dst).name == "checkpoint.old" and saves["model"] == 2:
             pause_here()
 
-    checkpoint._write_file = write_file
+    dcp._save_rng = save_rng
     os.rename = rename
     data = prepare_data(None, vocab_size=512, seq_len=32)
     cfg = ModelConfig.from_preset("nano", vocab_size=data.vocab_size, max_seq_len=data.seq_len, **MODEL)

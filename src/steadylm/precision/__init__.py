@@ -11,12 +11,16 @@ from steadylm.precision.apply import (
     fp8_stats,
     reset_fp8_stats,
 )
+from steadylm.precision.backends import FP8_BACKENDS, TORCHAO_RECIPES, apply_fp8_backend
 from steadylm.precision.formats import E4M3, E5M2, FP8Format, fp8_mm
 from steadylm.precision.linear import ROLES, SCALINGS, FP8Linear, quantize
 
 __all__ = [
     "E4M3",
     "E5M2",
+    "FP8_BACKENDS",
+    "TORCHAO_RECIPES",
+    "apply_fp8_backend",
     "FFN_LINEARS",
     "FP8Format",
     "FP8Linear",

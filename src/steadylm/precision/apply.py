@@ -15,13 +15,14 @@ from torch import nn
 
 from steadylm.errors import ConfigError
 from steadylm.precision.linear import (
-    COUNTER_FIELDS,
     ROLES,
     SCALINGS,
     STATS_MODES,
+    Col,
     FP8Linear,
     _check_choice,
     _snr_db,
+    sum_counters_over_ranks,
 )
 
 __all__ = ["apply_fp8", "fp8_modules", "fp8_stats", "reset_fp8_stats", "FP8Probe", "SCOPES", "FFN_LINEARS"]
@@ -93,9 +94,6 @@ def reset_fp8_stats(model: nn.Module) -> None:
         m.reset_fp8_stats()
 
 
-_F = {name: i for i, name in enumerate(COUNTER_FIELDS)}
-
-
 def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) -> dict[str, float]:
     """Counters of every FP8 tensor of ``model`` since the last reset, as flat metric keys.
 
@@ -103,12 +101,15 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
     ``fp8/<module>/<role>/{overflow,underflow,amax,snr_db}``. Always, per role over all modules:
     ``fp8/<role>/{overflow,underflow,overflow_frac,underflow_frac,amax,snr_db}`` (snr over all
     elements: Σsignal/Σnoise; amax the maximum), and ``fp8/overflow``, ``fp8/underflow`` totals.
-    An empty dict for a model without FP8 layers. One device-to-host copy.
+    An empty dict for a model without FP8 layers. One device-to-host copy. Under
+    torch.distributed the counts cover every rank's shard of the batch (collective: call it on
+    every rank).
     """
     mods = fp8_modules(model)
     if not mods:
         return {}
-    table = torch.stack([m.fp8_counters.detach() for _, m in mods]).cpu()  # [modules, roles, fields]
+    # [modules, roles, fields]
+    table = sum_counters_over_ranks(torch.stack([m.fp8_counters.detach() for _, m in mods])).cpu()
     if reset:
         reset_fp8_stats(model)
     out: dict[str, float] = {}
@@ -117,23 +118,23 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
         for (name, m), mod_rows in zip(mods, rows):
             for role, r in zip(ROLES, mod_rows):
                 key = f"fp8/{name}/{role}"
-                out[f"{key}/overflow"] = r[_F["overflow"]]
-                out[f"{key}/underflow"] = r[_F["underflow"]]
-                out[f"{key}/amax"] = r[_F["amax"]]
-                out[f"{key}/snr_db"] = _snr_db(r[_F["signal"]], r[_F["noise"]])
+                out[f"{key}/overflow"] = r[Col.OVERFLOW]
+                out[f"{key}/underflow"] = r[Col.UNDERFLOW]
+                out[f"{key}/amax"] = r[Col.AMAX]
+                out[f"{key}/snr_db"] = _snr_db(r[Col.SIGNAL], r[Col.NOISE])
     tot = table.sum(0)  # [roles, fields]
-    amax = table[:, :, _F["amax"]].amax(0)
+    amax = table[:, :, Col.AMAX].amax(0)
     for ri, role in enumerate(ROLES):
         t = tot[ri].tolist()
-        numel = t[_F["numel"]]
-        out[f"fp8/{role}/overflow"] = t[_F["overflow"]]
-        out[f"fp8/{role}/underflow"] = t[_F["underflow"]]
-        out[f"fp8/{role}/overflow_frac"] = t[_F["overflow"]] / numel if numel else 0.0
-        out[f"fp8/{role}/underflow_frac"] = t[_F["underflow"]] / numel if numel else 0.0
+        numel = t[Col.NUMEL]
+        out[f"fp8/{role}/overflow"] = t[Col.OVERFLOW]
+        out[f"fp8/{role}/underflow"] = t[Col.UNDERFLOW]
+        out[f"fp8/{role}/overflow_frac"] = t[Col.OVERFLOW] / numel if numel else 0.0
+        out[f"fp8/{role}/underflow_frac"] = t[Col.UNDERFLOW] / numel if numel else 0.0
         out[f"fp8/{role}/amax"] = float(amax[ri])
-        out[f"fp8/{role}/snr_db"] = _snr_db(t[_F["signal"]], t[_F["noise"]])
-    out["fp8/overflow"] = float(tot[:, _F["overflow"]].sum())
-    out["fp8/underflow"] = float(tot[:, _F["underflow"]].sum())
+        out[f"fp8/{role}/snr_db"] = _snr_db(t[Col.SIGNAL], t[Col.NOISE])
+    out["fp8/overflow"] = float(tot[:, Col.OVERFLOW].sum())
+    out["fp8/underflow"] = float(tot[:, Col.UNDERFLOW].sum())
     return out
 
 

@@ -37,14 +37,16 @@ delayed-scaling history).
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from steadylm.errors import ConfigError
 from steadylm.precision.formats import E4M3, E5M2, FP8Format, fp8_mm
 
-__all__ = ["FP8Linear", "ROLES", "COUNTER_FIELDS", "SCALINGS", "STATS_MODES", "quantize"]
+__all__ = ["COUNTER_FIELDS", "Col", "sum_counters_over_ranks", "FP8Linear", "ROLES", "SCALINGS", "STATS_MODES", "quantize"]
 
 ROLES = ("input", "weight", "grad_output")
 ROLE_FORMATS = (E4M3, E4M3, E5M2)
@@ -53,7 +55,49 @@ STATS_MODES = ("sampled", "full", "counts")
 
 # columns of the per-role counter row (float64, so element counts stay exact past 2^24)
 COUNTER_FIELDS = ("overflow", "underflow", "numel", "signal", "noise", "calls", "amax", "last_amax", "last_scale")
-_OVF, _UNF, _NUMEL, _SIG, _NOISE, _CALLS, _AMAX, _LAST_AMAX, _LAST_SCALE = range(len(COUNTER_FIELDS))
+
+
+
+class Col(IntEnum):
+    """Column of a counter row, by name (the order of ``COUNTER_FIELDS``)."""
+
+    OVERFLOW = 0
+    UNDERFLOW = 1
+    NUMEL = 2
+    SIGNAL = 3
+    NOISE = 4
+    CALLS = 5
+    AMAX = 6
+    LAST_AMAX = 7
+    LAST_SCALE = 8
+
+
+assert tuple(c.name.lower() for c in Col) == COUNTER_FIELDS
+#: Columns that add up over ranks and calls (the rest are maxima or last values).
+SUMMED_COLS = (Col.OVERFLOW, Col.UNDERFLOW, Col.NUMEL, Col.SIGNAL, Col.NOISE, Col.CALLS)
+
+
+def sum_counters_over_ranks(counters: torch.Tensor) -> torch.Tensor:
+    """Counter rows (``[..., len(COUNTER_FIELDS)]``) with the counts summed over ranks (a copy;
+    collective under torch.distributed, the input itself in one process). amax and scales are
+    identical on every rank already (see :func:`_global_amax`)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counters
+    counters = counters.clone()
+    summed = counters[..., list(SUMMED_COLS)].contiguous()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    counters[..., list(SUMMED_COLS)] = summed
+    return counters
+
+
+def _global_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The amax over every rank's shard of the batch (SPEC §6): N ranks then quantise exactly as
+    one process with the whole batch would, and the delayed-scaling histories stay identical.
+    A no-op (and no collective) in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        amax = amax.clone()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+    return amax
 _TINY = 1e-30  # floor for amax so an all-zero tensor gets a finite scale
 
 
@@ -85,7 +129,7 @@ def quantize(
     """
     xf = x.float()
     ax = xf.abs()
-    amax_now = ax.amax() if xf.numel() else xf.new_zeros(())
+    amax_now = _global_amax(ax.amax() if xf.numel() else xf.new_zeros(()))
     if history is None:
         amax_used = amax_now
     else:
@@ -111,12 +155,12 @@ def quantize(
         else:
             signal = noise = xf.new_zeros(())
         one = xf.new_ones(())
-        counters[: _CALLS + 1] += torch.stack(
-            [overflow.float(), underflow.float(), one * xf.numel(), signal, noise, one]
-        ).to(counters.dtype)
-        counters[_AMAX] = torch.maximum(counters[_AMAX], amax_now.to(counters.dtype))
-        counters[_LAST_AMAX] = amax_now
-        counters[_LAST_SCALE] = scale
+        increments = {Col.OVERFLOW: overflow.float(), Col.UNDERFLOW: underflow.float(),
+                      Col.NUMEL: one * xf.numel(), Col.SIGNAL: signal, Col.NOISE: noise, Col.CALLS: one}
+        counters[list(increments)] += torch.stack(list(increments.values())).to(counters.dtype)
+        counters[Col.AMAX] = torch.maximum(counters[Col.AMAX], amax_now.to(counters.dtype))
+        counters[Col.LAST_AMAX] = amax_now
+        counters[Col.LAST_SCALE] = scale
     return q, inv_scale
 
 
@@ -245,23 +289,28 @@ class FP8Linear(nn.Linear):
         self.fp8_counters.zero_()
 
     def read_fp8_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
-        """Counters per role as Python floats (one host sync); optionally zero them afterwards."""
-        rows = self.fp8_counters.detach().cpu().tolist()
+        """Counters per role as Python floats (one host sync); optionally zero them afterwards.
+
+        Under torch.distributed this is collective (every rank must call it): the counts are
+        summed over ranks, so they describe the whole global batch. amax and scales are already
+        identical on every rank (the amax is reduced with max before quantising).
+        """
+        rows = sum_counters_over_ranks(self.fp8_counters.detach()).cpu().tolist()
         if reset:
             self.reset_fp8_stats()
         out = {}
         for role, r in zip(ROLES, rows):
-            numel = r[_NUMEL]
+            numel = r[Col.NUMEL]
             out[role] = {
-                "overflow": r[_OVF],
-                "underflow": r[_UNF],
-                "overflow_frac": r[_OVF] / numel if numel else 0.0,
-                "underflow_frac": r[_UNF] / numel if numel else 0.0,
-                "amax": r[_AMAX],
-                "last_amax": r[_LAST_AMAX],
-                "last_scale": r[_LAST_SCALE],
-                "snr_db": _snr_db(r[_SIG], r[_NOISE]),  # NaN when not measured
-                "calls": r[_CALLS],
+                "overflow": r[Col.OVERFLOW],
+                "underflow": r[Col.UNDERFLOW],
+                "overflow_frac": r[Col.OVERFLOW] / numel if numel else 0.0,
+                "underflow_frac": r[Col.UNDERFLOW] / numel if numel else 0.0,
+                "amax": r[Col.AMAX],
+                "last_amax": r[Col.LAST_AMAX],
+                "last_scale": r[Col.LAST_SCALE],
+                "snr_db": _snr_db(r[Col.SIGNAL], r[Col.NOISE]),  # NaN when not measured
+                "calls": r[Col.CALLS],
             }
         return out
 

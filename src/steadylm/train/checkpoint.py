@@ -8,7 +8,9 @@ Layout of ``<run>/checkpoint/``::
     state.json             step and counters, optimizer hyper-parameters, numpy/python RNG,
                            the run's configs, and the SHA-256 of each file above; written last
 
-No pickle anywhere, so loading a checkpoint cannot execute code.
+No pickle anywhere, so loading a checkpoint cannot execute code. This is format 1, what
+single-process runs wrote before the trainer moved to ``torch.distributed.checkpoint`` (format 2,
+:mod:`steadylm.train.dcp`, sharded, any world size); :func:`load_checkpoint` reads both.
 
 Atomicity: a checkpoint is written into a fresh staging directory and fsynced; then the current
 ``checkpoint/`` is renamed to ``checkpoint.old/``, the staging directory to ``checkpoint/``, and
@@ -49,9 +51,11 @@ __all__ = [
 
 CHECKPOINT_DIRNAME = "checkpoint"
 _OLD_SUFFIX = ".old"
-_STAGING_PREFIX = ".checkpoint.staging-"
+STAGING_PREFIX = ".checkpoint.staging-"
 _FORMAT_VERSION = 1
-_STATE_FILE = "state.json"
+#: Checkpoints written by the trainer (``torch.distributed.checkpoint``, :mod:`steadylm.train.dcp`).
+DCP_FORMAT_VERSION = 2
+STATE_FILE = "state.json"
 
 
 @dataclass
@@ -69,7 +73,7 @@ class CheckpointState:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -77,7 +81,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _rng_json() -> dict[str, Any]:
+def rng_json() -> dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     return {
@@ -167,7 +171,7 @@ def _write_file(path: Path, data: bytes) -> None:
     write_and_sync(path, data)
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
+def swap_into_place(staging: Path, final: Path) -> None:
     """Make ``staging`` the checkpoint: current -> .old, staging -> current, drop .old."""
     old = final.with_name(final.name + _OLD_SUFFIX)
     if final.exists():
@@ -192,7 +196,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / CHECKPOINT_DIRNAME
-    for leftover in run_dir.glob(_STAGING_PREFIX + "*"):  # from a process killed mid-save
+    for leftover in run_dir.glob(STAGING_PREFIX + "*"):  # from a process killed mid-save
         shutil.rmtree(leftover, ignore_errors=True)
 
     model_tensors, aliases = _model_tensors(model)
@@ -200,7 +204,7 @@ def save_checkpoint(
     files = {
         "model.safetensors": save_safetensors(model_tensors),
         "optimizer.safetensors": save_safetensors(optim_tensors) if optim_tensors else save_safetensors({}),
-        "rng.safetensors": save_safetensors(_rng_tensors()),
+        "rng.safetensors": save_safetensors(rng_tensors()),
     }
     state = {
         "format_version": _FORMAT_VERSION,
@@ -209,19 +213,19 @@ def save_checkpoint(
         "configs": configs or {},
         "model_aliases": aliases,
         "optimizer": optim_meta,
-        "rng": _rng_json(),
+        "rng": rng_json(),
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
     }
 
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=run_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=run_dir))
     try:
         staging.chmod(0o755)  # mkdtemp gives 0700; a checkpoint is as readable as the run's files
         for name, data in files.items():
             _write_file(staging / name, data)
         # state.json last: a directory that has it has everything.
-        _write_file(staging / _STATE_FILE, json.dumps(state, indent=1, allow_nan=True).encode())
+        _write_file(staging / STATE_FILE, json.dumps(state, indent=1, allow_nan=True).encode())
         fsync_dir(staging)
-        _swap_into_place(staging, final)
+        swap_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -241,44 +245,47 @@ def find_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """
     run_dir = Path(run_dir)
     current = run_dir / CHECKPOINT_DIRNAME
-    if (current / _STATE_FILE).is_file():
+    if (current / STATE_FILE).is_file():
         return current
     previous = run_dir / (CHECKPOINT_DIRNAME + _OLD_SUFFIX)
-    if (previous / _STATE_FILE).is_file():
+    if (previous / STATE_FILE).is_file():
         return previous
     if current.is_dir():
-        raise CheckpointError(f"checkpoint {current} is incomplete: it has no {_STATE_FILE}")
+        raise CheckpointError(f"checkpoint {current} is incomplete: it has no {STATE_FILE}")
     return None
 
 
 def _read_verified(directory: Path, name: str, expected: dict[str, str]) -> dict[str, torch.Tensor]:
     path = directory / name
     if name not in expected:
-        raise CheckpointError(f"checkpoint {directory} is corrupt: {_STATE_FILE} lists no checksum for {name}")
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {STATE_FILE} lists no checksum for {name}")
     try:
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"checkpoint file {path} is missing or unreadable: {err.strerror or err}") from None
     if hashlib.sha256(data).hexdigest() != expected[name]:
-        raise CheckpointError(f"checkpoint file {path} is corrupt (SHA-256 does not match {_STATE_FILE})")
+        raise CheckpointError(f"checkpoint file {path} is corrupt (SHA-256 does not match {STATE_FILE})")
     try:
         return load_safetensors(data)
     except Exception as err:  # noqa: BLE001 - any parse failure means a corrupt file
         raise CheckpointError(f"checkpoint file {path} is corrupt: {err}") from None
 
 
-def _read_state(directory: Path) -> dict[str, Any]:
-    path = directory / _STATE_FILE
+def read_state_json(directory: Path) -> dict[str, Any]:
+    path = directory / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {err}") from None
-    if not isinstance(state, dict) or state.get("format_version") != _FORMAT_VERSION:
+    versions = (_FORMAT_VERSION, DCP_FORMAT_VERSION)
+    if not isinstance(state, dict) or state.get("format_version") not in versions:
         raise CheckpointError(
             f"checkpoint file {path} is corrupt or has an unsupported format "
-            f"(expected format_version {_FORMAT_VERSION})"
+            f"(expected format_version in {list(versions)})"
         )
-    for key in ("step", "sha256", "optimizer", "rng"):
+    required = ("step", "sha256", "world_size") if state["format_version"] == DCP_FORMAT_VERSION else (
+        "step", "sha256", "optimizer", "rng")
+    for key in required:
         if key not in state:
             raise CheckpointError(f"checkpoint file {path} is corrupt: missing {key!r}")
     return state
@@ -287,7 +294,7 @@ def _read_state(directory: Path) -> dict[str, Any]:
 def read_checkpoint_state(directory: str | os.PathLike[str]) -> CheckpointState:
     """Step, counters and configs of a checkpoint, without loading any tensors."""
     directory = Path(directory)
-    state = _read_state(directory)
+    state = read_state_json(directory)
     return CheckpointState(int(state["step"]), state.get("counters", {}), state.get("configs", {}), directory)
 
 
@@ -305,7 +312,12 @@ def load_checkpoint(
     their saved values, even where a module's post-load hook would recompute them.
     """
     directory = Path(directory)
-    state = _read_state(directory)
+    state = read_state_json(directory)
+    if state["format_version"] == DCP_FORMAT_VERSION:
+        from steadylm.train.dcp import load_dcp_checkpoint
+
+        state = load_dcp_checkpoint(directory, model, optimizer, restore_rng=restore_rng)
+        return CheckpointState(int(state["step"]), state.get("counters", {}), state.get("configs", {}), directory)
     checksums = state["sha256"]
     model_tensors = _read_verified(directory, "model.safetensors", checksums)
     optim_tensors = _read_verified(directory, "optimizer.safetensors", checksums) if optimizer else {}

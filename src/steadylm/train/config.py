@@ -9,14 +9,14 @@ from typing import Any
 
 from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
+from steadylm.precision.apply import SCOPES as _FP8_SCOPES
+from steadylm.precision.backends import FP8_BACKENDS
+from steadylm.precision.backends import TORCHAO_RECIPES as FP8_RECIPES
+from steadylm.precision.linear import SCALINGS as _FP8_SCALINGS
 
 __all__ = ["FP8_BACKENDS", "FP8_RECIPES", "PRECISIONS", "TrainConfig", "lr_at"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
-_FP8_SCOPES: tuple[str, ...] = ("ffn", "all")
-_FP8_SCALINGS: tuple[str, ...] = ("current", "delayed")
-FP8_BACKENDS: tuple[str, ...] = ("steadylm", "torchao")
-FP8_RECIPES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:

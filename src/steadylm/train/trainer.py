@@ -41,15 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steadylm.errors import CheckpointError, ConfigError, DivergenceError
+from steadylm.distributed.config import ParallelConfig
+from steadylm.distributed.env import DistEnv, all_reduce_mean, all_reduce_sum_, broadcast_object
+from steadylm.distributed.parallelize import parallelize
+from steadylm.errors import CheckpointError, ConfigError, DataError, DivergenceError, SteadyLMError
 from steadylm.train.atomic import atomic_write_text
 from steadylm.train.checkpoint import (
     CHECKPOINT_DIRNAME,
+    DCP_FORMAT_VERSION,
     find_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
-    save_checkpoint,
+    read_state_json,
 )
+from steadylm.train.dcp import save_dcp_checkpoint
 from steadylm.train.config import TrainConfig, lr_at
 from steadylm.train.metrics import MetricsLog
 
@@ -130,18 +135,6 @@ def _default_model_factory(model_config: Any) -> nn.Module:
     return build_model(model_config)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"TrainConfig.device {name!r} is not a torch device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"TrainConfig.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -153,12 +146,80 @@ def _float(x: torch.Tensor | float) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+@dataclass
+class _RunState:
+    """What a run carries from step to step. ``counters()`` is what a checkpoint saves."""
+
+    step: int = 0  # the last optimizer step applied
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    start_loss: float | None = None
+    loss_above_start_at: int | None = None
+    final_loss: float | None = None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    resumed_from: int | None = None
+    last_checkpoint: Path | None = None
+    diverged_at: int | None = None
+    divergence_reason: str | None = None
+    # tokens and compute time since the last metrics row (its tokens_per_s); not saved
+    window_tokens: int = 0
+    window_time: float = 0.0
+
+    _SAVED = ("tokens_seen", "train_time_s", "start_loss", "loss_above_start_at", "final_loss",
+              "final_val_loss", "best_val_loss")
+
+    def counters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._SAVED}
+
+    def restore(self, step: int, counters: dict[str, Any]) -> None:
+        self.step = self.resumed_from = step
+        for name in self._SAVED:
+            if name in counters:
+                setattr(self, name, counters[name])
+
+    def record_train_step(self, step: int, loss: float, tokens: int, seconds: float, warmup_steps: int) -> None:
+        self.step = step
+        self.tokens_seen += tokens
+        self.train_time_s += seconds
+        self.final_loss = loss
+        self.window_tokens += tokens
+        self.window_time += seconds
+        if self.start_loss is None:
+            self.start_loss = loss
+        elif self.loss_above_start_at is None and step > warmup_steps and loss > self.start_loss:
+            self.loss_above_start_at = step
+
+    def record_val_loss(self, step: int, val_loss: float) -> None:
+        if not math.isfinite(val_loss):
+            self.diverged_at, self.divergence_reason = step, f"non-finite validation loss ({val_loss})"
+            return
+        self.final_val_loss = val_loss
+        self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
+
+    def take_window_rate(self) -> float:
+        rate = self.window_tokens / self.window_time if self.window_time > 0 else 0.0
+        self.window_tokens, self.window_time = 0, 0.0
+        return rate
+
+
+@dataclass
+class _StepOutput:
+    loss: float
+    grad_norm: float
+    lr: float
+    probe_metrics: dict[str, float]
+
+
 class Trainer:
     """Trains ``model_factory(model_config)`` on ``data`` with ``train_config`` into ``out_dir``.
 
     ``model_factory`` defaults to :func:`steadylm.models.build_model`; the model must provide
     ``model(tokens) -> logits`` and may provide ``param_groups(weight_decay)``,
     ``after_optimizer_step(step, total_steps)`` and ``num_params()``.
+    ``parallel`` applies data parallelism (DDP or FSDP2) when a process group is initialised
+    (``torchrun``; see :func:`steadylm.distributed.env.init_distributed`); every rank constructs
+    the same Trainer and calls :meth:`run`.
     After :meth:`run`, ``trainer.model`` is the trained model (last state, or the state at the
     diverged step's forward).
     """
@@ -173,6 +234,8 @@ class Trainer:
         *,
         callbacks: Sequence[TrainCallback | Callable[[dict[str, Any]], None]] = (),
         model_factory: Callable[[Any], nn.Module] | None = None,
+        parallel: ParallelConfig | None = None,
+        extra_configs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(train_config, TrainConfig):
             raise ConfigError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
@@ -184,9 +247,13 @@ class Trainer:
         self.probes = list(probes)
         self.callbacks = list(callbacks)
         self.model_factory = model_factory or _default_model_factory
+        self.parallel = parallel or ParallelConfig()
+        self.extra_configs = dict(extra_configs or {})
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.env = DistEnv.current()
         self._check_data_fits_model()
+        self._check_batch_split()
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -205,11 +272,20 @@ class Trainer:
                 f"ModelConfig.max_seq_len ({max_seq_len}) must be >= the data's seq_len ({self.data.seq_len})"
             )
 
+    def _check_batch_split(self) -> None:
+        parts = self.env.world_size * self.config.grad_accum
+        if self.config.batch_size % parts:
+            raise ConfigError(
+                f"train.batch_size ({self.config.batch_size}) must be a multiple of world size × "
+                f"grad_accum ({self.env.world_size} × {self.config.grad_accum} = {parts})"
+            )
+
     def _configs(self) -> dict[str, Any]:
         return {
             "model": _config_dict(self.model_config),
             "train": self.config.to_dict(),
             "data": self.data.describe() if hasattr(self.data, "describe") else {},
+            **self.extra_configs,
         }
 
     def _build(self, device: torch.device) -> None:
@@ -217,10 +293,12 @@ class Trainer:
         seed_everything(cfg.seed)
         model = self.model_factory(self.model_config)
         if cfg.precision == "fp8":
-            from steadylm.precision import apply_fp8  # lazy: fp32/bf16 runs never need it
+            from steadylm.precision import apply_fp8_backend  # lazy: fp32/bf16 runs never need it
 
-            apply_fp8(model, scope=cfg.fp8_scope, scaling=cfg.fp8_scaling)
+            apply_fp8_backend(model, backend=cfg.fp8_backend, scope=cfg.fp8_scope, scaling=cfg.fp8_scaling,
+                              recipe=cfg.fp8_recipe, fsdp=self.parallel.mode == "fsdp")
         model.to(device)
+        self._parallel = parallelize(model, self.parallel, self.env, device)
         if hasattr(model, "param_groups"):
             groups = model.param_groups(cfg.weight_decay)
         else:
@@ -241,6 +319,22 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         return {"total": total, "active": total}
 
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error (so a bad
+        run directory fails every rank with the same message instead of hanging the others)."""
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.env.is_main:
+            try:
+                outcome = ("ok", fn())
+            except SteadyLMError as err:
+                outcome = (type(err).__name__, str(err))
+        outcome = broadcast_object(outcome)
+        if outcome[0] != "ok":
+            error_type = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError)}.get(
+                outcome[0], SteadyLMError)
+            raise error_type(outcome[1])
+        return outcome[1]
+
     # ------------------------------------------------------------------------------------------
     # pieces of a step
     # ------------------------------------------------------------------------------------------
@@ -250,29 +344,98 @@ class Trainer:
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> torch.Tensor:
-        assert self.model is not None
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+              module: nn.Module | None = None) -> torch.Tensor:
+        module = module if module is not None else self.model
+        assert module is not None
         with self._autocast(device):
-            logits = self.model(inputs)
+            logits = module(inputs)
         # The loss in fp32 whatever the compute precision: bf16 log-softmax over the vocabulary
         # would add noise that looks like instability.
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
+    def _shard(self) -> dict[str, Any]:
+        # Rows of the global batch this rank trains on; omitted in one process (any data object
+        # with the plain TokenData interface works there).
+        return {"shard": (self.env.rank, self.env.world_size)} if self.env.world_size > 1 else {}
+
+    def _train_step(self, step: int, device: torch.device) -> _StepOutput:
+        """Forward and backward of the step's global batch (this rank's rows, in ``grad_accum``
+        micro-batches), probes, and the clipped global gradient norm. The optimizer is not
+        stepped: the caller decides after the divergence guard."""
+        assert self.model is not None and self.optimizer is not None
+        cfg, model = self.config, self.model
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        inputs, targets = self.data.train_batch(step - 1, cfg.batch_size, cfg.seed, device=device, **self._shard())
+
+        for probe in self.probes:
+            probe.begin_step(step, model)
+        accum = cfg.grad_accum
+        micro_inputs, micro_targets = inputs.chunk(accum), targets.chunk(accum)
+        loss_sum: torch.Tensor | None = None
+        for index, (x, y) in enumerate(zip(micro_inputs, micro_targets)):
+            with self._parallel.no_sync(sync=index == accum - 1):
+                loss = self._loss(x, y, device, self._parallel.forward_module)
+                (loss if accum == 1 else loss / accum).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        assert loss_sum is not None
+        loss_mean = all_reduce_mean(loss_sum if accum == 1 else loss_sum / accum)
+        probe_metrics: dict[str, float] = {}
+        for probe in self.probes:
+            probe_metrics.update(probe.end_step(step, model) or {})
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
+        return _StepOutput(_float(loss_mean), _float(grad_norm), lr, probe_metrics)
+
     @torch.no_grad()
     def _evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+        """Mean validation loss per token over the fixed batches (this rank's rows, summed over ranks)."""
         assert self.model is not None
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         try:
             for inputs, targets in batches:
-                total += _float(self._loss(inputs, targets, device)) * targets.numel()
+                total += _float(self._loss(inputs, targets, device, self._parallel.forward_module)) * targets.numel()
                 count += targets.numel()
         finally:
             self.model.train(was_training)
+        if self.env.world_size > 1:
+            sums = all_reduce_sum_(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+            total, count = float(sums[0].item()), int(sums[1].item())
         return total / count
 
+    def _save(self, step: int, state: _RunState, metrics: MetricsLog | None) -> None:
+        assert self.model is not None and self.optimizer is not None
+        if metrics is not None:
+            metrics.sync()
+        state.last_checkpoint = save_dcp_checkpoint(
+            self.out_dir, self.model, self.optimizer, step,
+            counters=state.counters(), configs=self._configs(), env=self.env,
+        )
+        self._emit("on_checkpoint", step, state.last_checkpoint)
+
+    def _restore(self, checkpoint: Path, state: _RunState, metrics: MetricsLog | None) -> None:
+        assert self.model is not None and self.optimizer is not None
+        format_version = read_state_json(checkpoint)["format_version"]
+        if format_version != DCP_FORMAT_VERSION and self._parallel.mode == "fsdp":
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is in the single-process format of steadylm 0.1; resume it "
+                "once without --parallel fsdp (it is then saved in the sharded format)"
+            )
+        saved = load_checkpoint(checkpoint, self.model, self.optimizer)
+        state.restore(saved.step, saved.counters)
+        state.last_checkpoint = checkpoint
+        if metrics is not None:
+            metrics.truncate_after(saved.step)
+
     def _emit(self, method: str, *args: Any) -> None:
+        if not self.env.is_main:
+            return
         for callback in self.callbacks:
             handler = getattr(callback, method, None)
             if handler is None and method == "on_log" and callable(callback):
@@ -280,12 +443,16 @@ class Trainer:
             if handler is not None:
                 handler(*args)
 
+    def _log(self, metrics: MetricsLog | None, row: dict[str, Any]) -> None:
+        if metrics is not None:
+            self._emit("on_log", metrics.append(row))
+
     # ------------------------------------------------------------------------------------------
     # run
     # ------------------------------------------------------------------------------------------
 
     def _prepare_out_dir(self, resume: bool | str, metrics: MetricsLog) -> Path | None:
-        """Set up ``out_dir``; returns the checkpoint to resume from (None for a fresh run)."""
+        """Set up ``out_dir`` (rank 0); returns the checkpoint to resume from (None for a fresh run)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         configs = self._configs()
         if resume == "auto":
@@ -337,8 +504,11 @@ class Trainer:
                                        or not 1 <= stop_after <= self.config.steps):
             raise ConfigError(f"stop_after must be an integer in [1, steps={self.config.steps}], got {stop_after!r}")
         threads_before = torch.get_num_threads()
-        if self.config.threads is not None:
-            torch.set_num_threads(self.config.threads)
+        threads = self.config.threads
+        if threads is None and self.env.world_size > 1:
+            threads = self.env.cpu_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
         try:
             return self._run(resume, stop_after or self.config.steps)
         finally:
@@ -346,153 +516,108 @@ class Trainer:
 
     def _run(self, resume: bool | str, last_step: int) -> TrainResult:
         cfg = self.config
-        device = _resolve_device(cfg.device)
-        metrics = MetricsLog(self.out_dir)
-        checkpoint_path = self._prepare_out_dir(resume, metrics)
+        device = self.env.device(cfg.device)
+        metrics = MetricsLog(self.out_dir) if self.env.is_main else None
+        checkpoint = self._on_main(lambda: self._prepare_out_dir(resume, metrics))  # type: ignore[arg-type]
         self._build(device)
         assert self.model is not None and self.optimizer is not None
-        model, optimizer = self.model, self.optimizer
+        state = _RunState()
+        if checkpoint is not None:
+            self._restore(Path(checkpoint), state, metrics)
 
-        counters: dict[str, Any] = {
-            "tokens_seen": 0, "train_time_s": 0.0, "start_loss": None, "loss_above_start_at": None,
-            "final_loss": None, "final_val_loss": None, "best_val_loss": None,
-        }
-        start_step, resumed_from, last_checkpoint = 0, None, None
-        if checkpoint_path is not None:
-            state = load_checkpoint(checkpoint_path, model, optimizer)
-            start_step = resumed_from = state.step
-            counters.update(state.counters)
-            last_checkpoint = checkpoint_path
-            metrics.truncate_after(start_step)
-
-        val_batches = self.data.val_batches(cfg.eval_batches, cfg.batch_size, device=device)
+        val_batches = self.data.val_batches(cfg.eval_batches, cfg.batch_size, device=device, **self._shard())
         tokens_per_step = cfg.batch_size * self.data.seq_len
-        diverged_at, reason = None, None
-        steps_done = start_step
-        window_tokens, window_time = 0, 0.0
-        model.train()
-
-        progress = _Progress(cfg, start_step)
+        self.model.train()
+        progress = _Progress(cfg, state.step, enabled=self.env.is_main)
         try:
-            for step in range(start_step + 1, last_step + 1):
+            for step in range(state.step + 1, last_step + 1):
                 t0 = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                inputs, targets = self.data.train_batch(step - 1, cfg.batch_size, cfg.seed, device=device)
-
-                for probe in self.probes:
-                    probe.begin_step(step, model)
-                loss = self._loss(inputs, targets, device)
-                loss.backward()
-                probe_metrics: dict[str, float] = {}
-                for probe in self.probes:
-                    probe_metrics.update(probe.end_step(step, model) or {})
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
-                loss_value, grad_norm_value = _float(loss), _float(grad_norm)
-
-                if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value):
-                    diverged_at = step
-                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                    reason = f"non-finite {what} ({loss_value if what == 'loss' else grad_norm_value})"
-                    optimizer.zero_grad(set_to_none=True)
-                    row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                           "tokens_seen": counters["tokens_seen"], "diverged": True, **probe_metrics}
-                    self._emit("on_log", metrics.append(row))
+                out = self._train_step(step, device)
+                if not math.isfinite(out.loss) or not math.isfinite(out.grad_norm):
+                    self._stop_diverged(step, out, state, metrics)
                     break
-
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if hasattr(model, "after_optimizer_step"):
-                    model.after_optimizer_step(step, cfg.steps)
-                steps_done = step
-
-                step_time = time.perf_counter() - t0
-                counters["tokens_seen"] += tokens_per_step
-                counters["train_time_s"] += step_time
-                counters["final_loss"] = loss_value
-                window_tokens += tokens_per_step
-                window_time += step_time
-                if counters["start_loss"] is None:
-                    counters["start_loss"] = loss_value
-                elif (counters["loss_above_start_at"] is None and step > cfg.warmup_steps
-                      and loss_value > counters["start_loss"]):
-                    counters["loss_above_start_at"] = step
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if hasattr(self.model, "after_optimizer_step"):
+                    self.model.after_optimizer_step(step, cfg.steps)
+                state.record_train_step(step, out.loss, tokens_per_step, time.perf_counter() - t0, cfg.warmup_steps)
 
                 is_last = step == cfg.steps
-                do_eval = is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                do_ckpt = is_last or step == last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
                 val_loss = None
-                if do_eval:
+                if is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
                     val_loss = self._evaluate(val_batches, device)
-                    if not math.isfinite(val_loss):
-                        diverged_at, reason = step, f"non-finite validation loss ({val_loss})"
-                    else:
-                        counters["final_val_loss"] = val_loss
-                        best = counters["best_val_loss"]
-                        counters["best_val_loss"] = val_loss if best is None else min(best, val_loss)
-
-                if do_eval or probe_metrics or is_last or step % cfg.log_every == 0 or diverged_at:
-                    row = {
-                        "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                        "tokens_per_s": window_tokens / window_time if window_time > 0 else 0.0,
-                        "tokens_seen": counters["tokens_seen"],
-                    }
-                    if val_loss is not None:
-                        row["val_loss"] = val_loss
-                    if diverged_at:
-                        row["diverged"] = True
-                    row.update(probe_metrics)
-                    window_tokens, window_time = 0, 0.0
-                    self._emit("on_log", metrics.append(row))
-                progress.update(step, loss_value, lr, counters, val_loss)
-                if diverged_at:
+                    state.record_val_loss(step, val_loss)
+                if (val_loss is not None or out.probe_metrics or is_last or step % cfg.log_every == 0
+                        or state.diverged_at):
+                    self._log_step(step, out, val_loss, state, metrics)
+                progress.update(step, out.loss, out.lr, state, val_loss)
+                if state.diverged_at:
                     break
-
-                if do_ckpt:
-                    metrics.sync()
-                    last_checkpoint = save_checkpoint(
-                        self.out_dir, model, optimizer, step, counters=counters, configs=self._configs()
-                    )
-                    self._emit("on_checkpoint", step, last_checkpoint)
+                if is_last or step == last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
+                    self._save(step, state, metrics)
         finally:
             progress.close()
-            metrics.sync()
-            metrics.close()
+            if metrics is not None:
+                metrics.sync()
+                metrics.close()
 
-        if diverged_at is not None:
-            progress.note(f"diverged at step {diverged_at}: {reason}; last good checkpoint: "
-                          f"{last_checkpoint or 'none'}")
-        train_time = float(counters["train_time_s"])
+        if state.diverged_at is not None:
+            progress.note(f"diverged at step {state.diverged_at}: {state.divergence_reason}; last good "
+                          f"checkpoint: {state.last_checkpoint or 'none'}")
+        return self._result(state)
+
+    def _stop_diverged(self, step: int, out: _StepOutput, state: _RunState, metrics: MetricsLog | None) -> None:
+        """A non-finite loss or gradient norm: drop the poisoned gradients and log the step."""
+        assert self.optimizer is not None
+        what = "loss" if not math.isfinite(out.loss) else "gradient norm"
+        state.diverged_at = step
+        state.divergence_reason = f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm})"
+        self.optimizer.zero_grad(set_to_none=True)
+        self._log(metrics, {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                            "tokens_seen": state.tokens_seen, "diverged": True, **out.probe_metrics})
+
+    def _log_step(self, step: int, out: _StepOutput, val_loss: float | None, state: _RunState,
+                  metrics: MetricsLog | None) -> None:
+        row: dict[str, Any] = {
+            "step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+            "tokens_per_s": state.take_window_rate(), "tokens_seen": state.tokens_seen,
+        }
+        if val_loss is not None:
+            row["val_loss"] = val_loss
+        if state.diverged_at:
+            row["diverged"] = True
+        row.update(out.probe_metrics)
+        self._log(metrics, row)
+
+    def _result(self, state: _RunState) -> TrainResult:
         return TrainResult(
-            steps_done=steps_done,
-            total_steps=cfg.steps,
-            final_loss=counters["final_loss"],
-            final_val_loss=counters["final_val_loss"],
-            best_val_loss=counters["best_val_loss"],
-            diverged_at=diverged_at,
-            divergence_reason=reason,
-            loss_above_start_at=counters["loss_above_start_at"],
-            start_loss=counters["start_loss"],
-            tokens_seen=int(counters["tokens_seen"]),
-            tokens_per_s=counters["tokens_seen"] / train_time if train_time > 0 else 0.0,
-            train_time_s=train_time,
-            resumed_from=resumed_from,
+            steps_done=state.step,
+            total_steps=self.config.steps,
+            final_loss=state.final_loss,
+            final_val_loss=state.final_val_loss,
+            best_val_loss=state.best_val_loss,
+            diverged_at=state.diverged_at,
+            divergence_reason=state.divergence_reason,
+            loss_above_start_at=state.loss_above_start_at,
+            start_loss=state.start_loss,
+            tokens_seen=int(state.tokens_seen),
+            tokens_per_s=state.tokens_seen / state.train_time_s if state.train_time_s > 0 else 0.0,
+            train_time_s=float(state.train_time_s),
+            resumed_from=state.resumed_from,
             num_params=self._num_params(),
             out_dir=self.out_dir,
             config_path=self.out_dir / "config.json",
-            metrics_jsonl=metrics.jsonl_path,
-            metrics_csv=metrics.csv_path,
-            checkpoint_dir=last_checkpoint,
+            metrics_jsonl=self.out_dir / "metrics.jsonl",
+            metrics_csv=self.out_dir / "metrics.csv",
+            checkpoint_dir=state.last_checkpoint,
         )
 
 
 class _Progress:
     """A rich progress bar on stderr, shown only on a terminal unless forced by the config."""
 
-    def __init__(self, config: TrainConfig, start_step: int) -> None:
-        enabled = config.progress if config.progress is not None else sys.stderr.isatty()
+    def __init__(self, config: TrainConfig, start_step: int, *, enabled: bool = True) -> None:
+        enabled = enabled and (config.progress if config.progress is not None else sys.stderr.isatty())
         self._progress = None
         if not enabled:
             return
@@ -511,13 +636,13 @@ class _Progress:
         self._progress.start()
         self._task = self._progress.add_task("train", total=config.steps, completed=start_step, info="")
 
-    def update(self, step: int, loss: float, lr: float, counters: dict[str, Any], val_loss: float | None) -> None:
+    def update(self, step: int, loss: float, lr: float, state: _RunState, val_loss: float | None) -> None:
         if self._progress is None:
             return
-        rate = counters["tokens_seen"] / counters["train_time_s"] if counters["train_time_s"] else 0.0
+        rate = state.tokens_seen / state.train_time_s if state.train_time_s else 0.0
         info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:,.0f} tok/s"
-        if counters.get("final_val_loss") is not None:
-            info += f"  val {counters['final_val_loss']:.3f}"
+        if state.final_val_loss is not None:
+            info += f"  val {state.final_val_loss:.3f}"
         self._progress.update(self._task, completed=step, info=info)
 
     def note(self, message: str) -> None:

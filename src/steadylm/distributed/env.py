@@ -1,0 +1,140 @@
+"""Who am I in a multi-process run: the process group ``torchrun`` describes, and helpers that are
+no-ops in a single process (so the trainer has one code path)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from steadylm.errors import ConfigError
+
+__all__ = [
+    "DistEnv",
+    "all_reduce_max_",
+    "all_reduce_mean",
+    "all_reduce_sum_",
+    "barrier",
+    "broadcast_object",
+    "init_distributed",
+    "is_distributed",
+    "shutdown_distributed",
+]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Rank layout of this process (``rank == 0, world_size == 1`` without a process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> DistEnv:
+        if not is_distributed():
+            return cls()
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
+
+    def device(self, requested: str) -> torch.device:
+        """The device of this rank for a ``TrainConfig.device`` value: ``auto``/``cuda`` on a
+        multi-process run mean ``cuda:LOCAL_RANK``."""
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise ConfigError(f"train.device {requested!r} is not a torch device: {err}") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"train.device is {requested!r} but CUDA is not available; use 'cpu' or 'auto'")
+            if device.index is None:
+                device = torch.device("cuda", self.local_rank if self.world_size > 1 else torch.cuda.current_device())
+            torch.cuda.set_device(device)
+        return device
+
+    def cpu_threads(self) -> int:
+        """Intra-op threads per rank on CPU: the cores this process may use, shared by the ranks
+        of this node."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, self.local_world_size))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group ``torchrun`` set up (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the
+    environment); a plain process stays single. Returns this process's :class:`DistEnv`.
+
+    ``backend`` defaults to nccl when CUDA is available, else gloo. ``timeout_s`` bounds how long
+    a collective waits for a dead or stalled peer before failing.
+    """
+    if is_distributed():
+        return DistEnv.current()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistEnv()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv.current()
+
+
+def shutdown_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``tensor`` over ranks in place (a no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a new tensor; the input itself in one process)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it (pickled; use for small control values only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,68 @@
+"""The FP8 backends a run can pick (``train.fp8_backend``).
+
+* ``steadylm``: :class:`~steadylm.precision.FP8Linear` — per-tensor current or delayed scaling, and
+  the counters (overflow, underflow, amax, SNR) the lab reports.
+* ``torchao``: torchao's float8 training (``convert_to_float8_training``) with one of its recipes
+  (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``) — what torchtitan uses; it composes with
+  FSDP2 (tensorwise scaling all-gathers the weights in float8 when
+  ``enable_fsdp_float8_all_gather`` is on, which :func:`apply_fp8_backend` sets for that recipe).
+  No counters. An optional dependency (``pip install steadylm[fp8]``).
+
+Both convert the same linears for a given ``scope`` (the FFN projections, or all but the head).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from steadylm.errors import ConfigError
+from steadylm.precision.apply import DEFAULT_EXCLUDE, _is_ffn_linear, apply_fp8
+
+__all__ = ["FP8_BACKENDS", "TORCHAO_RECIPES", "apply_fp8_backend"]
+
+FP8_BACKENDS = ("steadylm", "torchao")
+TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+def _torchao_float8():
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise ConfigError(
+            "train.fp8_backend 'torchao' needs torchao (pip install 'steadylm[fp8]' or pip install torchao); "
+            f"import failed: {err}"
+        ) from None
+    return Float8LinearConfig, convert_to_float8_training
+
+
+def apply_fp8_backend(model: nn.Module, *, backend: str = "steadylm", scope: str = "ffn",
+                      scaling: str = "current", recipe: str = "tensorwise", fsdp: bool = False) -> list[str]:
+    """Convert ``model``'s linears to FP8 in place with ``backend``; returns the converted names.
+
+    ``scaling`` applies to the steadylm backend, ``recipe`` to torchao; ``fsdp`` turns on torchao's
+    float8 all-gather (tensorwise only) for a model about to be sharded with FSDP2.
+    """
+    if backend not in FP8_BACKENDS:
+        raise ConfigError(f"train.fp8_backend must be one of {list(FP8_BACKENDS)}, got {backend!r}")
+    if backend == "steadylm":
+        return apply_fp8(model, scope=scope, scaling=scaling)
+    if recipe not in TORCHAO_RECIPES:
+        raise ConfigError(f"train.fp8_recipe must be one of {list(TORCHAO_RECIPES)}, got {recipe!r}")
+    config_cls, convert = _torchao_float8()
+    config = config_cls.from_recipe_name(recipe)
+    if fsdp and recipe == "tensorwise":
+        config = config_cls(enable_fsdp_float8_all_gather=True)
+    converted: list[str] = []
+
+    def keep(module: nn.Module, name: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        wanted = _is_ffn_linear(name) if scope == "ffn" else name.split(".")[-1] not in DEFAULT_EXCLUDE
+        # float8 matmuls need both dims divisible by 16 (torchao skips others with an error)
+        wanted = wanted and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        if wanted:
+            converted.append(name)
+        return wanted
+
+    convert(model, config=config, module_filter_fn=keep)
+    return converted

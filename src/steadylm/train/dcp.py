@@ -1,0 +1,244 @@
+"""Sharded, atomic checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of ``<run>/checkpoint/`` (``format_version`` 2)::
+
+    .metadata, __<rank>_0.distcp   model + optimizer state, as DCP writes it: each rank saves its
+                                   own shards (replicated tensors once), so the checkpoint loads at
+                                   any world size, sharded (FSDP2) or not (DDP, one process)
+    rng-rank<r>.safetensors        rank r's torch (and CUDA) generator states; python and numpy
+                                   generator states in its metadata
+    state.json                     step, data position, trainer counters, the run's configs, the
+                                   world size, and the SHA-256 of every file above; written last
+
+Atomicity is the one :mod:`steadylm.train.checkpoint` uses, across ranks: every rank writes into one
+staging directory; only after all ranks have written does rank 0 write ``state.json`` and swap the
+staging directory in by renames. A rank killed mid-write leaves ``checkpoint/`` (the last good one)
+untouched; the staging leftover is removed by the next save.
+
+DCP keeps its ``.metadata`` as a pickle: load checkpoints of your own runs. For sharing weights,
+export to the Hugging Face format (safetensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save_file as save_safetensors_file
+from torch import nn
+
+from steadylm.distributed.env import DistEnv, barrier, broadcast_object
+from steadylm.errors import CheckpointError
+from steadylm.train.atomic import fsync_dir, write_and_sync
+from steadylm.train.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    DCP_FORMAT_VERSION,
+    STAGING_PREFIX,
+    STATE_FILE,
+    read_state_json,
+    restore_rng_state,
+    rng_json,
+    rng_tensors,
+    swap_into_place,
+)
+
+__all__ = ["DCP_FORMAT_VERSION", "load_dcp_checkpoint", "save_dcp_checkpoint"]
+
+# Fault injection for the crash tests (a real SIGKILL of one rank between its shard write and the
+# commit): "STEP:RANK". Read on every save so a test can set it for a child process only.
+_KILL_ENV = "STEADYLM_TEST_KILL_IN_CHECKPOINT"
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns that it "assumes the intent" of a single-process save/load; that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def _save_rng(path: Path) -> None:
+    save_safetensors_file(rng_tensors(), str(path), metadata={"rng": json.dumps(rng_json())})
+
+
+def _restore_rng(path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = load_safetensors_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        states = json.loads((handle.metadata() or {})["rng"])
+    restore_rng_state(tensors, states)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fault_point(step: int, env: DistEnv) -> None:
+    target = os.environ.get(_KILL_ENV)
+    if target and target == f"{step}:{env.rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_dcp_checkpoint(
+    run_dir: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    *,
+    counters: dict[str, Any] | None = None,
+    configs: dict[str, Any] | None = None,
+    env: DistEnv | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoint/`` for the state after optimizer step ``step``; every rank calls
+    it (it is collective). Returns the checkpoint directory."""
+    import torch.distributed.checkpoint as dcp
+
+    env = env or DistEnv.current()
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT_DIRNAME
+    staging = run_dir / f"{STAGING_PREFIX}{step}"
+    error: str | None = None
+    if env.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in run_dir.glob(STAGING_PREFIX + "*"):  # from a process killed mid-save
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging.mkdir()
+        except OSError as err:
+            error = f"cannot create {staging}: {err.strerror or err}"
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd},
+                 storage_writer=dcp.FileSystemWriter(str(staging), sync_files=True))
+    _save_rng(staging / _rng_file(env.rank))
+    _fault_point(step, env)
+    barrier()  # every rank's files are on disk
+
+    if env.is_main:
+        try:
+            files = sorted(p.name for p in staging.iterdir() if p.is_file())
+            state = {
+                "format_version": DCP_FORMAT_VERSION,
+                "step": int(step),
+                "data_position": {"next_batch_index": int(step)},
+                "counters": counters or {},
+                "configs": configs or {},
+                "world_size": env.world_size,
+                "sha256": {name: _sha256(staging / name) for name in files},
+            }
+            write_and_sync(staging / STATE_FILE, json.dumps(state, indent=1, allow_nan=True).encode())
+            fsync_dir(staging)
+            swap_into_place(staging, final)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            error = f"cannot write checkpoint {final}: {err.strerror or err}"
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+    return final
+
+
+def _verify(directory: Path, state: dict[str, Any]) -> str | None:
+    for name, expected in state["sha256"].items():
+        path = directory / name
+        try:
+            if _sha256(path) != expected:
+                return f"checkpoint file {path} is corrupt (SHA-256 does not match {STATE_FILE})"
+        except OSError as err:
+            return f"checkpoint file {path} is missing or unreadable: {err.strerror or err}"
+    return None
+
+
+def load_dcp_checkpoint(
+    directory: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+    env: DistEnv | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_dcp_checkpoint` at any world size (collective).
+
+    Rank 0 checks every file against its SHA-256 first; a mismatch raises
+    :class:`CheckpointError` on every rank. Buffers get exactly their saved values (BHyT c_ℓ is not
+    recomputed), so a resumed run continues as the uninterrupted one would. The RNG of rank r is
+    restored from rank r's file when the saving run had that rank. Returns the ``state.json`` dict.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    env = env or DistEnv.current()
+    directory = Path(directory)
+    state = read_state_json(directory)
+    if state["format_version"] != DCP_FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {directory} is not a DCP checkpoint (format {state['format_version']})")
+    error = _verify(directory, state) if env.is_main else None
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    # The state dict aliases the model's own tensors; buffers get their own storage so that a
+    # post-load hook recomputing them (BHyT c_l) cannot overwrite the saved values before they
+    # are put back.
+    buffer_names = {name for name, _ in model.named_buffers()}
+    model_sd = {k: (v.clone() if k in buffer_names and isinstance(v, torch.Tensor) else v) for k, v in model_sd.items()}
+    to_load: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        to_load["optim"] = optim_sd
+    try:
+        with _quiet_single_process():
+            dcp.load(to_load, checkpoint_id=str(directory))
+    except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException / RuntimeError / KeyError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {directory} does not match the model: {first}") from None
+    set_model_state_dict(model, to_load["model"])
+    _put_back_buffers(model, to_load["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, to_load["optim"])
+    rng_path = directory / _rng_file(env.rank)
+    if restore_rng and rng_path.exists():
+        _restore_rng(rng_path)
+    return state
+
+
+@torch.no_grad()
+def _put_back_buffers(model: nn.Module, saved: dict[str, Any]) -> None:
+    # load_state_dict post-hooks may recompute buffers from the weights (BHyT c_l on load); a
+    # resumed run needs the values of the uninterrupted run at this step.
+    for name, buffer in model.named_buffers():
+        value = saved.get(name)
+        if isinstance(value, torch.Tensor) and value.shape == buffer.shape:
+            buffer.copy_(value)
