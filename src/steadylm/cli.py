@@ -15,6 +15,7 @@ from steadylm.errors import SteadyLMError
 
 # command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("steadylm.train.command", "train one run (one process, or many under torchrun with DDP/FSDP2)"),
     "compare": ("steadylm.lab.compare", "train the variants on a corpus and write a report with plots"),
     "stress": ("steadylm.lab.stress", "stress protocols: LR sweep, mid-training switch, FP8 vs bf16"),
     "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),

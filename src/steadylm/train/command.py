@@ -1,0 +1,126 @@
+"""``steadylm train``: one run from a run spec, on one process or many.
+
+::
+
+    steadylm train --out runs/x --preset micro --activation powlu --norm bhyt --steps 2000
+    steadylm train --out runs/x --config run.toml --set train.lr=1e-3
+    torchrun --standalone --nproc_per_node=8 -m steadylm train --out runs/x --parallel fsdp ...
+    steadylm train --out runs/x --resume          # continue runs/x with its saved spec
+
+Every rank parses the same arguments, so bad input fails on every rank with the same one-line
+error before any process group exists. Rank 0 writes the run directory (``config.json`` with the
+full run spec, ``metrics.jsonl``/``metrics.csv``); all ranks write the sharded checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from steadylm.errors import ConfigError
+from steadylm.train.spec import RunSpec, add_spec_arguments, spec_from_args
+
+__all__ = ["add_arguments", "build_data", "build_probes", "run", "train_from_spec"]
+
+#: Key of config.json that holds the whole run spec (``--resume`` without flags reuses it).
+RUN_SPEC_KEY = "run_spec"
+
+
+def _resume_mode(text: str) -> bool | str:
+    lowered = text.lower()
+    if lowered in ("auto",):
+        return "auto"
+    if lowered in ("true", "yes", "1"):
+        return True
+    raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="DIR", required=True,
+                        help="run directory: config.json, metrics.jsonl/.csv, checkpoint/")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                        help="continue from the checkpoint in --out (with its saved spec unless "
+                        "--config is given; flags still override); '--resume auto' starts fresh "
+                        "when there is no checkpoint, so a requeued job can always pass it")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="stop after this step with a checkpoint, as a preempted job would; "
+                        "--resume then finishes the same run")
+    add_spec_arguments(parser)
+
+
+def _saved_spec(out: Path) -> RunSpec | None:
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get(RUN_SPEC_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return RunSpec.from_dict(saved, source=str(path)) if isinstance(saved, dict) else None
+
+
+def build_data(spec: RunSpec) -> Any:
+    """The token data of ``spec.data`` (memory-mapped when it names a prepared directory)."""
+    from steadylm.data import prepare_data
+
+    d = spec.data
+    return prepare_data(d.path, vocab_size=d.vocab_size, seq_len=d.seq_len, val_fraction=d.val_fraction,
+                        seed=spec.split_seed, text_field=d.text_field, tokenizer=d.tokenizer)
+
+
+def build_probes(spec: RunSpec) -> list[Any]:
+    """The probes ``spec.probes`` asks for, sampling every ``train.probe_every`` steps.
+
+    Under DDP/FSDP2 every rank runs them (hooks are local and cheap); the stability statistics
+    describe rank 0's rows of the batch (what rank 0 logs); FP8 counters are summed over ranks.
+    """
+    every = max(1, spec.train.probe_every)
+    probes: list[Any] = []
+    if spec.probes.stability and spec.train.probe_every > 0:
+        from steadylm.probes import StabilityProbe
+
+        probes.append(StabilityProbe(every=every, grad_stats=spec.probes.grad_stats))
+    if (spec.probes.fp8 and spec.train.precision == "fp8" and spec.train.fp8_backend == "steadylm"
+            and spec.train.probe_every > 0):
+        from steadylm.precision import FP8Probe
+
+        probes.append(FP8Probe(every=every, per_module=False))
+    return probes
+
+
+def train_from_spec(spec: RunSpec, out: str | Path, *, resume: bool | str = False,
+                    stop_after: int | None = None, callbacks: tuple[Any, ...] = ()) -> Any:
+    """Train ``spec`` into ``out`` in this process (one rank of a process group if one is
+    initialised). Returns the :class:`~steadylm.train.TrainResult`."""
+    from steadylm.train.trainer import Trainer
+
+    data = build_data(spec)
+    trainer = Trainer(
+        spec.model_config(data.vocab_size), spec.train, data, out, build_probes(spec),
+        callbacks=callbacks, parallel=spec.parallel, extra_configs={RUN_SPEC_KEY: spec.to_dict()},
+    )
+    return trainer.run(resume=resume, stop_after=stop_after)
+
+
+def run(args: argparse.Namespace) -> int:
+    from steadylm.distributed.env import init_distributed, shutdown_distributed
+
+    out = Path(args.out)
+    base = _saved_spec(out) if args.resume else None
+    spec = spec_from_args(args, base=base)
+    if args.stop_after is not None and not 1 <= args.stop_after <= spec.train.steps:
+        raise ConfigError(f"--stop-after must be in [1, train.steps={spec.train.steps}], got {args.stop_after}")
+    env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s)
+    try:
+        result = train_from_spec(spec, out, resume=args.resume, stop_after=args.stop_after)
+    finally:
+        shutdown_distributed()
+    if env.is_main:
+        val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
+        state = (f"diverged at step {result.diverged_at}: {result.divergence_reason}" if result.diverged
+                 else f"{result.steps_done}/{result.total_steps} steps")
+        print(f"{out}: {state}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s "
+              f"({env.world_size} process{'es' if env.world_size > 1 else ''}, {spec.parallel.mode})")
+    return 1 if result.diverged else 0
