@@ -424,3 +424,64 @@ def test_cli_exit_code_in_a_real_process(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "data file not found" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# bounded memory at scale (slow: about 200 MB of text through steadylm data prepare)
+# ----------------------------------------------------------------------------------------------
+
+_MEASURE = """
+import json, resource, sys
+from steadylm.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc,
+                  "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def _generate_corpus(directory: Path, megabytes: int, seed: int = 0) -> int:
+    """Text files of about 4 MB, each the KJV's verses in a seeded random order; returns bytes."""
+    verses = [line for doc in load_kjv() for line in doc.splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    written, number = 0, 0
+    while written < megabytes * 1_000_000:
+        text = "\n".join(verses[i] for i in rng.permutation(len(verses))) + "\n"
+        (directory / f"part-{number:04d}.txt").write_text(text, encoding="utf-8")
+        written += len(text.encode("utf-8"))
+        number += 1
+    return written
+
+
+def _measured_prepare(source: Path, out: Path, tokenizer: Path, workers: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, "data", "prepare", str(source), str(out), "--tokenizer", str(tokenizer),
+         "--workers", str(workers), "--quiet"],
+        capture_output=True, text=True, timeout=3600, check=True,
+    )
+    lines = done.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    figures["summary"] = lines[0]
+    return figures
+
+
+@pytest.mark.slow
+def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
+    tokenizer = tmp_path / "kjv-bpe-4096.json"
+    tokenizer_module.train_tokenizer(load_kjv(), 4096).save(str(tokenizer))
+    runs = {}
+    for megabytes in (20, 200):
+        source = tmp_path / f"corpus-{megabytes}mb"
+        size = _generate_corpus(source, megabytes)
+        runs[megabytes] = _measured_prepare(source, tmp_path / f"out-{megabytes}", tokenizer, workers=2)
+        runs[megabytes]["corpus_mb"] = size / 1e6
+        print(f"\n{size / 1e6:.0f} MB corpus: {runs[megabytes]}")
+    small, big = runs[20], runs[200]
+    assert small["rc"] == big["rc"] == 0
+    # Ten times the corpus, the same memory (within 64 MB of allocator noise), per process.
+    assert big["main_peak_rss_mb"] < small["main_peak_rss_mb"] + 64, runs
+    assert big["worker_peak_rss_mb"] < small["worker_peak_rss_mb"] + 64, runs
+    assert big["main_peak_rss_mb"] < 0.5 * big["corpus_mb"], runs
+    data = prepare_data(tmp_path / "out-200", seq_len=128)
+    assert data.train_tokens.shape[0] > 40_000_000 and data.train_batch(10_000, 16, 0)[0].shape == (16, 128)

@@ -177,7 +177,9 @@ def encode_pieces(
     says it is the last piece of its document."""
     parts: list[np.ndarray] = []
     eos = np.array([eos_id], dtype=dtype)
-    for encoding, end in zip(tokenizer.encode_batch(list(pieces), add_special_tokens=False), ends):
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: same ids, about 2x faster.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    for encoding, end in zip(encode(list(pieces), add_special_tokens=False), ends):
         parts.append(np.asarray(encoding.ids, dtype=dtype))
         if end:
             parts.append(eos)
