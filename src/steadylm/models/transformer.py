@@ -18,6 +18,7 @@ from steadylm.errors import ConfigError
 from steadylm.models.attention import KVCache, RotaryEmbedding
 from steadylm.models.blocks import BHyTBlock, build_block
 from steadylm.models.config import ModelConfig
+from steadylm.models.generate import generate
 from steadylm.models.moe import MoE, Router
 from steadylm.models.forms import norm_kwargs
 from steadylm.nn import build_norm, scalar_parameter, upgrade_scalar_entries
@@ -106,23 +107,31 @@ class Transformer(nn.Module):
         With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``,
         which advances by ``seq``.
         """
+        return self.lm_head(self.hidden(tokens, kv_cache))
+
+    def hidden(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """The final-norm output ``[batch, seq, dim]`` for ``tokens`` (the LM head's input).
+
+        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``,
+        which advances by ``seq``.
+        """
         if tokens.dim() != 2:
             raise ConfigError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         seq = tokens.shape[1]
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + seq > self.config.max_seq_len:
-            raise ConfigError(
-                f"sequence of {start + seq} tokens exceeds max_seq_len ({self.config.max_seq_len})"
-            )
+        if kv_cache is None:
+            if seq > self.config.max_seq_len:
+                raise ConfigError(f"sequence of {seq} tokens exceeds max_seq_len ({self.config.max_seq_len})")
+            cos, sin = self.rope(0, seq)
+        else:
+            cos, sin = kv_cache.begin_forward(self.rope, seq)
         x = self.embed(tokens)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        cos, sin = self.rope(start, seq)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += seq
-        return self.lm_head(self.final_norm(x))
+            kv_cache.end_forward(seq)
+        return self.final_norm(x)
 
     # ------------------------------------------------------------------------------------------
     # generation
@@ -132,7 +141,6 @@ class Transformer(nn.Module):
         c = self.config
         return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim)
 
-    @torch.no_grad()
     def generate(
         self,
         tokens: Tensor,
@@ -141,55 +149,18 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
+        decode: str = "compiled",
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Continue ``tokens`` ``[batch, seq]`` by ``max_new_tokens`` sampled tokens.
 
-        ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens. Uses a KV cache;
-        once the sequence outgrows ``max_seq_len`` the context is cropped to the last
-        ``max_seq_len`` tokens (as nanoGPT does), which re-fills the cache. BHyT blocks compute
-        their per-layer scalar once for the call. Returns the extended tokens, and with
-        ``return_logits`` also the logits each new token was drawn from ``[batch, new, vocab]``.
+        ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens. ``decode``:
+        ``"compiled"`` (a compiled one-token step over a static KV cache, no recompiles or host
+        syncs per token) or ``"eager"``; see :mod:`steadylm.models.generate`. Once the sequence
+        outgrows ``max_seq_len`` the context is cropped to the last ``max_seq_len`` tokens. BHyT
+        blocks compute their per-layer scalar once for the call. Returns the extended tokens, and
+        with ``return_logits`` also the logits each new token was drawn from ``[batch, new, vocab]``.
         """
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ConfigError(f"tokens must be [batch, seq] with seq >= 1, got {tuple(tokens.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-
-        if max_new_tokens == 0:
-            empty = torch.zeros(tokens.shape[0], 0, self.config.vocab_size, device=tokens.device)
-            return (tokens, empty) if return_logits else tokens
-
-        context = self.config.max_seq_len
-        was_training = self.training
-        bhyt_blocks = [b for b in self.layers if isinstance(b, BHyTBlock)]
-        self.eval()
-        for block in bhyt_blocks:
-            block.begin_inference()
-        try:
-            cache = self.new_kv_cache(tokens.shape[0])
-            sequence = tokens
-            logits = self(sequence[:, -context:], kv_cache=cache)[:, -1].float()
-            drawn_from: list[Tensor] = []
-            for i in range(max_new_tokens):
-                next_token = _sample(logits, temperature, top_k, generator)
-                drawn_from.append(logits)
-                sequence = torch.cat([sequence, next_token], dim=1)
-                if i == max_new_tokens - 1:
-                    break
-                if cache.pos < context:
-                    logits = self(next_token, kv_cache=cache)[:, -1].float()
-                else:
-                    cache.reset()
-                    logits = self(sequence[:, -context:], kv_cache=cache)[:, -1].float()
-        finally:
-            for block in bhyt_blocks:
-                block.end_inference()
-            self.train(was_training)
-        return (sequence, torch.stack(drawn_from, dim=1)) if return_logits else sequence
+        return generate(self, tokens, max_new_tokens, temperature, top_k, generator, return_logits, decode)
 
     # ------------------------------------------------------------------------------------------
     # optimizer groups, counts, statistics
@@ -249,17 +220,6 @@ class Transformer(nn.Module):
 
 def _upgrade_embed_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     upgrade_scalar_entries(state_dict, prefix, ("embed_scale",))
-
-
-def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    """One token per row from ``logits`` ``[batch, vocab]`` -> ``[batch, 1]``."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 def build_model(config: ModelConfig, device: torch.device | str | None = None) -> Transformer:

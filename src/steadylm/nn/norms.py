@@ -130,6 +130,7 @@ class DyT(nn.Module):
         super().__init__()
         self.impl = check_impl(impl)
         self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self.alpha_init = float(alpha_init)  # α0, for re-initialisation (e.g. by HF's loader)
         self.alpha = scalar_parameter(alpha_init)
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self._op = resolve_op(self.impl, "dyt")
@@ -165,6 +166,7 @@ class BHyT(nn.Module):
         self.eps = _checked(functional.validate_eps, eps)
         self.impl = check_impl(impl)
         self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        self.lam_init = float(lam_init)  # λ0, for re-initialisation (e.g. by HF's loader)
         self.lam = scalar_parameter(lam_init)
         self._op = resolve_op(self.impl, "bhyt")
         self.register_load_state_dict_pre_hook(_upgrade_hook(("lam",)))
