@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),
     "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile)"),
     "data": ("steadylm.data.prepare", "data prepare SRC OUT: tokenize a corpus into memory-mapped token shards"),
+    "export": ("steadylm.integrations.export_command", "export RUN_DIR OUT_DIR: a run as a Hugging Face model directory"),
+    "import": ("steadylm.integrations.import_command", "import HF_DIR OUT_DIR: a Llama/Mistral/Qwen2/Qwen3 checkpoint as a steadylm model"),
 }
 
 
