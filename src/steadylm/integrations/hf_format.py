@@ -1,0 +1,262 @@
+"""The Hugging Face checkpoint format of steadylm models, read without importing transformers.
+
+Names (SPEC §6): steadylm's module names map to Hugging Face Llama names segment by segment::
+
+    embed.weight                      model.embed_tokens.weight
+    layers.3.attn.wq.weight           model.layers.3.self_attn.q_proj.weight
+    layers.3.attn_norm.lam            model.layers.3.input_layernorm.lam
+    layers.3.ffn.w_gate.weight        model.layers.3.mlp.gate_proj.weight
+    layers.3.bhyt_correction          model.layers.3.bhyt_correction
+    final_norm.weight                 model.norm.weight
+    lm_head.weight                    lm_head.weight
+
+Names without a Llama counterpart (λ, α, c_ℓ, Peri-LN post-norms, MoE routers and experts) keep
+their steadylm segment under the mapped parent. :data:`SEGMENTS` is the one table both
+directions and the module tree of the ``steadylm`` HF model type use.
+
+Import: :func:`import_hf` reads a local Llama-, Mistral-, Qwen2- or Qwen3-layout checkpoint (or an
+exported ``steadylm`` one) into a :class:`ModelConfig` and a steadylm state dict. It reads
+``config.json`` as JSON and weights from safetensors (``torch.load(weights_only=True)`` for a
+``pytorch_model.bin``); it never imports code from the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steadylm.errors import CheckpointError, ConfigError
+from steadylm.models import ModelConfig, Transformer, build_model
+
+__all__ = [
+    "SEGMENTS",
+    "SUPPORTED_ARCHITECTURES",
+    "hf_config_to_model_config",
+    "hf_name",
+    "import_hf",
+    "load_hf_model",
+    "plain_hf_architecture",
+    "steadylm_name",
+]
+
+
+#: steadylm module name -> Hugging Face module name (a bijection on path segments).
+SEGMENTS: dict[str, str] = {
+    "embed": "embed_tokens",
+    "final_norm": "norm",
+    "attn": "self_attn",
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn": "mlp",
+    "w_gate": "gate_proj",
+    "w_up": "up_proj",
+    "w_down": "down_proj",
+}
+_INVERSE: dict[str, str] = {v: k for k, v in SEGMENTS.items()}
+assert len(_INVERSE) == len(SEGMENTS), "SEGMENTS must be a bijection"
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a steadylm state-dict key (``lm_head`` stays top-level)."""
+    parts = [SEGMENTS.get(p, p) for p in name.split(".")]
+    return ".".join(parts) if parts[0] == "lm_head" else "model." + ".".join(parts)
+
+
+def steadylm_name(name: str) -> str:
+    """The steadylm state-dict key of a Hugging Face name (inverse of :func:`hf_name`)."""
+    parts = name.split(".")
+    if parts[0] == "model":
+        parts = parts[1:]
+    return ".".join(_INVERSE.get(p, p) for p in parts)
+
+
+#: Architectures :func:`import_hf` reads (``config.json`` ``architectures[0]``) -> model type.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "SteadyLMForCausalLM": "steadylm",
+}
+# hidden_act values of HF configs -> steadylm activation (SiLU-gated = SwiGLU).
+_HF_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "powlu": "powlu", "swiglu_clip": "swiglu_clip"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: not a Hugging Face model directory") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ConfigError(
+            f"config.json rope type {rope_type!r} is not supported (steadylm has plain RoPE: 'default')"
+        )
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of an HF ``config.json`` (a dict) of a supported architecture.
+
+    ``max_seq_len`` (the training context T, also c_ℓ's T) defaults to ``max_position_embeddings``.
+    Raises:
+        ConfigError: unsupported architecture (naming it and the supported ones) or a feature
+            steadylm does not have (named).
+    """
+    architectures = cfg.get("architectures") or []
+    arch = architectures[0] if architectures else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = SUPPORTED_ARCHITECTURES[arch]
+    if family == "steadylm":
+        mc = ModelConfig.from_dict(cfg["steadylm"])
+        return mc if max_seq_len is None else mc.replace(max_seq_len=max_seq_len)
+    act_name = cfg.get("hidden_act", "silu")
+    if act_name not in _HF_ACTIVATIONS:
+        raise ConfigError(f"config.json hidden_act {act_name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
+    if cfg.get("mlp_bias"):
+        raise ConfigError("config.json mlp_bias=true is not supported (steadylm FFNs have no biases)")
+    if family in ("llama", "mistral", "qwen3") and cfg.get("attention_bias"):
+        raise ConfigError(f"config.json attention_bias=true ({arch}) is not supported")
+    dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or dim // n_heads
+    seq = int(max_seq_len if max_seq_len is not None else cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    uses_window = family == "mistral" or cfg.get("use_sliding_window", False)
+    if uses_window and window is not None and int(window) < seq:
+        raise ConfigError(
+            f"config.json sliding_window ({window}) is shorter than max_seq_len ({seq}); steadylm has "
+            "full causal attention only (pass a max_seq_len <= the window)"
+        )
+    activation_kwargs: dict[str, Any] = {}
+    if act_name == "powlu" and "powlu_m" in cfg:
+        activation_kwargs["m"] = float(cfg["powlu_m"])
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        dim=dim,
+        n_layers=int(cfg["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        ffn_dim=int(cfg["intermediate_size"]),
+        max_seq_len=seq,
+        head_size=None if head_dim * n_heads == dim else int(head_dim),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        activation=_HF_ACTIVATIONS[act_name],
+        activation_kwargs=activation_kwargs,
+        norm="rmsnorm",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=float(cfg.get("initializer_range", 0.02)),
+    )
+
+
+def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling refused or corrupt file
+            raise CheckpointError(f"cannot read {hf_dir / 'pytorch_model.bin'} safely: {err}") from None
+    else:
+        raise CheckpointError(f"{hf_dir} has no model.safetensors (or index, or pytorch_model.bin)")
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read {file}: {err}") from None
+    return tensors
+
+
+def import_hf(hf_dir: str | os.PathLike[str], *, max_seq_len: int | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """``(ModelConfig, steadylm state dict)`` of a local HF checkpoint directory.
+
+    The state dict loads strictly into ``build_model(config)`` (tied heads filled in, HF RoPE
+    buffers dropped). ``max_seq_len`` sets the training context T (default: the checkpoint's
+    ``max_position_embeddings``).
+    """
+    directory = Path(hf_dir).expanduser()
+    config = hf_config_to_model_config(_read_json(directory / "config.json"), max_seq_len=max_seq_len)
+    state = {steadylm_name(k): v for k, v in _read_weights(directory).items() if "rotary_emb" not in k}
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))  # type: ignore[arg-type]
+    expected = build_model(config, device="meta").state_dict()
+    missing = sorted(set(expected) - set(k for k, v in state.items() if v is not None))
+    # c_ℓ is recomputed from the weights on load; an HF checkpoint without it is complete.
+    missing = [k for k in missing if not k.endswith("bhyt_correction")]
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: weights do not match the {config.n_layers}-layer model "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    return config, state
+
+
+def load_hf_model(hf_dir: str | os.PathLike[str], *, max_seq_len: int | None = None,
+                  **config_changes: Any) -> Transformer:
+    """A steadylm :class:`Transformer` with the weights of a local HF checkpoint.
+
+    ``config_changes`` (e.g. ``activation="powlu"``) are applied to the imported config before the
+    model is built — the mid-training switch on a real checkpoint; they must not change shapes.
+    """
+    config, state = import_hf(hf_dir, max_seq_len=max_seq_len)
+    if config_changes:
+        config = config.replace(**config_changes)
+    model = build_model(config)
+    model.load_state_dict(state, strict=False)  # strict on weights (checked above); c_ℓ refreshed
+    return model
+
+
+
+def plain_hf_architecture(config: ModelConfig) -> str | None:
+    """The stock HF class that holds ``config`` exactly (no steadylm needed to load it), or None.
+
+    swiglu + rmsnorm dense decoders with full RoPE and an RMSNorm final norm are Llama; with QKV
+    biases Qwen2; with QK-norm Qwen3.
+    """
+    plain = (
+        config.activation == "swiglu"
+        and config.norm == "rmsnorm"
+        and config.final_norm_type == "rmsnorm"
+        and not config.is_moe
+        and config.rope_fraction == 1.0
+        and config.layer_activation_kwargs is None
+    )
+    if not plain or (config.qkv_bias and config.qk_norm):
+        return None
+    if config.qk_norm:
+        return "Qwen3ForCausalLM"
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM"
