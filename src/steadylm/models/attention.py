@@ -71,7 +71,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer key/value tensors ``[batch, n_kv_heads, max_len, head_dim]`` for generation.
+    """Per-layer key/value tensors ``[batch, n_kv_heads, max_len, head_dim]`` for eager generation.
+
+    A cache is driven by the model's forward through three methods (the same interface as
+    :class:`steadylm.models.generate.StaticKVCache`): ``begin_forward(rope, seq)`` returns the RoPE
+    rows of the new positions, ``attend(layer, q, k, v)`` stores keys/values and returns the
+    attention output, ``end_forward(seq)`` advances.
 
     Storage is allocated on the first write of each layer, on the device and in the dtype of the
     keys it receives (so the cache follows the model to any device and autocast dtype). Keys are
@@ -89,6 +94,32 @@ class KVCache:
     def reset(self) -> None:
         """Start over at position 0 (storage is kept and overwritten)."""
         self.pos = 0
+
+    def begin_forward(self, rope: RotaryEmbedding, seq: int) -> tuple[Tensor, Tensor]:
+        """Check that ``seq`` more positions fit the RoPE table; return its rows for them."""
+        end = self.pos + seq
+        if end > rope.max_seq_len:
+            raise ConfigError(f"sequence of {end} tokens exceeds max_seq_len ({rope.max_seq_len})")
+        return rope(self.pos, seq)
+
+    def end_forward(self, seq: int) -> None:
+        """Advance past the ``seq`` positions the forward wrote (after all layers have run)."""
+        self.pos += seq
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Append ``k, v`` at ``pos`` and attend ``q`` ([batch, heads, seq, head_dim]) causally."""
+        start, seq = self.pos, q.shape[2]
+        k, v = self.update(layer, k, v)
+        grouped = q.shape[1] != k.shape[1]
+        if seq == 1:
+            # One new query attends to every cached position: no mask needed.
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        # A chunk appended to a non-empty cache: query i (position start+i) sees keys <= it.
+        q_pos = torch.arange(start, start + seq, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(k.shape[2], device=q.device).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, enable_gqa=grouped)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k, v`` ([batch, kv_heads, n, head_dim]) at ``pos``; return keys/values so far."""
@@ -146,22 +177,11 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
-        grouped = self.n_kv_heads != self.n_heads
         if kv_cache is None:
+            grouped = self.n_kv_heads != self.n_heads
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
         else:
-            start = kv_cache.pos
-            k, v = kv_cache.update(layer_index, k, v)
-            if seq == 1:
-                # One new query attends to every cached position: no mask needed.
-                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
-            elif start == 0:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-            else:
-                # A chunk appended to a non-empty cache: query i (position start+i) sees keys <= it.
-                q_pos = torch.arange(start, start + seq, device=x.device).unsqueeze(1)
-                k_pos = torch.arange(k.shape[2], device=x.device).unsqueeze(0)
-                mask = k_pos <= q_pos
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+            # The cache stores k, v and attends (KVCache, or generate.StaticKVCache).
+            out = kv_cache.attend(layer_index, q, k, v)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.wo(out)
