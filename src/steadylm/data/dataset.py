@@ -66,7 +66,7 @@ __all__ = [
 
 _MAX_SPLIT_BLOCKS = 200
 # Up to this many training sequences an epoch's order is a stored ``torch.randperm`` (8 bytes per
-# sequence, 32 MiB at the limit); beyond it a keyed Feistel bijection computed per batch, so the
+# sequence, 32 MiB at the limit, two epochs cached); beyond it a keyed Feistel bijection computed per batch, so the
 # sampler's memory never grows with the corpus.
 EXACT_PERMUTATION_LIMIT = 1 << 22
 
@@ -176,8 +176,8 @@ class PackedBatches:
         if perm is None:
             generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
             perm = torch.randperm(self.num_train_sequences, generator=generator)
-            if len(self._permutations) > 4:  # only the current and next epoch are ever needed
-                self._permutations.clear()
+            while len(self._permutations) >= 2:  # a batch spans at most this epoch and the next
+                self._permutations.pop(next(iter(self._permutations)))
             self._permutations[key] = perm
         return perm
 
@@ -431,8 +431,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="PATH",
         default=None,
-        help="corpus: a UTF-8 text file, a directory of text files, or JSON-lines (.jsonl) with a "
-        "text field; default: the embedded King James Bible",
+        help="corpus: a UTF-8 text file, a directory of text files, JSON-lines (.jsonl) or Parquet "
+        "with a text field, or a directory written by 'steadylm data prepare' (memory-mapped; it "
+        "carries its tokenizer); default: the embedded King James Bible",
     )
     group.add_argument(
         "--vocab-size",
@@ -446,5 +447,5 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-field",
         default="text",
         metavar="KEY",
-        help="JSON-lines field holding the text (default: text)",
+        help="JSON-lines field / Parquet column holding the text (default: text)",
     )
