@@ -101,7 +101,6 @@ def export_model(
     eos_id = tokenizer.token_to_id(eos_token) if (tokenizer is not None and eos_token) else None
     hf_model.generation_config = GenerationConfig(
         eos_token_id=eos_id, pad_token_id=eos_id, use_cache=arch is not None,
-        max_length=config.max_seq_len,
     )
     hf_model.save_pretrained(out)
     if tokenizer is not None:
