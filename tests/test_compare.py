@@ -19,15 +19,16 @@ import pytest
 
 from steadylm.cli import main
 from steadylm.errors import ConfigError
-from steadylm.lab.compare import DEFAULT_GRID, resolve_variants
+from steadylm.lab.compare import DEFAULT_GRID
+from steadylm.lab.options import LabOptions, resolve_variants
 from steadylm.train import TIMING_KEYS
 from steadylm.train.metrics import read_metrics
 
 TINY_FLAGS = [
-    "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--probe-every", "3", "--eval-every", "3",
-    "--set", "dim=32", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "n_kv_heads=2",
-    "--set", "ffn_dim=48", "--impl", "reference", "--vocab-size", "300",
-    "--spike-window", "3",
+    "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--set", "train.probe_every=3",
+    "--set", "train.eval_every=3", "--set", "model.dim=32", "--set", "model.n_layers=2",
+    "--set", "model.n_heads=2", "--set", "model.n_kv_heads=2", "--set", "model.ffn_dim=48",
+    "--impl", "reference", "--vocab-size", "300", "--set", "probes.spike_window=3",
 ]
 VARIANTS = "swiglu+rmsnorm,powlu+bhyt,swiglu+dyt"
 
@@ -135,16 +136,50 @@ def test_the_table_is_printed_at_the_end(tiny_run_with_output: tuple[Path, str])
 # ---------------------------------------------------------------------------------------------
 
 
+def _variants(acts=None, norms=None, variants=None) -> list[str]:
+    lab = LabOptions(activations=acts, norms=norms, variants=variants)
+    return [v.name for v in resolve_variants(lab, DEFAULT_GRID)]
+
+
 def test_default_grid_and_cross_products() -> None:
-    assert [v.name for v in resolve_variants(None, None)] == [f"{a}+{n}" for a, n in DEFAULT_GRID]
+    assert _variants() == [f"{a}+{n}" for a, n in DEFAULT_GRID]
     assert len(DEFAULT_GRID) == 6 and ("powlu", "bhyt") in DEFAULT_GRID
-    assert [v.name for v in resolve_variants(["powlu", "swiglu"], ["bhyt"])] == ["powlu+bhyt", "swiglu+bhyt"]
-    assert [v.name for v in resolve_variants(["powlu"], None)] == ["powlu+rmsnorm"]
-    assert [v.name for v in resolve_variants(None, None, ["swiglu+dyt"])] == ["swiglu+dyt"]
+    assert _variants(["powlu", "swiglu"], ["bhyt"]) == ["powlu+bhyt", "swiglu+bhyt"]
+    assert _variants(["powlu"]) == ["powlu+rmsnorm"]
+    assert _variants(variants=["swiglu+dyt"]) == ["swiglu+dyt"]
     for bad in ((["gelu"], None, None), (None, ["batchnorm"], None), (None, None, ["powlu"]),
-                (None, None, ["powlu+rmsnorm", "powlu+rmsnorm"])):
+                (None, None, ["powlu+rmsnorm", "powlu+rmsnorm"]), (["powlu"], None, ["powlu+bhyt"])):
         with pytest.raises(ConfigError):
-            resolve_variants(*bad)
+            _variants(*bad)
+
+
+# Summary numbers of the tiny run above written by the lab before its rebuild (commit 41e94c0,
+# same corpus slice and flags in that version's syntax): the rebuild must reproduce them exactly.
+RECORDED_BEFORE_REBUILD = {
+    "swiglu+rmsnorm": {"final_train_loss": 5.682663917541504, "final_val_loss": 5.65092658996582,
+                       "down_in_amax_last": 0.05402728170156479, "down_in_amax_peak": 0.05851314961910248,
+                       "down_in_p99_last": 0.02708962745964527, "down_in_kurtosis_last": 8.147073745727539,
+                       "grad_gate_amax_last": 0.0015135669382289052,
+                       "last_layer_hidden_var": 0.0006708752480335534, "spikes": 0},
+    "powlu+bhyt": {"final_train_loss": 5.703566392262776, "final_val_loss": 5.697598576545715,
+                   "down_in_amax_last": 0.000611701572779566, "down_in_amax_peak": 0.000611701572779566,
+                   "down_in_p99_last": 0.0002693806018214673, "down_in_kurtosis_last": 24.53104591369629,
+                   "grad_gate_amax_last": 0.0002002428809646517,
+                   "last_layer_hidden_var": 0.00042643205961212516, "bhyt_pearson_r_min": 0.9942516742049908,
+                   "bhyt_pearson_r_layer_means": 0.9787465546746121, "tanh_saturation_max": 0.0, "spikes": 0},
+    "swiglu+dyt": {"final_train_loss": 5.703610102335612, "final_val_loss": 5.703518748283386,
+                   "down_in_amax_last": 2.1106829080963507e-05, "down_in_amax_peak": 2.850213240890298e-05,
+                   "down_in_p99_last": 1.226367567142006e-05, "down_in_kurtosis_last": 9.065792083740234,
+                   "grad_gate_amax_last": 2.056362262692346e-07,
+                   "last_layer_hidden_var": 0.013843228109180927, "tanh_saturation_max": 0.0, "spikes": 1},
+}
+
+
+def test_summary_numbers_are_bit_identical_to_the_lab_before_its_rebuild(tiny_run: Path) -> None:
+    summary = {v["variant"]: v for v in json.loads((tiny_run / "summary.json").read_text())["variants"]}
+    for name, recorded in RECORDED_BEFORE_REBUILD.items():
+        for key, value in recorded.items():
+            assert summary[name][key] == value, (name, key, summary[name][key], value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +201,9 @@ def test_unknown_variant_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
     _one_line_error(capsys, "gelu", "swiglu")
     assert main(["compare", "--out", str(tmp_path), "--norms", "batchnorm"]) == 2
     _one_line_error(capsys, "batchnorm", "bhyt")
-    assert main(["compare", "--out", str(tmp_path), "--model", "huge"]) == 2
-    _one_line_error(capsys, "huge", "nano")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the preset is a choice of the flag
+        main(["compare", "--out", str(tmp_path), "--preset", "huge"])
+    assert exit_info.value.code == 2 and "nano" in capsys.readouterr().err
     assert not (tmp_path / "report.html").exists()
 
 
@@ -183,6 +219,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_run: Path, corpus: Path, tmp_p
 
     out = tmp_path / "resume"
     shutil.copytree(tiny_run, out)
+    (out / "swiglu+rmsnorm" / "result.json").unlink()  # an interrupted run: resumed from its checkpoint
     ckpt = out / "swiglu+rmsnorm" / "checkpoint"
     weights = next(p for p in ckpt.iterdir() if p.suffix == ".safetensors")
     weights.write_bytes(b"\x00garbage" * 10)
@@ -192,10 +229,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_run: Path, corpus: Path, tmp_p
 
 
 def test_bad_numbers_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for flags, needle in ((["--steps", "0"], "--steps"), (["--spike-window", "1"], "--spike-window"),
-                          (["--set", "n_layers"], "FIELD=VALUE"), (["--set", "activation=powlu"], "--set"),
-                          (["--set", "no_such_field=1"], "no_such_field"), (["--lr", "-1"], "lr"),
-                          (["--set", "n_heads=3"], "n_heads")):
+    for flags, needle in ((["--steps", "0"], "steps"), (["--set", "probes.spike_window=1"], "spike_window"),
+                          (["--set", "n_layers"], "SECTION.KEY=VALUE"),
+                          (["--set", "model.activation=powlu"], "--variants"),
+                          (["--set", "parallel.mode=ddp"], "one process"),
+                          (["--set", "model.no_such_field=1"], "no_such_field"), (["--lr", "-1"], "lr"),
+                          (["--set", "model.n_heads=3"], "n_heads")):
         assert main(["compare", "--out", str(tmp_path / "o"), *flags]) == 2
         _one_line_error(capsys, needle)
     assert not (tmp_path / "o").exists()  # rejected before anything was written

@@ -15,8 +15,11 @@ A figure may be a matplotlib ``Figure`` (rendered to PNG at :attr:`Report.dpi`) 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
+import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -180,3 +183,42 @@ class Report:
         paths["report.html"] = out / "report.html"
         atomic_write_text(paths["report.html"], self.to_html())
         return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers every protocol's report uses
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``spec.format(value)``, or "–" for a missing / NaN value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None and dataclasses / paths as plain values (strict JSON)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_all(report: Report, out_dir: str | os.PathLike[str], summary: Any) -> dict[str, Path]:
+    """``summary.json`` (``summary`` made strict JSON) and the report files under ``out_dir``."""
+    out = Path(out_dir)
+    atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2, default=str) + "\n")
+    paths = report.write(out)
+    paths["summary.json"] = out / "summary.json"
+    return paths

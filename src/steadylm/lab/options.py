@@ -1,0 +1,269 @@
+"""The lab's command line: the run spec's flags (generated once, :mod:`steadylm.train.spec`), the
+lab's own options (dataclasses whose fields carry their flags, :func:`add_options`), and the
+variants a protocol trains.
+
+A protocol module declares::
+
+    def add_arguments(parser):
+        add_lab_arguments(parser, ProtocolOptions)       # spec flags + LabOptions + its own fields
+
+    def run(args):
+        lab, own = lab_options(args, ProtocolOptions)
+        spec = lab_spec(args, base=BASE_SPEC, derive=derive_defaults)
+
+Every lab run is one process (each variant is trained by :func:`steadylm.lab.runner.run_variant`),
+so the spec's ``parallel`` section is not offered, and the fields a protocol sets per variant
+(``model.activation``, ``model.norm``) are chosen with ``--variants`` / ``--activations`` /
+``--norms`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from steadylm.config_fields import spec_field
+from steadylm.errors import ConfigError
+from steadylm.train.spec import RunSpec, add_spec_arguments, parse_value, user_assignments
+
+__all__ = [
+    "LAB_EXCLUDED",
+    "LabOptions",
+    "Variant",
+    "add_lab_arguments",
+    "add_options",
+    "command_line",
+    "lab_options",
+    "lab_spec",
+    "options_from_args",
+    "resolve_variants",
+]
+
+#: Spec sections / fields the lab sets itself, with what to use instead.
+LAB_EXCLUDED: dict[str, str] = {
+    "parallel": "each lab run is one process (under torchrun, `steadylm ladder` gives whole runs to ranks)",
+    "model.activation": "--variants or --activations",
+    "model.norm": "--variants or --norms",
+    "model.vocab_size": "--vocab-size (the model takes the tokenizer's vocabulary)",
+    "model.max_seq_len": "--seq-len",
+    "probes.stability": "the lab always runs the stability probe",
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An activation × block-norm pair, named ``activation+norm``."""
+
+    activation: str
+    norm: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.activation}+{self.norm}"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        act, sep, norm = text.partition("+")
+        if not sep or not act.strip() or not norm.strip():
+            raise ConfigError(f"variant {text!r} must be written ACTIVATION+NORM, e.g. powlu+bhyt")
+        return cls(act.strip(), norm.strip())
+
+
+@dataclass
+class LabOptions:
+    """Options every lab protocol has besides the run spec."""
+
+    out: str = spec_field("runs/lab", help="output directory: one sub-directory per run, the report "
+                          "(report.html, summary.md, summary.json, plots/) on top", flag="--out")
+    variants: list[str] | None = spec_field(None, help="explicit variants ACTIVATION+NORM, comma-"
+                                            "separated (instead of --activations x --norms)",
+                                            flag="--variants")
+    activations: list[str] | None = spec_field(None, help="activations, crossed with --norms",
+                                               flag="--activations")
+    norms: list[str] | None = spec_field(None, help="block norms, crossed with --activations",
+                                         flag="--norms")
+    quick: bool = spec_field(False, help="the protocol's small budget: a smoke test of the whole "
+                             "pipeline in minutes", flag="--quick")
+    resume: bool = spec_field(False, help="continue every run from its directory: finished runs are "
+                              "re-read, not retrained; interrupted ones resume from their checkpoint",
+                              flag="--resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# flags from dataclass fields
+# ----------------------------------------------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def _dest(cls: type, name: str) -> str:
+    return f"lab__{cls.__name__}__{name}"
+
+
+def _item_parser(flag: str, item_type: Any, choices: Sequence[str] | None) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            if typing.get_origin(item_type) is list:
+                (inner,) = typing.get_args(item_type)
+                values = [parse_value(flag, part.strip(), inner) for part in raw.split(",") if part.strip()]
+                if not values:
+                    raise ConfigError(f"{flag} needs at least one value, got {raw!r}")
+                return values
+            return parse_value(flag, raw, item_type)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def add_options(parser: argparse.ArgumentParser | Any, cls: type, **defaults: Any) -> None:
+    """A flag for every field of the dataclass ``cls`` that has ``spec_field(flag=...)``.
+    ``defaults`` replace field defaults (shown in ``--help``; applied by :func:`options_from_args`)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag")
+        if not flag:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = repr(default)
+        kwargs: dict[str, Any] = {"dest": _dest(cls, f.name), "default": None,
+                                  "help": f"{f.metadata['help']} (default {shown})"}
+        base, _ = _unwrap(hints[f.name])
+        choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices is not None and typing.get_origin(base) is not list:
+            kwargs["choices"] = list(choices)
+        else:
+            kwargs["type"] = _item_parser(flag, base, None)
+            kwargs["metavar"] = "A,B,..." if typing.get_origin(base) is list else (
+                base.__name__.upper() if isinstance(base, type) else "VALUE")
+        group.add_argument(flag, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace, cls: type[T], **defaults: Any) -> T:
+    """An instance of ``cls`` from the flags :func:`add_options` made (unset flags: ``defaults``,
+    then the field defaults)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        given = getattr(args, _dest(cls, f.name), None)
+        if given is not None:
+            values[f.name] = given
+        elif f.name in defaults:
+            values[f.name] = defaults[f.name]
+    return cls(**values)
+
+
+def add_lab_arguments(parser: argparse.ArgumentParser, *protocol_options: type, **defaults: Any) -> None:
+    """The run spec's flags (without :data:`LAB_EXCLUDED`), :class:`LabOptions` and the given
+    protocol option classes. ``defaults`` (field name -> value) apply to all of them."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_options(parser, LabOptions, **defaults)
+    for cls in protocol_options:
+        add_options(parser, cls, **defaults)
+    add_spec_arguments(parser, exclude=tuple(LAB_EXCLUDED))
+
+
+def lab_options(args: argparse.Namespace, **defaults: Any) -> LabOptions:
+    return options_from_args(args, LabOptions, **defaults)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run spec of a protocol
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_not_excluded(user: Mapping[str, Any]) -> None:
+    for key in user:
+        section = key.partition(".")[0]
+        for excluded, instead in LAB_EXCLUDED.items():
+            if key == excluded or section == excluded:
+                raise ConfigError(f"{key} cannot be set in the lab: {instead}")
+
+
+def lab_spec(
+    args: argparse.Namespace,
+    base: RunSpec,
+    derive: Callable[[RunSpec, Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> RunSpec:
+    """The protocol's run spec: ``base`` < derived defaults < what the user set (config file,
+    ``--set``, flags). ``derive(base, user)`` returns ``{"section.key": value}`` defaults computed
+    from the user's values (e.g. warm-up from the step count); keys the user set win over them."""
+    user = user_assignments(args)
+    _check_not_excluded(user)
+    merged = dict(user)
+    if derive is not None:
+        for key, value in derive(base, user).items():
+            merged.setdefault(key, value)
+    return base.with_overrides(merged) if merged else base
+
+
+def scaled_budget(base: RunSpec, user: Mapping[str, Any], *, eval_div: int, warmup_div: int) -> dict[str, Any]:
+    """Defaults that follow the step count and the LR when the user changed them: evaluation every
+    ``steps // eval_div`` steps, warm-up ``steps // warmup_div`` steps, ``min_lr = lr / 10``."""
+    out: dict[str, Any] = {}
+    steps = user.get("train.steps", base.train.steps)
+    if "train.steps" in user:
+        out["train.eval_every"] = max(1, steps // eval_div) if isinstance(steps, int) else base.train.eval_every
+        out["train.warmup_steps"] = min(steps, max(1, steps // warmup_div)) if isinstance(steps, int) else 0
+    lr = user.get("train.lr", base.train.lr)
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        out["train.min_lr"] = lr / 10
+    return out
+
+
+def resolve_variants(
+    lab: LabOptions,
+    default: Sequence[tuple[str, str]],
+) -> list[Variant]:
+    """The variants to train (``--variants``, or ``--activations`` × ``--norms`` with the first of
+    ``default`` filling an unset side, or ``default``), validated against the registries."""
+    from steadylm.models import BLOCK_NORMS
+    from steadylm.nn import ACTIVATIONS
+
+    if lab.variants:
+        if lab.activations or lab.norms:
+            raise ConfigError("--variants cannot be combined with --activations/--norms")
+        chosen = [Variant.parse(v) for v in lab.variants]
+    elif lab.activations or lab.norms:
+        acts = list(lab.activations or [default[0][0]])
+        norms = list(lab.norms or [default[0][1]])
+        chosen = [Variant(a, n) for a in acts for n in norms]
+    else:
+        chosen = [Variant(a, n) for a, n in default]
+    for v in chosen:
+        if v.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {v.activation!r} in variant {v.name!r}; "
+                              f"choose from {sorted(ACTIVATIONS)}")
+        if v.norm not in BLOCK_NORMS:
+            raise ConfigError(f"unknown norm {v.norm!r} in variant {v.name!r}; choose from {list(BLOCK_NORMS)}")
+    names = [v.name for v in chosen]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"variant(s) listed twice: {dupes}")
+    return chosen
+
+
+def command_line() -> str:
+    """The command as typed (for reports)."""
+    return "steadylm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""

@@ -1,0 +1,175 @@
+"""Train one lab run: a :class:`~steadylm.train.spec.RunSpec` and a run directory in, a
+:class:`RunResult` out. One process; the data, the probes and :class:`steadylm.train.Trainer` are
+built here and nowhere else in the lab.
+
+A finished run leaves ``result.json`` (its spec, parameter counts, tokens, timings, the trainer's
+stop reason) next to its ``metrics.jsonl``; with ``resume`` a run whose ``result.json`` matches
+its spec is re-read instead of retrained, and an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steadylm.errors import ConfigError
+from steadylm.lab.options import Variant
+from steadylm.lab.summary import RunSummary, summarize
+from steadylm.train.atomic import atomic_write_text
+from steadylm.train.spec import RunSpec
+
+__all__ = ["RESULT_FILE", "SAMPLES_FILE", "RunResult", "is_finished", "load_data", "run_variant",
+           "variant_spec"]
+
+RESULT_FILE = "result.json"
+SAMPLES_FILE = "bhyt_variance_samples.json"
+
+
+@dataclass
+class RunResult:
+    """One trained (or re-read) run."""
+
+    label: str  # the name the report shows (a variant name, "switch to powlu", "swiglu fp8" ...)
+    variant: Variant
+    run_dir: Path
+    spec: RunSpec
+    rows: list[dict[str, Any]]
+    summary: RunSummary
+    params: dict[str, int] = field(default_factory=dict)  # total / active / embedding
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    reused: bool = False  # re-read from a finished run directory, not trained now
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+
+def load_data(spec: RunSpec) -> Any:
+    """The :class:`~steadylm.data.TokenData` of ``spec.data`` (tokenizer cached per corpus)."""
+    from steadylm.data import prepare_data
+
+    if spec.data.tokenizer is not None:
+        raise ConfigError("data.tokenizer: the lab trains its own byte-level BPE; use `steadylm train` "
+                          "for a run with a tokenizer.json")
+    return prepare_data(spec.data.path, vocab_size=spec.data.vocab_size, seq_len=spec.data.seq_len,
+                        val_fraction=spec.data.val_fraction, seed=spec.split_seed,
+                        text_field=spec.data.text_field)
+
+
+def variant_spec(spec: RunSpec, variant: Variant, **changes: Any) -> RunSpec:
+    """``spec`` with the variant's activation and norm (and ``{"section.key": value}`` changes)."""
+    return spec.with_overrides({"model.activation": variant.activation, "model.norm": variant.norm,
+                                **changes})
+
+
+def _probes(spec: RunSpec, fp8_per_module: bool) -> tuple[list[Any], Any]:
+    from steadylm.probes import StabilityProbe
+
+    every = spec.train.probe_every
+    if every < 1:
+        return [], None
+    stability = StabilityProbe(every=every, grad_stats=spec.probes.grad_stats)
+    probes: list[Any] = [stability]
+    if spec.train.precision == "fp8" and spec.probes.fp8 and spec.train.fp8_backend == "steadylm":
+        from steadylm.precision import FP8Probe
+
+        probes.append(FP8Probe(every=every, per_module=fp8_per_module))
+    return probes, stability
+
+
+def is_finished(run_dir: Path, spec: RunSpec) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``spec``."""
+    try:
+        saved = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return saved.get("spec") == json.loads(json.dumps(spec.to_dict(), default=str))
+
+
+def run_variant(
+    spec: RunSpec,
+    run_dir: str | Path,
+    data: Any,
+    *,
+    label: str | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    extra_probes: Sequence[Any] = (),
+    fp8_per_module: bool = False,
+    console: Any = None,
+) -> RunResult:
+    """Train ``spec`` into ``run_dir`` and summarise it.
+
+    ``resume``: a finished run of the same spec is re-read (not retrained); an interrupted one
+    continues from its checkpoint; otherwise the run starts fresh. ``stop_after``: end after that
+    step with a checkpoint (the LR schedule still spans ``train.steps``); such a run is not
+    finished and leaves no ``result.json``. A run the trainer stopped on a non-finite value is a
+    result (its summary says diverged), not an error.
+    """
+    from steadylm.train import Trainer
+    from steadylm.train.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    variant = Variant(spec.model.activation or "", spec.model.norm or "")
+    label = label or variant.name
+    if resume and stop_after is None and is_finished(run_dir, spec):
+        return _reread(spec, run_dir, variant, label)
+    model_cfg = spec.model_config(data.vocab_size)
+    probes, stability = _probes(spec, fp8_per_module)
+    trainer = Trainer(model_cfg, spec.train, data, run_dir, probes=[*probes, *extra_probes])
+    t0 = time.perf_counter()
+    result = trainer.run(resume="auto" if resume else False, stop_after=stop_after)
+    wall = time.perf_counter() - t0
+    if result.diverged and console is not None:
+        console.print(f"[red]{label}: diverged at step {result.diverged_at}: {result.divergence_reason}[/red]")
+    samples = stability.samples if stability is not None else {}
+    samples_path = run_dir / SAMPLES_FILE
+    if samples:
+        atomic_write_text(samples_path, json.dumps(samples))
+    elif resume and samples_path.exists():
+        samples = json.loads(samples_path.read_text(encoding="utf-8"))
+    facts = {
+        "params": {k: int(v) for k, v in result.num_params.items()},
+        "tokens_seen": int(result.tokens_seen),
+        "tokens_per_s": float(result.tokens_per_s),
+        "wall_s": wall,
+        "stopped": None if result.diverged_at is None else [result.diverged_at, result.divergence_reason],
+        "steps_done": result.steps_done,
+    }
+    if stop_after is None or result.diverged:
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps(
+            {"spec": spec.to_dict(), **facts}, indent=1, default=str))
+    return _result(spec, run_dir, variant, label, read_metrics(result.metrics_jsonl), facts, samples)
+
+
+def _reread(spec: RunSpec, run_dir: Path, variant: Variant, label: str) -> RunResult:
+    from steadylm.train.metrics import read_metrics
+
+    facts = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    samples_path = run_dir / SAMPLES_FILE
+    samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.exists() else {}
+    res = _result(spec, run_dir, variant, label, read_metrics(run_dir / "metrics.jsonl"), facts, samples)
+    res.reused = True
+    return res
+
+
+def _result(spec: RunSpec, run_dir: Path, variant: Variant, label: str, rows: list[dict[str, Any]],
+            facts: dict[str, Any], samples: dict[str, Any]) -> RunResult:
+    params = facts["params"]
+    stopped = facts.get("stopped")
+    summary = summarize(
+        rows, variant=label, activation=variant.activation, norm=variant.norm,
+        spike_window=spec.probes.spike_window, spike_threshold=spec.probes.spike_threshold,
+        stopped=None if not stopped else (stopped[0], stopped[1]),
+        tokens_per_step=spec.train.batch_size * spec.data.seq_len,
+        params_total=int(params["total"]), params_active=int(params.get("active", params["total"])),
+        tokens_seen=int(facts["tokens_seen"]), tokens_per_s=float(facts["tokens_per_s"]),
+        wall_s=float(facts.get("wall_s", math.nan)), lr=spec.train.lr, precision=spec.train.precision,
+    )
+    return RunResult(label=label, variant=variant, run_dir=run_dir, spec=spec, rows=rows, summary=summary,
+                     params=params, samples=samples)
