@@ -65,7 +65,9 @@ def test_rank_shards_concatenate_to_the_global_batch(world: int) -> None:
 
 
 @pytest.mark.parametrize(("num_batches", "batch_size", "world"), [(3, 8, 2), (2, 4, 4), (200, 4, 2)])
-def test_validation_shards_concatenate_to_the_global_batches(num_batches: int, batch_size: int, world: int) -> None:
+def test_validation_shards_concatenate_to_the_global_batches(
+    num_batches: int, batch_size: int, world: int
+) -> None:
     data = _toy_data()
     whole = data.val_batches(num_batches, batch_size)
     parts = [data.val_batches(num_batches, batch_size, shard=(r, world)) for r in range(world)]
@@ -135,7 +137,9 @@ def kjv_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[TokenData, P
     return in_memory, one, many
 
 
-def test_prepared_kjv_gives_the_in_memory_batches_bit_for_bit(kjv_prepared: tuple[TokenData, Path, Path]) -> None:
+def test_prepared_kjv_gives_the_in_memory_batches_bit_for_bit(
+    kjv_prepared: tuple[TokenData, Path, Path],
+) -> None:
     in_memory, one, many = kjv_prepared
     index = json.loads((many / "index.json").read_text())
     assert index["dtype"] == "uint16" and len(index["shards"]) == 12 and index["version"] == 1
@@ -144,7 +148,10 @@ def test_prepared_kjv_gives_the_in_memory_batches_bit_for_bit(kjv_prepared: tupl
         data = prepare_data(directory)  # --data DIR: the default seq_len 128, split seed 0
         assert isinstance(data, ShardedTokenData)
         assert (data.vocab_size, data.eos_id, data.fingerprint) == (
-            in_memory.vocab_size, in_memory.eos_id, in_memory.fingerprint)
+            in_memory.vocab_size,
+            in_memory.eos_id,
+            in_memory.fingerprint,
+        )
         assert data.tokenizer.to_str() == in_memory.tokenizer.to_str()
         described = data.describe()
         assert {k: described[k] for k in in_memory.describe()} == in_memory.describe()
@@ -153,7 +160,11 @@ def test_prepared_kjv_gives_the_in_memory_batches_bit_for_bit(kjv_prepared: tupl
         for batch_index, seed in [(0, 0), (7, 0), (522, 0), (523, 0), (1500, 3)]:
             expected = in_memory.train_batch(batch_index, 16, seed)
             got = data.train_batch(batch_index, 16, seed)
-            assert got[0].dtype == torch.long and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            assert (
+                got[0].dtype == torch.long
+                and torch.equal(got[0], expected[0])
+                and torch.equal(got[1], expected[1])
+            )
             halves = [data.train_batch(batch_index, 16, seed, shard=(r, 2)) for r in range(2)]
             assert torch.equal(torch.cat([h[0] for h in halves]), expected[0])
         for expected, got in zip(in_memory.val_batches(4, 16), data.val_batches(4, 16), strict=True):
@@ -165,11 +176,19 @@ def test_prepared_kjv_other_split_matches_too(kjv_prepared: tuple[TokenData, Pat
     data = prepare_data(many, seq_len=64, val_fraction=0.1, seed=2)
     reference = TokenData(
         *[torch.from_numpy(s.astype(np.int32)) for s in split_stream(_shard_stream(many), 64, 0.1, 2)],
-        seq_len=64, vocab_size=in_memory.vocab_size, tokenizer=in_memory.tokenizer, eos_id=in_memory.eos_id,
+        seq_len=64,
+        vocab_size=in_memory.vocab_size,
+        tokenizer=in_memory.tokenizer,
+        eos_id=in_memory.eos_id,
     )
     for batch_index in (0, 100, 1100):
-        assert torch.equal(data.train_batch(batch_index, 24, 9)[0], reference.train_batch(batch_index, 24, 9)[0])
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(data.val_batches(3, 24), reference.val_batches(3, 24), strict=True))
+        assert torch.equal(
+            data.train_batch(batch_index, 24, 9)[0], reference.train_batch(batch_index, 24, 9)[0]
+        )
+    assert all(
+        torch.equal(a[1], b[1])
+        for a, b in zip(data.val_batches(3, 24), reference.val_batches(3, 24), strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +198,17 @@ def ruth() -> str:
 
 def _write_mixed_corpus(folder: Path, ruth: str) -> None:
     (folder / "sub").mkdir(parents=True)
-    (folder / "a.txt").write_bytes(ruth[:9000].replace("\n", "\r\n").encode("utf-8"))  # CRLF: universal newlines
+    (folder / "a.txt").write_bytes(
+        ruth[:9000].replace("\n", "\r\n").encode("utf-8")
+    )  # CRLF: universal newlines
     (folder / "sub" / "b.md").write_text(ruth[9000:] + "\n\nnaïve 東京 🙂\n", encoding="utf-8")
     (folder / "sub" / "c.jsonl").write_text(
-        json.dumps({"text": ruth[:700]}) + "\n\n" + json.dumps({"text": "  "}) + "\n" + json.dumps({"text": ruth[700:2000]}) + "\n",
+        json.dumps({"text": ruth[:700]})
+        + "\n\n"
+        + json.dumps({"text": "  "})
+        + "\n"
+        + json.dumps({"text": ruth[700:2000]})
+        + "\n",
         encoding="utf-8",
     )
     (folder / "blank.txt").write_text(" \n\t\n", encoding="utf-8")  # whitespace only: no document
@@ -231,8 +257,12 @@ def _llama_like_tokenizer(directory: Path, corpus: str, eos: str = "</s>", confi
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", eos],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<s>", eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([corpus], trainer=trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
@@ -291,7 +321,10 @@ def test_vocabulary_over_65536_gives_uint32_shards(tmp_path: Path) -> None:
     assert result.index.dtype == "uint32" and result.index.vocab_size == 70_002
     stream = _shard_stream(result.directory)
     assert stream.max() >= 65_536 and stream[300] == 70_001  # the first document's EOS
-    prepared, in_memory = prepare_data(result.directory, seq_len=32), prepare_data(source, seq_len=32, tokenizer=tok_path)
+    prepared, in_memory = (
+        prepare_data(result.directory, seq_len=32),
+        prepare_data(source, seq_len=32, tokenizer=tok_path),
+    )
     assert torch.equal(prepared.train_batch(2, 16, 0)[0], in_memory.train_batch(2, 16, 0)[0])
     assert int(prepared.train_batch(2, 16, 0)[0].max()) >= 65_536
 
@@ -305,7 +338,9 @@ def test_vocabulary_over_65536_gives_uint32_shards(tmp_path: Path) -> None:
 def small_prepared(tmp_path: Path, ruth: str) -> Path:
     source = tmp_path / "ruth.txt"
     source.write_text(ruth, encoding="utf-8")
-    return prepare_corpus(source, tmp_path / "prepared", vocab_size=300, workers=1, shard_tokens=4000).directory
+    return prepare_corpus(
+        source, tmp_path / "prepared", vocab_size=300, workers=1, shard_tokens=4000
+    ).directory
 
 
 def _one_line_error(match: str, call) -> str:  # noqa: ANN001 - a zero-argument callable
@@ -319,17 +354,24 @@ def test_truncated_missing_or_corrupt_shards(small_prepared: Path) -> None:
     shard = small_prepared / "tokens-00001.bin"
     original = shard.read_bytes()
     shard.write_bytes(original[:-6])
-    _one_line_error(r"tokens-00001\.bin: 7994 bytes, the index says 8000 \(truncated", lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(
+        r"tokens-00001\.bin: 7994 bytes, the index says 8000 \(truncated",
+        lambda: prepare_data(small_prepared, seq_len=16),
+    )
     shard.unlink()
     _one_line_error(r"tokens-00001\.bin: shard missing", lambda: prepare_data(small_prepared, seq_len=16))
     # Same size, ids scrambled to 0xFFFF: the SHA-256 check on open (small sets) catches it ...
     shard.write_bytes(b"\xff" * len(original))
-    _one_line_error(r"tokens-00001\.bin: SHA-256 differs from the index", lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(
+        r"tokens-00001\.bin: SHA-256 differs from the index", lambda: prepare_data(small_prepared, seq_len=16)
+    )
     _one_line_error(r"tokens-00001\.bin: SHA-256 differs", lambda: verify_prepared(small_prepared))
     # ... and without it every window read checks ids against the vocabulary.
     data = open_prepared(small_prepared, seq_len=16, verify=False)
-    message = _one_line_error(r"tokens-00001\.bin: token id 65535 at token \d+ is >= vocab_size 300",
-                              lambda: [data.train_batch(i, 16, 0) for i in range(data.num_train_sequences // 16)])
+    message = _one_line_error(
+        r"tokens-00001\.bin: token id 65535 at token \d+ is >= vocab_size 300",
+        lambda: [data.train_batch(i, 16, 0) for i in range(data.num_train_sequences // 16)],
+    )
     assert "corrupt" in message
     shard.write_bytes(original)
     assert verify_prepared(small_prepared).num_tokens == data.train_tokens.shape[0] + data.val_tokens.shape[0]
@@ -339,16 +381,36 @@ def test_truncated_missing_or_corrupt_shards(small_prepared: Path) -> None:
     ("edit", "match"),
     [
         (lambda raw: "{not json", r"index\.json: not valid JSON"),
-        (lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != "dtype"}), r"index\.json: missing key 'dtype'"),
-        (lambda raw: json.dumps({**json.loads(raw), "version": 2}), r"index\.json: format version 2 is not supported"),
-        (lambda raw: json.dumps({**json.loads(raw), "format": "other"}), r"index\.json: not a steadylm token-shard index"),
-        (lambda raw: json.dumps({**json.loads(raw), "num_tokens": 5}), r"index\.json: num_tokens 5 is not the sum"),
+        (
+            lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != "dtype"}),
+            r"index\.json: missing key 'dtype'",
+        ),
+        (
+            lambda raw: json.dumps({**json.loads(raw), "version": 2}),
+            r"index\.json: format version 2 is not supported",
+        ),
+        (
+            lambda raw: json.dumps({**json.loads(raw), "format": "other"}),
+            r"index\.json: not a steadylm token-shard index",
+        ),
+        (
+            lambda raw: json.dumps({**json.loads(raw), "num_tokens": 5}),
+            r"index\.json: num_tokens 5 is not the sum",
+        ),
         (lambda raw: json.dumps({**json.loads(raw), "dtype": "int8"}), r"index\.json: dtype must be one of"),
         (lambda raw: json.dumps({**json.loads(raw), "eos_id": 999}), r"index\.json: eos_id 999 is outside"),
-        (lambda raw: json.dumps({**json.loads(raw), "shards": [{"file": "../x.bin", "tokens": 1, "bytes": 2, "sha256": ""}]}),
-         r"index\.json: shards\[0\] is invalid"),
-        (lambda raw: json.dumps({**json.loads(raw), "shards": [{"file": "tokens-00000.bin", "tokens": "1"}]}),
-         r"index\.json: key shards\[0\]\.'tokens' has the wrong type"),
+        (
+            lambda raw: json.dumps(
+                {**json.loads(raw), "shards": [{"file": "../x.bin", "tokens": 1, "bytes": 2, "sha256": ""}]}
+            ),
+            r"index\.json: shards\[0\] is invalid",
+        ),
+        (
+            lambda raw: json.dumps(
+                {**json.loads(raw), "shards": [{"file": "tokens-00000.bin", "tokens": "1"}]}
+            ),
+            r"index\.json: key shards\[0\]\.'tokens' has the wrong type",
+        ),
     ],
 )
 def test_damaged_index(small_prepared: Path, edit, match: str) -> None:  # noqa: ANN001
@@ -360,13 +422,19 @@ def test_damaged_index(small_prepared: Path, edit, match: str) -> None:  # noqa:
 def test_missing_index_and_replaced_tokenizer(small_prepared: Path, ruth: str) -> None:
     tokenizer = small_prepared / "tokenizer.json"
     tokenizer.write_text(Tokenizer.from_file(str(tokenizer)).to_str().replace('"<|endoftext|>"', '"<|end|>"'))
-    _one_line_error(r"tokenizer\.json: differs from the tokenizer the shards were made with",
-                    lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(
+        r"tokenizer\.json: differs from the tokenizer the shards were made with",
+        lambda: prepare_data(small_prepared, seq_len=16),
+    )
     tokenizer.write_text("{}")
-    _one_line_error(r"tokenizer\.json: cannot load the tokenizer", lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(
+        r"tokenizer\.json: cannot load the tokenizer", lambda: prepare_data(small_prepared, seq_len=16)
+    )
     (small_prepared / "index.json").unlink()
-    _one_line_error(r"index\.json: missing \(a prepared directory needs its index",
-                    lambda: prepare_data(small_prepared, seq_len=16))
+    _one_line_error(
+        r"index\.json: missing \(a prepared directory needs its index",
+        lambda: prepare_data(small_prepared, seq_len=16),
+    )
 
 
 def test_failed_prepare_leaves_no_output_and_keeps_the_old_one(tmp_path: Path, ruth: str) -> None:
@@ -394,11 +462,18 @@ def test_failed_prepare_leaves_no_output_and_keeps_the_old_one(tmp_path: Path, r
 # ----------------------------------------------------------------------------------------------
 
 
-def test_cli_prepare_verify_and_one_line_errors(tmp_path: Path, ruth: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prepare_verify_and_one_line_errors(
+    tmp_path: Path, ruth: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "ruth.txt"
     source.write_text(ruth, encoding="utf-8")
     out = tmp_path / "prepared"
-    assert cli_main(["data", "prepare", str(source), str(out), "--vocab-size", "300", "--workers", "1", "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["data", "prepare", str(source), str(out), "--vocab-size", "300", "--workers", "1", "--quiet"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("prepared 1 documents") and "uint16 tokens in 1 shard(s)" in printed
     assert cli_main(["data", "verify", str(out)]) == 0
@@ -410,18 +485,39 @@ def test_cli_prepare_verify_and_one_line_errors(tmp_path: Path, ruth: str, capsy
         assert err.count("\n") == 1 and err.startswith("error: ") and re.search(match, err), err
 
     fails(["data", "prepare", str(source), str(out), "--quiet"], "already exists; pass --overwrite")
-    fails(["data", "prepare", str(tmp_path / "nope.txt"), str(tmp_path / "o")], r"data file not found: .*nope\.txt")
-    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--workers", "0"], "workers must be an integer >= 1")
-    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--vocab-size", "10"], "vocab_size must be in")
-    fails(["data", "prepare", str(source), str(tmp_path / "o"), "--eos-token", "</s>"], "eos_token .* only applies with tokenizer")
+    fails(
+        ["data", "prepare", str(tmp_path / "nope.txt"), str(tmp_path / "o")],
+        r"data file not found: .*nope\.txt",
+    )
+    fails(
+        ["data", "prepare", str(source), str(tmp_path / "o"), "--workers", "0"],
+        "workers must be an integer >= 1",
+    )
+    fails(
+        ["data", "prepare", str(source), str(tmp_path / "o"), "--vocab-size", "10"], "vocab_size must be in"
+    )
+    fails(
+        ["data", "prepare", str(source), str(tmp_path / "o"), "--eos-token", "</s>"],
+        "eos_token .* only applies with tokenizer",
+    )
     (out / "tokens-00000.bin").write_bytes(b"\x00\x01")
     fails(["data", "verify", str(out)], r"tokens-00000\.bin: 2 bytes, the index says")
 
 
 def test_cli_exit_code_in_a_real_process(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "steadylm.cli", "data", "prepare", str(tmp_path / "nope"), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "steadylm.cli",
+            "data",
+            "prepare",
+            str(tmp_path / "nope"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "data file not found" in done.stderr
 
@@ -459,9 +555,24 @@ def _generate_corpus(directory: Path, megabytes: int, seed: int = 0) -> int:
 
 def _measured_prepare(source: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, "data", "prepare", str(source), str(out), "--tokenizer", str(tokenizer),
-         "--workers", str(workers), "--quiet"],
-        capture_output=True, text=True, timeout=3600, check=True,
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            "data",
+            "prepare",
+            str(source),
+            str(out),
+            "--tokenizer",
+            str(tokenizer),
+            "--workers",
+            str(workers),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=True,
     )
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])

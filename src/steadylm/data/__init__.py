@@ -48,7 +48,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from steadylm.data.corpus import DEFAULT_CORPUS_NAME, Document, describe_source, iter_documents, load_corpus, load_kjv
+    from steadylm.data.corpus import (
+        DEFAULT_CORPUS_NAME,
+        Document,
+        describe_source,
+        iter_documents,
+        load_corpus,
+        load_kjv,
+    )
     from steadylm.data.dataset import (
         PackedBatches,
         TokenData,

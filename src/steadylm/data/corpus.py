@@ -271,7 +271,9 @@ def _text_document(path: Path) -> Document | None:
     return None if blank else Document(num_bytes, lambda: _text_chunks(path), str(path))
 
 
-def iter_documents(path: str | os.PathLike[str] | None = None, *, text_field: str = "text") -> Iterator[Document]:
+def iter_documents(
+    path: str | os.PathLike[str] | None = None, *, text_field: str = "text"
+) -> Iterator[Document]:
     """Stream the documents of a corpus: the same ones, in the same order, as :func:`load_corpus`,
     with memory bounded by one document (one chunk for text files)."""
     if path is None or str(path) == DEFAULT_CORPUS_NAME:

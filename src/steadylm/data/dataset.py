@@ -66,8 +66,8 @@ __all__ = [
 
 _MAX_SPLIT_BLOCKS = 200
 # Up to this many training sequences an epoch's order is a stored ``torch.randperm`` (8 bytes per
-# sequence, 32 MiB at the limit, two epochs cached); beyond it a keyed Feistel bijection computed per batch, so the
-# sampler's memory never grows with the corpus.
+# sequence, 32 MiB at the limit, two epochs cached); beyond it a keyed Feistel bijection computed
+# per batch, so the sampler's memory never grows with the corpus.
 EXACT_PERMUTATION_LIMIT = 1 << 22
 
 
@@ -245,9 +245,7 @@ class PackedBatches:
         (even none, when it has fewer rows than there are ranks): weight losses by row count.
         """
         if num_batches < 1 or batch_size < 1:
-            raise ConfigError(
-                f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}"
-            )
+            raise ConfigError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
         rank, world = check_shard(shard, batch_size)
         count = self.num_val_sequences
         wanted = min(num_batches * batch_size, count)

@@ -107,8 +107,12 @@ class _Counts:
     started: float = field(default_factory=time.perf_counter)
 
 
-def _documents(source: str | os.PathLike[str] | None, text_field: str, hasher: CorpusHasher | None,
-               counts: _Counts | None) -> Iterator[tuple[Document, Iterator[str]]]:
+def _documents(
+    source: str | os.PathLike[str] | None,
+    text_field: str,
+    hasher: CorpusHasher | None,
+    counts: _Counts | None,
+) -> Iterator[tuple[Document, Iterator[str]]]:
     """Each document with its pieces, feeding the corpus hasher and the counters on the way."""
     for doc in iter_documents(source, text_field=text_field):
         if hasher is not None:
@@ -168,15 +172,22 @@ def _encode_task(task: tuple[list[str], list[bool]]) -> np.ndarray:
     return encode_pieces(_WORKER["tokenizer"], pieces, ends, _WORKER["eos_id"], _WORKER["dtype"])  # type: ignore[arg-type]
 
 
-def _encode(tasks: Iterator[tuple[list[str], list[bool]]], tokenizer: Tokenizer, eos_id: int,
-            dtype: np.dtype, workers: int) -> Iterator[np.ndarray]:
+def _encode(
+    tasks: Iterator[tuple[list[str], list[bool]]],
+    tokenizer: Tokenizer,
+    eos_id: int,
+    dtype: np.dtype,
+    workers: int,
+) -> Iterator[np.ndarray]:
     """Token arrays of the tasks, in order; at most ``2 * workers`` tasks in flight."""
     if workers == 1:
         for pieces, ends in tasks:
             yield encode_pieces(tokenizer, pieces, ends, eos_id, dtype)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding tokenizer threads
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_str(), eos_id, dtype.str)) as pool:
+    with context.Pool(
+        workers, initializer=_init_worker, initargs=(tokenizer.to_str(), eos_id, dtype.str)
+    ) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.apply_async(_encode_task, (task,)))
@@ -209,7 +220,9 @@ class _ShardWriter:
         os.fsync(self._handle.fileno())
         self._handle.close()
         name = shard_name(len(self.shards))
-        self.shards.append(ShardInfo(name, self._count, self._count * self.dtype.itemsize, self._digest.hexdigest()))
+        self.shards.append(
+            ShardInfo(name, self._count, self._count * self.dtype.itemsize, self._digest.hexdigest())
+        )
         self._handle = None
 
     def write(self, tokens: np.ndarray) -> None:
@@ -294,11 +307,15 @@ def prepare_corpus(
         if tok is None:
             if progress:
                 progress("training the byte-level BPE tokenizer (one streamed pass)")
-            pieces = (piece for _, doc_pieces in _documents(source, text_field, None, None) for piece in doc_pieces)
+            pieces = (
+                piece for _, doc_pieces in _documents(source, text_field, None, None) for piece in doc_pieces
+            )
             tok = train_tokenizer((), vocab_size, pieces=pieces)
             how = f"byte-level BPE, vocab {vocab_size}, trained on this corpus"
             if use_cache:
-                store_tokenizer(expected, tok, {"requested_vocab_size": vocab_size, "vocab_size": tok.get_vocab_size()})
+                store_tokenizer(
+                    expected, tok, {"requested_vocab_size": vocab_size, "vocab_size": tok.get_vocab_size()}
+                )
         eos_id = int(tok.token_to_id(EOS_TOKEN))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = SHARD_DTYPES[token_dtype(vocab).name]
@@ -318,8 +335,10 @@ def prepare_corpus(
             if progress and time.perf_counter() - last_report > _PROGRESS_EVERY_S:
                 last_report = time.perf_counter()
                 elapsed = last_report - counts.started
-                progress(f"{counts.bytes / 1e6:,.0f} MB read, {counts.tokens:,} tokens, "
-                         f"{counts.bytes / 1e6 / elapsed:.1f} MB/s")
+                progress(
+                    f"{counts.bytes / 1e6:,.0f} MB read, {counts.tokens:,} tokens, "
+                    f"{counts.bytes / 1e6 / elapsed:.1f} MB/s"
+                )
         shards = writer.close()
         fingerprint = hasher.hexdigest()
         if expected is not None and fingerprint != expected:
@@ -364,24 +383,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     prepare.add_argument("src", metavar="SRC", help="corpus path, or 'kjv' for the embedded King James Bible")
     prepare.add_argument("out", metavar="OUT", help="output directory (written atomically)")
-    prepare.add_argument("--tokenizer", metavar="PATH", default=None,
-                         help="a Hugging Face tokenizer.json to use (default: train steadylm's byte-level BPE)")
-    prepare.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="N",
-                         help=f"vocabulary size of the trained BPE (default {DEFAULT_VOCAB_SIZE}; "
-                         "ignored with --tokenizer)")
-    prepare.add_argument("--eos-token", metavar="TOKEN", default=None,
-                         help="end-of-text token of --tokenizer (default: from tokenizer_config.json "
-                         "beside it, else <|endoftext|>, <|end_of_text|>, </s> or <eos>)")
-    prepare.add_argument("--text-field", default="text", metavar="KEY",
-                         help="JSON-lines key / Parquet column holding the text (default: text)")
-    prepare.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                         help="encoding processes (default: min(8, CPU count)); 1 encodes in this process")
-    prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                         help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    prepare.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        default=None,
+        help="a Hugging Face tokenizer.json to use (default: train steadylm's byte-level BPE)",
+    )
+    prepare.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        metavar="N",
+        help=f"vocabulary size of the trained BPE (default {DEFAULT_VOCAB_SIZE}; ignored with --tokenizer)",
+    )
+    prepare.add_argument(
+        "--eos-token",
+        metavar="TOKEN",
+        default=None,
+        help="end-of-text token of --tokenizer (default: from tokenizer_config.json "
+        "beside it, else <|endoftext|>, <|end_of_text|>, </s> or <eos>)",
+    )
+    prepare.add_argument(
+        "--text-field",
+        default="text",
+        metavar="KEY",
+        help="JSON-lines key / Parquet column holding the text (default: text)",
+    )
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        metavar="N",
+        help="encoding processes (default: min(8, CPU count)); 1 encodes in this process",
+    )
+    prepare.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        metavar="N",
+        help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})",
+    )
     prepare.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     prepare.add_argument("--quiet", action="store_true", help="no progress lines")
     verify = actions.add_parser(
-        "verify", help="check a prepared directory: index, shard sizes and SHA-256, tokenizer",
+        "verify",
+        help="check a prepared directory: index, shard sizes and SHA-256, tokenizer",
         description="Check a prepared directory completely (reads every shard).",
     )
     verify.add_argument("path", metavar="DIR")
@@ -392,8 +438,10 @@ def run(args: argparse.Namespace) -> int:
         from steadylm.data.shards import verify_prepared
 
         index = verify_prepared(args.path)
-        print(f"ok: {index.num_tokens:,} tokens in {len(index.shards)} shard(s) of {index.dtype}, "
-              f"vocab {index.vocab_size}, all SHA-256 match")
+        print(
+            f"ok: {index.num_tokens:,} tokens in {len(index.shards)} shard(s) of {index.dtype}, "
+            f"vocab {index.vocab_size}, all SHA-256 match"
+        )
         return 0
 
     def progress(message: str) -> None:
@@ -417,6 +465,7 @@ def run(args: argparse.Namespace) -> int:
         f"{index.num_tokens:,} {index.dtype} tokens in {len(index.shards)} shard(s) at {result.directory} "
         f"in {result.seconds:.1f} s (tokenizer {result.tokenizer_seconds:.1f} s, encoding "
         f"{result.encode_seconds:.1f} s = {result.mb_per_s:.2f} MB/s with {args.workers} worker(s)); "
-        f"tokenizer: {result.tokenizer}, vocab {index.vocab_size}, eos id {index.eos_id}; format v{FORMAT_VERSION}"
+        f"tokenizer: {result.tokenizer}, vocab {index.vocab_size}, eos id {index.eos_id}; "
+        f"format v{FORMAT_VERSION}"
     )
     return 0

@@ -97,11 +97,15 @@ class PreparedIndex:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
-            raise DataError(f"{path}: missing (a prepared directory needs its index; re-run steadylm data prepare)") from err
+            raise DataError(
+                f"{path}: missing (a prepared directory needs its index; re-run steadylm data prepare)"
+            ) from err
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"cannot read {path}: {err}") from err
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the index is damaged") from err
+            raise DataError(
+                f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the index is damaged"
+            ) from err
         if not isinstance(raw, dict):
             raise DataError(f"{path}: expected a JSON object")
         if raw.get("format") != FORMAT_NAME:
@@ -144,7 +148,10 @@ class PreparedIndex:
             if Path(info.file).name != info.file or info.tokens < 0:
                 raise DataError(f"{path}: shards[{number}] is invalid ({info.file!r}, {info.tokens} tokens)")
             if info.bytes != info.tokens * SHARD_DTYPES[dtype].itemsize:
-                raise DataError(f"{path}: shards[{number}] ({info.file}) records {info.bytes} bytes for {info.tokens} tokens of {dtype}")
+                raise DataError(
+                    f"{path}: shards[{number}] ({info.file}) records {info.bytes} bytes for "
+                    f"{info.tokens} tokens of {dtype}"
+                )
             shards.append(info)
         num_tokens = need(raw, "num_tokens", int)
         if num_tokens != sum(s.tokens for s in shards):

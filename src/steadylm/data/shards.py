@@ -55,6 +55,7 @@ __all__ = [
     "verify_prepared",
 ]
 
+
 class ShardSet:
     """The shards of a prepared directory as one read-only token stream, memory-mapped lazily."""
 
@@ -71,7 +72,7 @@ class ShardSet:
         return int(self.starts[-1])
 
     def check_sizes(self) -> None:
-        for path, shard in zip(self.paths, self.index.shards):
+        for path, shard in zip(self.paths, self.index.shards, strict=True):
             try:
                 size = path.stat().st_size
             except FileNotFoundError as err:
@@ -83,9 +84,12 @@ class ShardSet:
                 )
 
     def check_hashes(self) -> None:
-        for path, shard in zip(self.paths, self.index.shards):
+        for path, shard in zip(self.paths, self.index.shards, strict=True):
             if file_sha256(path) != shard.sha256:
-                raise DataError(f"{path}: SHA-256 differs from the index (the shard is corrupt; re-run steadylm data prepare)")
+                raise DataError(
+                    f"{path}: SHA-256 differs from the index "
+                    "(the shard is corrupt; re-run steadylm data prepare)"
+                )
 
     def _map(self, number: int) -> np.memmap | np.ndarray:
         mapped = self._maps.get(number)
@@ -97,7 +101,10 @@ class ShardSet:
             except (OSError, ValueError) as err:
                 raise DataError(f"{self.paths[number]}: cannot map the shard ({err})") from err
             if mapped.shape[0] != self.index.shards[number].tokens:
-                raise DataError(f"{self.paths[number]}: {mapped.shape[0]} tokens, the index says {self.index.shards[number].tokens}")
+                raise DataError(
+                    f"{self.paths[number]}: {mapped.shape[0]} tokens, "
+                    f"the index says {self.index.shards[number].tokens}"
+                )
             self._maps[number] = mapped
         return mapped
 
@@ -158,7 +165,13 @@ class TokenStream:
                 parts.append(self.shards.read(base + position, base + end))
                 position = end
             block += 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, self.shards.dtype)
+        return (
+            parts[0]
+            if len(parts) == 1
+            else np.concatenate(parts)
+            if parts
+            else np.empty(0, self.shards.dtype)
+        )
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -188,7 +201,9 @@ class ShardedTokenData(PackedBatches):
     split_seed: int = 0
     num_shards: int = 0
     dtype: str = ""
-    _permutations: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _permutations: dict[tuple[int, int], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("train_tokens", "val_tokens"):
@@ -242,7 +257,9 @@ def _open(directory: Path, verify: bool | None) -> tuple[PreparedIndex, ShardSet
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
         raise DataError(f"{tokenizer_path}: cannot load the tokenizer ({str(err).splitlines()[0]})") from err
     if tokenizer_sha256(tokenizer) != index.tokenizer_sha256:
-        raise DataError(f"{tokenizer_path}: differs from the tokenizer the shards were made with (SHA-256 mismatch)")
+        raise DataError(
+            f"{tokenizer_path}: differs from the tokenizer the shards were made with (SHA-256 mismatch)"
+        )
     return index, shards, tokenizer
 
 

@@ -76,9 +76,7 @@ def validate_vocab_size(vocab_size: int) -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise ConfigError(f"vocab_size must be an integer, got {vocab_size!r}")
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise ConfigError(
-            f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}], got {vocab_size}"
-        )
+        raise ConfigError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}], got {vocab_size}")
     return vocab_size
 
 
@@ -142,7 +140,9 @@ def _pieces(doc: str) -> Iterator[str]:
     return iter_pieces((doc,))
 
 
-def train_tokenizer(docs: Sequence[str] | Iterable[str], vocab_size: int, *, pieces: Iterable[str] | None = None) -> Tokenizer:
+def train_tokenizer(
+    docs: Sequence[str] | Iterable[str], vocab_size: int, *, pieces: Iterable[str] | None = None
+) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``docs`` (deterministic for the same input).
 
     ``pieces`` (instead of ``docs``, which is then ignored) streams already-cut pieces
@@ -179,7 +179,7 @@ def encode_pieces(
     eos = np.array([eos_id], dtype=dtype)
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: same ids, about 2x faster.
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    for encoding, end in zip(encode(list(pieces), add_special_tokens=False), ends):
+    for encoding, end in zip(encode(list(pieces), add_special_tokens=False), ends, strict=True):
         parts.append(np.asarray(encoding.ids, dtype=dtype))
         if end:
             parts.append(eos)
@@ -330,7 +330,9 @@ def store_tokenizer(fingerprint: str, tokenizer: Tokenizer, meta: dict[str, Any]
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
         try:
             tokenizer.save(str(staging / "tokenizer.json"))
-            (staging / "meta.json").write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2, sort_keys=True))
+            (staging / "meta.json").write_text(
+                json.dumps({**meta, "fingerprint": fingerprint}, indent=2, sort_keys=True)
+            )
             for name in ("tokenizer.json", "meta.json"):
                 fsync_path(staging / name)
             try:
