@@ -206,5 +206,5 @@ def test_kill_during_checkpoint_leaves_previous_one_loadable(
         assert rows == expected, phase
         # The next save cleaned up after the crash.
         assert sorted(p.name for p in run_dir.iterdir()) == [
-            "checkpoint", "config.json", "metrics.csv", "metrics.jsonl",
+            ".steadylm.lock", "checkpoint", "config.json", "metrics.csv", "metrics.jsonl",
         ], phase

@@ -25,3 +25,20 @@ class CheckpointError(SteadyLMError, RuntimeError):
 
 class DivergenceError(SteadyLMError, RuntimeError):
     """Training produced a non-finite loss; the message says at which step."""
+
+
+class RunDirectoryInUse(SteadyLMError, RuntimeError):
+    """Another live process is writing the run directory; the message names it and its holder."""
+
+
+class OutputError(SteadyLMError, OSError):
+    """A file of the run could not be written (full disk, read-only file system, missing
+    directory); the message names the file and the cause. Anything written before is intact."""
+
+
+class DistributedError(SteadyLMError, RuntimeError):
+    """A peer rank died or stalled past the collective timeout; the message names this rank."""
+
+
+class RunInterrupted(SteadyLMError, RuntimeError):
+    """A second preemption signal arrived while the preemption checkpoint was being written."""

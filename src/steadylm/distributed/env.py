@@ -15,6 +15,7 @@ from steadylm.errors import ConfigError
 
 __all__ = [
     "DistEnv",
+    "all_gather_object",
     "all_reduce_max_",
     "all_reduce_mean",
     "all_reduce_sum_",
@@ -129,6 +130,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (pickled; small control values only)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -98,7 +98,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, env: DistEnv, device: 
         wrapped = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
         return ParallelModel(model, wrapped, "ddp")
     return ParallelModel(model, model, "none")

@@ -6,7 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "write_and_sync"]
+from steadylm.errors import OutputError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "io_error", "write_and_sync"]
+
+
+def io_error(path: str | os.PathLike[str], err: OSError) -> OutputError:
+    """A one-line :class:`OutputError` naming ``path`` and the cause (``No space left on device``)."""
+    return OutputError(f"cannot write {path}: {err.strerror or err}")
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -29,8 +36,21 @@ def write_and_sync(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix."""
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
+
+    An I/O failure (full disk, read-only file system) raises :class:`OutputError` naming the file;
+    the old file stays as it was and no temporary file is left behind.
+    """
     target = Path(path)
+    try:
+        _atomic_write(target, data)
+    except OutputError:
+        raise
+    except OSError as err:
+        raise io_error(target, err) from None
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ __all__ = ["add_arguments", "build_data", "build_probes", "run", "train_from_spe
 
 #: Key of config.json that holds the whole run spec (``--resume`` without flags reuses it).
 RUN_SPEC_KEY = "run_spec"
+#: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL:
+#: "try again" — a job script requeues on it and relaunches with ``--resume auto``).
+EXIT_PREEMPTED = 75
 
 
 def _resume_mode(text: str) -> bool | str:
@@ -123,4 +127,9 @@ def run(args: argparse.Namespace) -> int:
                  else f"{result.steps_done}/{result.total_steps} steps")
         print(f"{out}: {state}, val loss {val}, {result.tokens_per_s:,.0f} tokens/s "
               f"({env.world_size} process{'es' if env.world_size > 1 else ''}, {spec.parallel.mode})")
+        if result.preempted_at is not None:
+            print(f"preempted by {result.preempt_signal} at step {result.preempted_at}: checkpoint written; "
+                  f"continue with --resume (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+    if result.preempted_at is not None:
+        return EXIT_PREEMPTED
     return 1 if result.diverged else 0

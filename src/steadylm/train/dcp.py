@@ -36,7 +36,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
-from steadylm.distributed.env import DistEnv, barrier, broadcast_object
+from steadylm.distributed.env import DistEnv, all_gather_object, broadcast_object
 from steadylm.errors import CheckpointError
 from steadylm.train.atomic import fsync_dir, write_and_sync
 from steadylm.train.checkpoint import (
@@ -74,7 +74,40 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _rng_file(rank: int) -> str:
+def _cause(err: BaseException) -> str:
+    """The I/O cause of a failed save, in a few words (``No space left on device``)."""
+    seen: list[BaseException] = [err]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, OSError):
+            return current.strerror or str(current)
+        failures = getattr(current, "failures", None)  # DCP's CheckpointException: rank -> error
+        if isinstance(failures, dict):
+            seen.extend(getattr(f, "exc", f) for f in failures.values() if isinstance(getattr(f, "exc", f), BaseException))
+        seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _commit(staging: Path, final: Path, step: int, counters: dict[str, Any] | None,
+            configs: dict[str, Any] | None, env: DistEnv) -> None:
+    """Rank 0, after every rank has written: state.json last, then swap the checkpoint in."""
+    files = sorted(p.name for p in staging.iterdir() if p.is_file())
+    state = {
+        "format_version": DCP_FORMAT_VERSION,
+        "step": int(step),
+        "data_position": {"next_batch_index": int(step)},
+        "counters": counters or {},
+        "configs": configs or {},
+        "world_size": env.world_size,
+        "sha256": {name: _sha256(staging / name) for name in files},
+    }
+    write_and_sync(staging / STATE_FILE, json.dumps(state, indent=1, allow_nan=True).encode())
+    fsync_dir(staging)
+    swap_into_place(staging, final)
+
+
+def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.safetensors"
 
 
@@ -138,35 +171,32 @@ def save_dcp_checkpoint(
     if error:
         raise CheckpointError(error)
 
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd},
-                 storage_writer=dcp.FileSystemWriter(str(staging), sync_files=True))
-    _save_rng(staging / _rng_file(env.rank))
-    _fault_point(step, env)
-    barrier()  # every rank's files are on disk
-
-    if env.is_main:
+    try:
+        error = None
         try:
-            files = sorted(p.name for p in staging.iterdir() if p.is_file())
-            state = {
-                "format_version": DCP_FORMAT_VERSION,
-                "step": int(step),
-                "data_position": {"next_batch_index": int(step)},
-                "counters": counters or {},
-                "configs": configs or {},
-                "world_size": env.world_size,
-                "sha256": {name: _sha256(staging / name) for name in files},
-            }
-            write_and_sync(staging / STATE_FILE, json.dumps(state, indent=1, allow_nan=True).encode())
-            fsync_dir(staging)
-            swap_into_place(staging, final)
-        except OSError as err:
+            model_sd, optim_sd = _state_dicts(model, optimizer)
+            with _quiet_single_process():
+                dcp.save({"model": model_sd, "optim": optim_sd},
+                         storage_writer=dcp.FileSystemWriter(str(staging), sync_files=True))
+            _save_rng(staging / rng_file(env.rank))
+        except Exception as err:  # noqa: BLE001 - DCP wraps each rank's OSError in CheckpointException
+            error = f"cannot write checkpoint {final} (staging {staging}): {_cause(err)}"
+        _fault_point(step, env)
+        errors = all_gather_object(error)  # every rank's files are on disk, or someone failed
+        error = next((e for e in errors if e), None)
+        if error is None and env.is_main:
+            try:
+                _commit(staging, final, step, counters, configs, env)
+            except OSError as err:
+                error = f"cannot write checkpoint {final}: {err.strerror or err}"
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error + "; the previous checkpoint is intact")
+    except BaseException:
+        # a failed write, or a second preemption signal: the last good checkpoint stays in place
+        if env.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-            error = f"cannot write checkpoint {final}: {err.strerror or err}"
-    error = broadcast_object(error)
-    if error:
-        raise CheckpointError(error)
+        raise
     return final
 
 
@@ -228,7 +258,7 @@ def load_dcp_checkpoint(
     _put_back_buffers(model, to_load["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, to_load["optim"])
-    rng_path = directory / _rng_file(env.rank)
+    rng_path = directory / rng_file(env.rank)
     if restore_rng and rng_path.exists():
         _restore_rng(rng_path)
     return state

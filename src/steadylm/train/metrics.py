@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from steadylm.train.atomic import atomic_write_text
+from steadylm.train.atomic import atomic_write_text, io_error
 
 __all__ = ["MetricsLog", "read_metrics"]
 
@@ -84,18 +84,24 @@ class MetricsLog:
     def append(self, row: dict[str, Any]) -> dict[str, Any]:
         """Write one row; returns it as written (non-finite floats as None)."""
         clean = {key: _clean(value) for key, value in row.items()}
-        if self._handle is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.jsonl_path, "a", encoding="utf-8")
-        self._handle.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._handle.flush()
+        try:
+            if self._handle is None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._handle = open(self.jsonl_path, "a", encoding="utf-8")
+            self._handle.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._handle.flush()
+        except OSError as err:
+            raise io_error(self.jsonl_path, err) from None
         return clean
 
     def sync(self) -> None:
         """Flush the JSON-lines file to disk and rewrite the CSV from it."""
-        if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+        try:
+            if self._handle is not None:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+        except OSError as err:
+            raise io_error(self.jsonl_path, err) from None
         atomic_write_text(self.csv_path, _csv_text(read_metrics(self.jsonl_path)))
 
     def rows(self) -> list[dict[str, Any]]:

@@ -525,4 +525,8 @@ def spec_from_args(args: argparse.Namespace, base: RunSpec | None = None) -> Run
         value = getattr(args, _dest(section, f.name), None)
         if value is not None:
             assignments[f"{section}.{f.name}"] = value
+    steps = assignments.get("train.steps")
+    if isinstance(steps, int) and "train.warmup_steps" not in assignments and spec.train.warmup_steps > steps:
+        # A shorter run than the spec's warm-up: warm up over its first tenth instead of refusing.
+        assignments["train.warmup_steps"] = steps // 10
     return spec.with_overrides(assignments) if assignments else spec

@@ -28,7 +28,9 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -42,9 +44,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from steadylm.distributed.config import ParallelConfig
-from steadylm.distributed.env import DistEnv, all_reduce_mean, all_reduce_sum_, broadcast_object
+from steadylm.distributed.env import DistEnv, all_reduce_sum_, broadcast_object
 from steadylm.distributed.parallelize import parallelize
-from steadylm.errors import CheckpointError, ConfigError, DataError, DivergenceError, SteadyLMError
+from steadylm.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DivergenceError,
+    OutputError,
+    RunDirectoryInUse,
+    RunInterrupted,
+    SteadyLMError,
+)
 from steadylm.train.atomic import atomic_write_text
 from steadylm.train.checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -55,10 +66,11 @@ from steadylm.train.checkpoint import (
     read_state_json,
 )
 from steadylm.train.dcp import save_dcp_checkpoint
+from steadylm.train.lock import RunDirLock
 from steadylm.train.config import TrainConfig, lr_at
 from steadylm.train.metrics import MetricsLog
 
-__all__ = ["Probe", "TrainCallback", "TrainResult", "Trainer"]
+__all__ = ["Preemption", "Probe", "TrainCallback", "TrainResult", "Trainer"]
 
 # Metrics that depend on wall-clock time, hence differ between otherwise identical runs.
 TIMING_KEYS: frozenset[str] = frozenset({"tokens_per_s", "elapsed_s", "probe/overhead_ms"})
@@ -104,6 +116,8 @@ class TrainResult:
     metrics_jsonl: Path
     metrics_csv: Path
     checkpoint_dir: Path | None  # the last good checkpoint, None if none was written
+    preempted_at: int | None = None  # step at which a SIGTERM/SIGUSR1 stopped the run (checkpointed)
+    preempt_signal: str | None = None
 
     @property
     def diverged(self) -> bool:
@@ -162,6 +176,7 @@ class _RunState:
     last_checkpoint: Path | None = None
     diverged_at: int | None = None
     divergence_reason: str | None = None
+    preempted_at: int | None = None
     # tokens and compute time since the last metrics row (its tokens_per_s); not saved
     window_tokens: int = 0
     window_time: float = 0.0
@@ -209,6 +224,7 @@ class _StepOutput:
     grad_norm: float
     lr: float
     probe_metrics: dict[str, float]
+    stop_requested: bool = False  # a preemption signal reached this rank or another one
 
 
 class Trainer:
@@ -252,6 +268,7 @@ class Trainer:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.env = DistEnv.current()
+        self._preemption = Preemption()
         self._check_data_fits_model()
         self._check_batch_split()
 
@@ -330,8 +347,8 @@ class Trainer:
                 outcome = (type(err).__name__, str(err))
         outcome = broadcast_object(outcome)
         if outcome[0] != "ok":
-            error_type = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError)}.get(
-                outcome[0], SteadyLMError)
+            error_type = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError, OutputError,
+                                                        RunDirectoryInUse)}.get(outcome[0], SteadyLMError)
             raise error_type(outcome[1])
         return outcome[1]
 
@@ -381,7 +398,16 @@ class Trainer:
                 (loss if accum == 1 else loss / accum).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         assert loss_sum is not None
-        loss_mean = all_reduce_mean(loss_sum if accum == 1 else loss_sum / accum)
+        local_loss = loss_sum if accum == 1 else loss_sum / accum
+        stop = self._preemption.requested is not None
+        if self.env.world_size > 1:
+            # One reduction carries the loss and the preemption flag: one rank receiving the
+            # signal is enough for every rank to stop at the same step.
+            flag = torch.tensor(float(stop), dtype=local_loss.dtype, device=local_loss.device)
+            reduced = all_reduce_sum_(torch.stack([local_loss.detach(), flag]))
+            loss_mean, stop = reduced[0] / self.env.world_size, bool(reduced[1].item() > 0)
+        else:
+            loss_mean = local_loss
         probe_metrics: dict[str, float] = {}
         for probe in self.probes:
             probe_metrics.update(probe.end_step(step, model) or {})
@@ -389,7 +415,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=None)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor over the shards
             grad_norm = grad_norm.full_tensor()
-        return _StepOutput(_float(loss_mean), _float(grad_norm), lr, probe_metrics)
+        return _StepOutput(_float(loss_mean), _float(grad_norm), lr, probe_metrics, stop)
 
     @torch.no_grad()
     def _evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
@@ -503,6 +529,7 @@ class Trainer:
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or not 1 <= stop_after <= self.config.steps):
             raise ConfigError(f"stop_after must be an integer in [1, steps={self.config.steps}], got {stop_after!r}")
+        self._preemption = Preemption()
         threads_before = torch.get_num_threads()
         threads = self.config.threads
         if threads is None and self.env.world_size > 1:
@@ -510,11 +537,25 @@ class Trainer:
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            return self._run(resume, stop_after or self.config.steps)
+            with self._preemption:
+                return self._run(resume, stop_after or self.config.steps)
         finally:
             torch.set_num_threads(threads_before)
 
     def _run(self, resume: bool | str, last_step: int) -> TrainResult:
+        lock = RunDirLock(self.out_dir)
+
+        def acquire() -> None:
+            lock.__enter__()
+
+        self._on_main(acquire)  # refused on every rank when another live run holds the directory
+        try:
+            return self._run_locked(resume, last_step)
+        finally:
+            if self.env.is_main:
+                lock.__exit__(None, None, None)
+
+    def _run_locked(self, resume: bool | str, last_step: int) -> TrainResult:
         cfg = self.config
         device = self.env.device(cfg.device)
         metrics = MetricsLog(self.out_dir) if self.env.is_main else None
@@ -548,13 +589,20 @@ class Trainer:
                     val_loss = self._evaluate(val_batches, device)
                     state.record_val_loss(step, val_loss)
                 if (val_loss is not None or out.probe_metrics or is_last or step % cfg.log_every == 0
-                        or state.diverged_at):
+                        or state.diverged_at or out.stop_requested):
                     self._log_step(step, out, val_loss, state, metrics)
                 progress.update(step, out.loss, out.lr, state, val_loss)
                 if state.diverged_at:
                     break
-                if is_last or step == last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
+                if out.stop_requested:
+                    state.preempted_at = step
+                if (is_last or step == last_step or state.preempted_at
+                        or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)):
+                    self._preemption.checkpointing = True
                     self._save(step, state, metrics)
+                    self._preemption.checkpointing = False
+                if state.preempted_at:
+                    break
         finally:
             progress.close()
             if metrics is not None:
@@ -564,6 +612,8 @@ class Trainer:
         if state.diverged_at is not None:
             progress.note(f"diverged at step {state.diverged_at}: {state.divergence_reason}; last good "
                           f"checkpoint: {state.last_checkpoint or 'none'}")
+        if state.preempted_at is not None:
+            progress.note(f"preempted at step {state.preempted_at}: checkpoint written")
         return self._result(state)
 
     def _stop_diverged(self, step: int, out: _StepOutput, state: _RunState, metrics: MetricsLog | None) -> None:
@@ -610,7 +660,47 @@ class Trainer:
             metrics_jsonl=self.out_dir / "metrics.jsonl",
             metrics_csv=self.out_dir / "metrics.csv",
             checkpoint_dir=state.last_checkpoint,
+            preempted_at=state.preempted_at,
+            preempt_signal=self._preemption.requested if state.preempted_at else None,
         )
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 during a run: finish the step, checkpoint, stop (context manager).
+
+    Schedulers send SIGTERM before SIGKILL when they preempt a job (SLURM can be told to send
+    SIGUSR1 earlier, ``--signal=USR1@120``). The first signal only sets :attr:`requested`; the
+    trainer checks it once per step. A second signal while that checkpoint is being written raises
+    :class:`~steadylm.errors.RunInterrupted` at once: the save is abandoned and the previous
+    checkpoint stays valid. Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.checkpointing = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None and self.checkpointing:
+            raise RunInterrupted(f"second {name} while writing the preemption checkpoint: aborted; "
+                                 "the previous checkpoint is intact")
+        self.requested = self.requested or name
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class _Progress:
