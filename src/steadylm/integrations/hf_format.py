@@ -34,8 +34,10 @@ from steadylm.errors import CheckpointError, ConfigError
 from steadylm.models import ModelConfig, Transformer, build_model
 
 __all__ = [
+    "HIDDEN_ACTS",
     "SEGMENTS",
     "SUPPORTED_ARCHITECTURES",
+    "activation_kwargs_from_config",
     "hf_config_to_model_config",
     "hf_name",
     "import_hf",
@@ -87,8 +89,31 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "SteadyLMForCausalLM": "steadylm",
 }
-# hidden_act values of HF configs -> steadylm activation (SiLU-gated = SwiGLU).
-_HF_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "powlu": "powlu", "swiglu_clip": "swiglu_clip"}
+#: ``hidden_act`` names registered with transformers -> (steadylm activation, fixed kwargs).
+HIDDEN_ACTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "powlu": ("powlu", {}),
+    "swiglu_clip": ("swiglu_clip", {"variant": "gptoss"}),
+    "swiglu_clip_step": ("swiglu_clip", {"variant": "step"}),
+    "swiglu_clip_clamp": ("swiglu_clip", {"variant": "clamp"}),
+}
+# HF config attributes read as activation hyper-parameters when present.
+_CONFIG_KWARGS: dict[str, dict[str, str]] = {
+    "powlu": {"powlu_m": "m"},
+    "swiglu_clip": {"swiglu_clip_limit": "limit", "swiglu_clip_alpha": "alpha"},
+}
+
+
+def activation_kwargs_from_config(activation: str, config: Any) -> dict[str, Any]:
+    """Hyper-parameters of ``activation`` found on an HF config object or ``config.json`` dict
+    (``powlu_m``, ``swiglu_clip_limit``, ``swiglu_clip_alpha``)."""
+    def get(attr: str) -> Any:
+        return config.get(attr) if isinstance(config, dict) else getattr(config, attr, None)
+
+    return {key: get(attr) for attr, key in _CONFIG_KWARGS.get(activation, {}).items() if get(attr) is not None}
+
+
+# Stock hidden_act values that mean SwiGLU (SiLU gate).
+_SILU_ACTS = ("silu", "swish")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -133,8 +158,9 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         mc = ModelConfig.from_dict(cfg["steadylm"])
         return mc if max_seq_len is None else mc.replace(max_seq_len=max_seq_len)
     act_name = cfg.get("hidden_act", "silu")
-    if act_name not in _HF_ACTIVATIONS:
-        raise ConfigError(f"config.json hidden_act {act_name!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}")
+    if act_name not in _SILU_ACTS and act_name not in HIDDEN_ACTS:
+        raise ConfigError(f"config.json hidden_act {act_name!r} is not supported; "
+                          f"supported: {sorted(_SILU_ACTS + tuple(HIDDEN_ACTS))}")
     if cfg.get("mlp_bias"):
         raise ConfigError("config.json mlp_bias=true is not supported (steadylm FFNs have no biases)")
     if family in ("llama", "mistral", "qwen3") and cfg.get("attention_bias"):
@@ -149,9 +175,8 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
             f"config.json sliding_window ({window}) is shorter than max_seq_len ({seq}); steadylm has "
             "full causal attention only (pass a max_seq_len <= the window)"
         )
-    activation_kwargs: dict[str, Any] = {}
-    if act_name == "powlu" and "powlu_m" in cfg:
-        activation_kwargs["m"] = float(cfg["powlu_m"])
+    activation, fixed = HIDDEN_ACTS.get(act_name, ("swiglu", {}))
+    activation_kwargs = {**fixed, **activation_kwargs_from_config(activation, cfg)}
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
         dim=dim,
@@ -163,7 +188,7 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         head_size=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
-        activation=_HF_ACTIVATIONS[act_name],
+        activation=activation,
         activation_kwargs=activation_kwargs,
         norm="rmsnorm",
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from steadylm import functional
 from steadylm.errors import ConfigError
+from steadylm.integrations.hf_format import HIDDEN_ACTS, activation_kwargs_from_config
 from steadylm.models import default_refresh_interval
 from steadylm.nn import ACTIVATIONS, Activation, BHyT, BHyTPair, DyT, RMSNorm
 
@@ -46,29 +47,6 @@ __all__ = [
 FAMILIES: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 #: ``norm`` values :func:`apply_steadylm` accepts (the block forms that fit an HF decoder layer).
 PATCH_NORMS: tuple[str, ...] = ("rmsnorm", "bhyt", "bhyt_star")
-
-#: ``hidden_act`` names registered with transformers -> (steadylm activation, fixed kwargs).
-HIDDEN_ACTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "powlu": ("powlu", {}),
-    "swiglu_clip": ("swiglu_clip", {"variant": "gptoss"}),
-    "swiglu_clip_step": ("swiglu_clip", {"variant": "step"}),
-    "swiglu_clip_clamp": ("swiglu_clip", {"variant": "clamp"}),
-}
-# HF config attributes read as activation hyper-parameters when present.
-_CONFIG_KWARGS: dict[str, dict[str, str]] = {
-    "powlu": {"powlu_m": "m"},
-    "swiglu_clip": {"swiglu_clip_limit": "limit", "swiglu_clip_alpha": "alpha"},
-}
-
-
-def activation_kwargs_from_config(activation: str, config: Any) -> dict[str, Any]:
-    """Hyper-parameters of ``activation`` found on an HF config (``powlu_m``, ``swiglu_clip_limit``...)."""
-    return {
-        key: getattr(config, attr)
-        for attr, key in _CONFIG_KWARGS.get(activation, {}).items()
-        if getattr(config, attr, None) is not None
-    }
-
 
 # ----------------------------------------------------------------------------------------------
 # hidden_act modules
@@ -143,11 +121,12 @@ class _SteadyMLP:
     steadylm_act: Activation
 
     def steadylm_setup(self, spec: _Spec, config: Any) -> None:
-        name = spec.activation
-        if name is None:
-            current = getattr(self, "act_fn", None)
+        name, base = spec.activation, {}
+        current = getattr(self, "act_fn", None)
+        if name is None:  # keep the model's activation, run it through the fused gated path
             name = current.act.name if isinstance(current, SteadyLMGate) else "swiglu"
-        kwargs = {**activation_kwargs_from_config(name, config), **dict(spec.activation_kwargs)}
+            base = dict(current.act.kwargs) if isinstance(current, SteadyLMGate) else {}
+        kwargs = {**base, **activation_kwargs_from_config(name, config), **dict(spec.activation_kwargs)}
         self.steadylm_act = Activation(name, spec.impl, **kwargs)  # type: ignore[misc]
 
     def forward(self, x: Tensor) -> Tensor:
