@@ -112,8 +112,9 @@ def _documents(
     text_field: str,
     hasher: CorpusHasher | None,
     counts: _Counts | None,
-) -> Iterator[tuple[Document, Iterator[str]]]:
-    """Each document with its pieces, feeding the corpus hasher and the counters on the way."""
+) -> Iterator[Iterator[str]]:
+    """The pieces of each document (consume them before the next document), feeding the corpus
+    hasher and the counters on the way."""
     for doc in iter_documents(source, text_field=text_field):
         if hasher is not None:
             hasher.begin_document(doc.num_bytes)
@@ -127,24 +128,24 @@ def _documents(
                     hasher.update(piece)
                 yield piece
 
-        yield doc, pieces()
+        yield pieces()
 
 
 def _fingerprint(source: str | os.PathLike[str] | None, text_field: str, settings: dict) -> str:
     hasher = CorpusHasher(settings)
-    for _, pieces in _documents(source, text_field, hasher, None):
+    for pieces in _documents(source, text_field, hasher, None):
         for _ in pieces:
             pass
     return hasher.hexdigest()
 
 
-def _tasks(documents: Iterable[tuple[Document, Iterator[str]]]) -> Iterator[tuple[list[str], list[bool]]]:
+def _tasks(documents: Iterable[Iterator[str]]) -> Iterator[tuple[list[str], list[bool]]]:
     """Group pieces into encoding tasks of about ``_TASK_CHARS`` characters: ``(pieces, ends)``
     where ``ends[i]`` marks the last piece of a document (an end-of-text id follows it)."""
     pieces: list[str] = []
     ends: list[bool] = []
     chars = 0
-    for _, doc_pieces in documents:
+    for doc_pieces in documents:
         for piece in doc_pieces:
             if chars >= _TASK_CHARS:
                 yield pieces, ends
@@ -308,7 +309,7 @@ def prepare_corpus(
             if progress:
                 progress("training the byte-level BPE tokenizer (one streamed pass)")
             pieces = (
-                piece for _, doc_pieces in _documents(source, text_field, None, None) for piece in doc_pieces
+                piece for doc_pieces in _documents(source, text_field, None, None) for piece in doc_pieces
             )
             tok = train_tokenizer((), vocab_size, pieces=pieces)
             how = f"byte-level BPE, vocab {vocab_size}, trained on this corpus"
