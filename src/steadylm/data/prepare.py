@@ -304,7 +304,7 @@ def prepare_corpus(
         settings = trained_tokenizer_settings(vocab_size)
         expected = _fingerprint(source, text_field, settings)
         tok = cached_tokenizer(expected) if use_cache else None
-        how = f"byte-level BPE, vocab {vocab_size}, cached"
+        how = "steadylm byte-level BPE from the tokenizer cache"
         if tok is None:
             if progress:
                 progress("training the byte-level BPE tokenizer (one streamed pass)")
@@ -312,7 +312,7 @@ def prepare_corpus(
                 piece for doc_pieces in _documents(source, text_field, None, None) for piece in doc_pieces
             )
             tok = train_tokenizer((), vocab_size, pieces=pieces)
-            how = f"byte-level BPE, vocab {vocab_size}, trained on this corpus"
+            how = "steadylm byte-level BPE trained on this corpus"
             if use_cache:
                 store_tokenizer(
                     expected, tok, {"requested_vocab_size": vocab_size, "vocab_size": tok.get_vocab_size()}
