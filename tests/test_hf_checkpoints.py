@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from steadylm.cli import main as cli_main  # noqa: E402
+from steadylm.errors import ConfigError  # noqa: E402
 from steadylm.data.tokenizer import EOS_TOKEN, train_tokenizer  # noqa: E402
 from steadylm.integrations import transformers as slt  # noqa: E402
 from steadylm.integrations.hf_format import hf_name, import_hf, steadylm_name  # noqa: E402
@@ -277,3 +278,22 @@ def test_import_never_runs_checkpoint_code(tmp_path: Path) -> None:
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     import_hf(tmp_path / "hf")
     assert not marker.exists()
+
+
+def test_init_from_switches_the_activation_and_keeps_the_weights(tmp_path: Path) -> None:
+    from steadylm.integrations.init_from import init_from
+
+    hf = _hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "hf")
+    init = init_from(tmp_path / "hf", activation="powlu", max_seq_len=16)
+    assert (init.config.activation, init.config.max_seq_len, init.config.qkv_bias) == ("powlu", 16, True)
+    model = init.factory(init.config)
+    torch.testing.assert_close(model.layers[0].attn.wq.bias, hf.model.layers[0].self_attn.q_proj.bias,
+                               rtol=0, atol=0)
+    # Switching back to the source's activation reproduces its logits: nothing else changed.
+    same = init.factory(init.config.replace(activation="swiglu")).eval()
+    tokens = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _assert_logits_close(hf(tokens).logits, same(tokens))
+    with pytest.raises(ConfigError, match="dim"):
+        init_from(tmp_path / "hf", dim=64)
