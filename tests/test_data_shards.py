@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -599,3 +600,13 @@ def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     assert big["main_peak_rss_mb"] < 0.5 * big["corpus_mb"], runs
     data = prepare_data(tmp_path / "out-200", seq_len=128)
     assert data.train_tokens.shape[0] > 40_000_000 and data.train_batch(10_000, 16, 0)[0].shape == (16, 128)
+
+
+def test_prepared_data_pickles_without_its_token_contents(small_prepared: Path) -> None:
+    data = prepare_data(small_prepared, seq_len=16)
+    expected = data.train_batch(3, 8, seed=1)  # maps the shards
+    payload = pickle.dumps(data)
+    assert b"memmap" not in payload  # the shards are reopened, not copied into the pickle
+    clone = pickle.loads(payload)
+    assert torch.equal(clone.train_batch(3, 8, seed=1)[0], expected[0])
+    assert torch.equal(clone.val_batches(2, 8)[0][1], data.val_batches(2, 8)[0][1])

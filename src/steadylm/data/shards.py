@@ -71,6 +71,11 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. handed to spawned ranks) without the maps: they are reopened on first read
+        # instead of their contents being copied into the pickle.
+        return {**self.__dict__, "_maps": {}}
+
     def check_sizes(self) -> None:
         for path, shard in zip(self.paths, self.index.shards, strict=True):
             try:
