@@ -247,6 +247,16 @@ def test_prepare_parquet(tmp_path: Path, ruth: str) -> None:
     result = prepare_corpus(path, tmp_path / "out", vocab_size=400, text_field="body", workers=1)
     assert result.num_documents == len(texts)
     assert np.array_equal(_shard_stream(result.directory), encode_corpus(texts, 400).tokens.astype(np.int64))
+    # In a directory, Parquet files are corpus files like text and JSON-lines.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": texts[:3]}), folder / "b.parquet")
+    (folder / "a.txt").write_text(texts[3], encoding="utf-8")
+    mixed = prepare_corpus(folder, tmp_path / "out-mixed", vocab_size=400, workers=1)
+    assert load_corpus(folder) == [texts[3], *texts[:3]] and mixed.num_documents == 4
+    assert np.array_equal(
+        _shard_stream(mixed.directory), encode_corpus(load_corpus(folder), 400).tokens.astype(np.int64)
+    )
     with pytest.raises(DataError, match=r"docs\.parquet: no column 'text'"):
         prepare_corpus(path, tmp_path / "out2", vocab_size=400, workers=1)
     with pytest.raises(DataError, match=r"docs\.parquet: column 'id' must hold strings"):
