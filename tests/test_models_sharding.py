@@ -95,3 +95,21 @@ def test_bhyt_correction_from_full_weights_under_fsdp2(single_rank_group) -> Non
         assert float(a.bhyt_correction) > 0
         # Same weights gathered in full: the same fp32 reduction, bit for bit.
         assert torch.equal(a.bhyt_correction, b.bhyt_correction)
+
+
+def test_old_format_1_checkpoint_with_zero_dim_scalars_loads(tmp_path) -> None:
+    from torch import nn
+
+    from steadylm.train.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(2)
+    old = build_model(_cfg("bhyt"))
+    for block in old.layers:  # what a checkpoint written before shape-[1] scalars holds
+        for norm in (block.attn_norm, block.ffn_norm):
+            norm.lam = nn.Parameter(norm.lam.detach().reshape(()) * 1.5)
+    save_checkpoint(tmp_path, old, torch.optim.AdamW(old.parameters()), step=1,
+                    configs={"model": old.config.to_dict()})
+    fresh = build_model(_cfg("bhyt"))
+    load_checkpoint(tmp_path / "checkpoint", fresh, restore_rng=False)
+    assert fresh.layers[0].attn_norm.lam.shape == (1,)
+    assert fresh.layers[0].attn_norm.lam.item() == pytest.approx(3.0)  # λ0 = 2, × 1.5

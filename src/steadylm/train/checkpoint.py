@@ -329,6 +329,10 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {directory} is corrupt: alias {alias} -> missing {canonical}")
         full_state[alias] = model_tensors[canonical]
     expected = model.state_dict()
+    # Learnable scalars (λ, α, the embedding scale) were 0-dim before they became shape [1].
+    for name, value in full_state.items():
+        if value.dim() == 0 and name in expected and expected[name].shape == (1,):
+            full_state[name] = value.reshape(1)
     missing = sorted(set(expected) - set(full_state))
     unexpected = sorted(set(full_state) - set(expected))
     mismatched = sorted(
