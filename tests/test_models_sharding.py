@@ -107,9 +107,15 @@ def test_old_format_1_checkpoint_with_zero_dim_scalars_loads(tmp_path) -> None:
     for block in old.layers:  # what a checkpoint written before shape-[1] scalars holds
         for norm in (block.attn_norm, block.ffn_norm):
             norm.lam = nn.Parameter(norm.lam.detach().reshape(()) * 1.5)
-    save_checkpoint(tmp_path, old, torch.optim.AdamW(old.parameters()), step=1,
-                    configs={"model": old.config.to_dict()})
+    old_opt = torch.optim.AdamW(old.parameters())
+    old(torch.randint(0, 64, (2, 8))).square().mean().backward()
+    old_opt.step()  # 0-dim Adam moments for λ
+    save_checkpoint(tmp_path, old, old_opt, step=1, configs={"model": old.config.to_dict()})
     fresh = build_model(_cfg("bhyt"))
-    load_checkpoint(tmp_path / "checkpoint", fresh, restore_rng=False)
-    assert fresh.layers[0].attn_norm.lam.shape == (1,)
-    assert fresh.layers[0].attn_norm.lam.item() == pytest.approx(3.0)  # λ0 = 2, × 1.5
+    optimizer = torch.optim.AdamW(fresh.parameters())
+    load_checkpoint(tmp_path / "checkpoint", fresh, optimizer, restore_rng=False)
+    lam = fresh.layers[0].attn_norm.lam
+    assert lam.shape == (1,) and optimizer.state[lam]["exp_avg"].shape == (1,)
+    assert lam.item() == pytest.approx(3.0 - 1e-3, abs=2e-3)  # λ0 = 2, × 1.5, one Adam step (lr 1e-3)
+    fresh(torch.randint(0, 64, (2, 8))).square().mean().backward()
+    optimizer.step()  # the resumed run steps with the reshaped moments

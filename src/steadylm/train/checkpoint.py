@@ -359,6 +359,12 @@ def load_checkpoint(
             optimizer.load_state_dict(_optimizer_state_dict(optim_tensors, state["optimizer"]))
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {directory}: optimizer state does not match: {err}") from None
+        # Moments of a learnable scalar saved 0-dim follow it to shape [1] ("step" stays 0-dim).
+        for param, param_state in optimizer.state.items():
+            if param.shape == (1,):
+                for key, value in param_state.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.dim() == 0:
+                        param_state[key] = value.reshape(1)
     if restore_rng:
         try:
             restore_rng_state(rng_tensors, state["rng"])
