@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.steadylm-installed
 OUT    ?= runs/demo
 
-.PHONY: demo quick test test-slow bench setup clean
+.PHONY: demo quick test test-slow bench gpu-check setup clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,26 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/steadylm bench ops
+
+# On a CUDA machine: the CUDA variants of the tests, `bench ops` and `bench model`, all results (CSV +
+# markdown + test log) under $(GPU_OUT). GPU_PY is a Python whose torch is a CUDA build (the .venv of
+# `make setup` pins the CPU wheel), with steadylm importable, e.g. `make gpu-check GPU_PY=python3`
+# after `pip install -e .[dev]`. Sized to finish in <= 10 minutes on one H100 (compiles dominate).
+GPU_PY  ?= $(PY)
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch.cuda.is_available() is False for $(GPU_PY)')"
+	mkdir -p $(GPU_OUT)
+	$(GPU_PY) -m pytest -q -m cuda > $(GPU_OUT)/cuda-tests.txt 2>&1; echo $$? > $(GPU_OUT)/cuda-tests.status; \
+		tail -n 30 $(GPU_OUT)/cuda-tests.txt
+	$(GPU_PY) -m steadylm.cli bench ops --device cuda --dtypes bf16,fp32 --repeats 10 \
+		--csv $(GPU_OUT)/bench-ops.csv --markdown $(GPU_OUT)/bench-ops.md
+	$(GPU_PY) -m steadylm.cli bench model --device cuda --presets micro --activations swiglu,powlu \
+		--norms rmsnorm,bhyt --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model.md
+	$(GPU_PY) -m steadylm.cli bench model --device cuda --presets nano-moe --activations swiglu \
+		--norms rmsnorm --no-hf --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model-moe.md
+	@echo "gpu-check: results in $(GPU_OUT)"
+	@test "$$(cat $(GPU_OUT)/cuda-tests.status)" = 0 || { echo "gpu-check: CUDA tests FAILED (see $(GPU_OUT)/cuda-tests.txt)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -191,8 +191,9 @@ def test_grouped_dispatch_equals_the_per_expert_loop_forward_and_backward():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_linear_matches_float64_reference_with_empty_groups(dtype):
-    """grouped_linear against a float64 per-group matmul; groups 0 and 3 are empty.
+def test_grouped_linear_matches_float64_reference_with_empty_groups(dtype, device):
+    """grouped_linear against a float64 per-group matmul; groups 0 and 3 are empty. On a CUDA
+    device of compute capability >= 9.0 the bf16 case runs torch._grouped_mm.
 
     Tolerance: fp32 sums of 16 products (rtol 1e-5); bf16 output rounding (2^-8 relative)."""
     from steadylm.kernels.grouped import grouped_linear
@@ -202,8 +203,11 @@ def test_grouped_linear_matches_float64_reference_with_empty_groups(dtype):
     x = torch.randn(int(counts.sum()), 16, generator=g).to(dtype).requires_grad_(True)
     w = torch.randn(5, 8, 16, generator=g).to(dtype).requires_grad_(True)
     dy = torch.randn(x.shape[0], 8, generator=g).to(dtype)
-    y = grouped_linear(x, w, counts.cumsum(0))
-    y.backward(dy)
+    xd, wd = x.detach().to(device).requires_grad_(True), w.detach().to(device).requires_grad_(True)
+    y = grouped_linear(xd, wd, counts.cumsum(0).to(device))
+    y.backward(dy.to(device))
+    x.grad, w.grad = xd.grad.cpu(), wd.grad.cpu()
+    y = y.detach().cpu()
     x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     groups = torch.repeat_interleave(torch.arange(5), counts)
     y64 = torch.einsum("ri,roi->ro", x64, w64[groups])
@@ -225,10 +229,25 @@ def test_grouped_linear_custom_op_registration():
     torch.library.opcheck(grouped._grouped_linear_loop, (x, w, ends))
 
 
-def test_compiled_nano_moe_has_no_graph_breaks():
+def test_compiled_nano_moe_has_no_graph_breaks(device):
     """Sync-free dispatch: Dynamo captures a whole nano-moe training forward as one graph."""
-    model = build_model(ModelConfig.from_preset("nano-moe", vocab_size=64, dim=32, n_heads=2, n_kv_heads=2))
-    tokens = torch.randint(0, 64, (2, 16))
+    cfg = ModelConfig.from_preset("nano-moe", vocab_size=64, dim=32, n_heads=2, n_kv_heads=2)
+    model = build_model(cfg, device=device)
+    tokens = torch.randint(0, 64, (2, 16), device=device)
     explanation = torch._dynamo.explain(model)(tokens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_grouped_dispatch_under_bf16_autocast_matches_the_per_expert_loop(device):
+    """Under bf16 autocast (on CUDA sm90+: torch._grouped_mm) the routed output equals the loop's.
+
+    Tolerance: both round every matmul to bf16 (2^-8 relative); accumulation order may differ."""
+    moe = _moe().to(device)
+    x = torch.randn(4, 8, DIM, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        grouped = moe(x)
+        moe.experts.grouped_dispatch = lambda: False
+        looped = moe(x)
+    assert grouped.dtype == looped.dtype
+    torch.testing.assert_close(grouped.float(), looped.float(), rtol=2.0**-7, atol=1e-2)

@@ -2,7 +2,8 @@
 
 For every op × dtype × mode (forward, backward, forward+backward) and provider (``eager`` =
 :mod:`steadylm.functional`, ``compile`` = ``torch.compile`` of it, ``fused`` =
-:mod:`steadylm.kernels`) this measures
+:mod:`steadylm.kernels`, and on CUDA with Liger-Kernel installed ``liger`` for RMSNorm, SwiGLU and
+DyT) this measures
 
 * time: median, p20 and p80 of ``repeats`` runs after warm-up. Providers are interleaved run by run
   (round-robin, rotating the order), so that a noisy neighbour slows all of them alike instead of
@@ -126,6 +127,23 @@ OPS: dict[str, OpSpec] = {
 NORM_OPS: tuple[str, ...] = ("rms_norm", "dyt", "bhyt")
 
 
+def _liger_ops() -> dict[str, Callable[..., Tensor]]:
+    """Liger-Kernel's RMSNorm, SwiGLU and DyT behind our ops' argument lists (empty if not installed).
+
+    Peer rows of ``bench ops`` on CUDA (Liger is Triton-only). ``in_place=False``: Liger's RMSNorm
+    would otherwise overwrite the output gradient, which the benchmark reuses between runs.
+    """
+    try:
+        from liger_kernel.transformers.functional import liger_dyt, liger_rms_norm, liger_swiglu
+    except ImportError:
+        return {}
+    return {
+        "rms_norm": lambda x, w: liger_rms_norm(x, w, 1e-6, in_place=False),
+        "swiglu": liger_swiglu,
+        "dyt": lambda x, w, alpha: liger_dyt(x, alpha.reshape(1), w, torch.zeros_like(w)),
+    }
+
+
 @dataclass
 class BenchConfig:
     """What to run. ``repeats`` timed runs per provider after ``warmup`` untimed ones."""
@@ -141,6 +159,7 @@ class BenchConfig:
     memory: bool = True
     device: str | None = None
     seed: int = 0
+    liger: bool = True  # add Liger-Kernel peer rows (provider "liger") on CUDA when it is installed
 
     def validate(self) -> None:
         def check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
@@ -304,6 +323,7 @@ def run_bench(
     numel = config.tokens * config.hidden
     results: list[Measurement] = []
     copies: dict[str, dict[str, list[float]]] = {}
+    liger = _liger_ops() if (config.liger and device.type == "cuda") else {}
     for dtype_name in config.dtypes:
         dtype = DTYPES[dtype_name]
         copy = measure_copy(numel, dtype, device, config.repeats, config.warmup)
@@ -321,14 +341,17 @@ def run_bench(
             args = tuple(a.requires_grad_(True) if isinstance(a, Tensor) else a for a in base_args)
             grad_out = _randn(config.tokens, config.hidden, dtype, device, gen)
             fns = {p: _provider_fn(spec, p) for p in config.providers}
+            if op_name in liger:
+                fns["liger"] = liger[op_name]
+            providers = list(fns)
             for mode in config.modes:
                 say(f"[{dtype_name}] {op_name} {mode}")
-                runners = {p: _make_runner(fns[p], args, mode, grad_out) for p in config.providers}
+                runners = {p: _make_runner(fns[p], args, mode, grad_out) for p in providers}
                 for _ in range(config.warmup + 1):  # the first call compiles
                     for fn in runners.values():
                         _time_once(fn, device)
                 times = _interleaved_times(runners, config.repeats, device)
-                for provider in config.providers:
+                for provider in providers:
                     peak = _peak_bytes(runners[provider], device) if config.memory else None
                     results.append(
                         Measurement(

@@ -1,0 +1,518 @@
+"""``steadylm bench model``: training and generation throughput of whole models, per variant.
+
+For each preset × variant (activation + norm) × mode (``eager`` / ``compiled``) this measures
+
+* **train**: tokens/s of one training step — forward, cross-entropy, backward, AdamW step,
+  ``after_optimizer_step`` — on ``batch × seq`` random tokens;
+* **generate-bN**: tokens/s of ``model.generate`` continuing an ``N × prompt`` prompt by ``new``
+  greedy tokens (``decode="eager"``: the eager loop over a growing cache; ``"compiled"``: the
+  compiled one-token step over the static cache, :mod:`steadylm.models.generate`);
+* with transformers installed, the same-shape Hugging Face ``LlamaForCausalLM`` as the row
+  ``hf-llama`` (train step eager and ``torch.compile``'d; ``generate`` eager, HF's default path);
+* **profile** (eager, once per variant): the share of the training step spent in the norms and in
+  the activations, from ``torch.profiler`` — forward via ``record_function`` ranges around each
+  norm / activation module, backward from the autograd nodes of the fused ops. It is the ceiling of
+  what faster norm or activation kernels could give this step.
+
+Timing is interleaved: every round runs every row once, in an order rotated each round, so load
+from other processes hits all rows alike. For each round, the *paired* ratio of a row to the
+baseline (``swiglu+rmsnorm``, same preset, mode and measurement) is its throughput divided by the
+baseline's throughput in that same round; the table reports the median ratio and its p20–p80
+spread over rounds (ratios > 1: faster than the baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import steadylm
+from steadylm.errors import ConfigError
+
+__all__ = [
+    "BASELINE",
+    "HF_VARIANT",
+    "ModelBenchConfig",
+    "Row",
+    "comparisons",
+    "csv_rows",
+    "profile_shares",
+    "render_markdown",
+    "render_table",
+    "run_model_bench",
+]
+
+BASELINE = "swiglu+rmsnorm"
+HF_VARIANT = "hf-llama"
+MODES = ("eager", "compiled")
+ACTIVATION_CHOICES = ("swiglu", "swiglu_clip", "powlu")
+NORM_CHOICES = ("rmsnorm", "bhyt", "bhyt_star", "dyt")
+
+
+@dataclass
+class ModelBenchConfig:
+    """What to run (defaults: the issue's protocol; ``--quick`` in the CLI shrinks it)."""
+
+    presets: Sequence[str] = ("micro", "nano-moe")
+    activations: Sequence[str] = ACTIVATION_CHOICES
+    norms: Sequence[str] = NORM_CHOICES
+    modes: Sequence[str] = MODES
+    batch: int = 8
+    seq: int = 256
+    gen_batches: Sequence[int] = (1, 8)
+    prompt: int = 16
+    new_tokens: int = 128
+    rounds: int = 5
+    warmup: int = 1
+    dtype: str = "fp32"  # "bf16": autocast bf16 (fp32 master weights)
+    hf: bool = True
+    moe_loop: bool = False  # MoE presets: add the row "swiglu+rmsnorm:loop" (per-expert loop dispatch)
+    profile: bool = True
+    device: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        from steadylm.models import PRESETS
+
+        for name, values, allowed in (("presets", self.presets, list(PRESETS)),
+                                      ("activations", self.activations, ACTIVATION_CHOICES),
+                                      ("norms", self.norms, NORM_CHOICES), ("modes", self.modes, MODES)):  # fmt: skip
+            if not values:
+                raise ConfigError(f"{name} must name at least one of {list(allowed)}")
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ConfigError(f"{name}: unknown {unknown}; allowed: {list(allowed)}")
+        for name, value, low in (("batch", self.batch, 1), ("seq", self.seq, 2), ("prompt", self.prompt, 1),
+                                 ("new_tokens", self.new_tokens, 1), ("rounds", self.rounds, 1),
+                                 ("warmup", self.warmup, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.gen_batches or any(not isinstance(b, int) or b < 1 for b in self.gen_batches):
+            raise ConfigError(f"gen_batches must be integers >= 1, got {list(self.gen_batches)}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+
+    def variants(self) -> list[str]:
+        """``activation+norm`` names, the baseline first."""
+        names = [f"{a}+{n}" for n in self.norms for a in self.activations]
+        if BASELINE in names:
+            names.remove(BASELINE)
+        return [BASELINE] + names
+
+
+@dataclass
+class Row:
+    """One measured row: per-round seconds of one call, and the tokens that call produces."""
+
+    preset: str
+    variant: str
+    mode: str
+    measure: str  # "train" or "generate-b{N}"
+    tokens_per_call: int
+    times_s: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # paired throughput ratio vs the baseline
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.preset, self.variant, self.mode, self.measure)
+
+    def tokens_per_s(self) -> list[float]:
+        return [self.tokens_per_call / t for t in self.times_s]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# the models and their calls
+# --------------------------------------------------------------------------------------------
+
+
+LOOP_SUFFIX = ":loop"  # a MoE variant with the per-expert module loop (the dispatch before sync-free)
+
+
+def _build(preset: str, variant: str, device: torch.device, seed: int) -> nn.Module:
+    from steadylm.models import ModelConfig, build_model
+
+    name, loop = (variant[: -len(LOOP_SUFFIX)], True) if variant.endswith(LOOP_SUFFIX) else (variant, False)
+    activation, norm = name.split("+")
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig.from_preset(preset, activation=activation, norm=norm), device=device)
+    if loop:
+        for moe in model.moe_layers():
+            moe.experts.grouped_dispatch = lambda: False  # this instance only
+    return model
+
+
+def build_hf_llama(preset: str, device: torch.device, seed: int) -> nn.Module | None:
+    """The same-shape ``LlamaForCausalLM`` (None when transformers is missing or the preset is MoE)."""
+    from steadylm.models import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset)
+    if cfg.n_experts:
+        return None
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(seed)
+    hf_config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_config).to(device)
+
+
+def _logits(model: nn.Module, tokens: Tensor) -> Tensor:
+    out = model(tokens)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def _train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device, dtype: str) -> Callable[[], None]:
+    forward = torch.compile(model) if compiled else model
+    groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=1e-5)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    model.train()
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            logits = _logits(forward, inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step(1, 10**9)
+
+    return step
+
+
+def _generate_call(model: nn.Module, mode: str, prompt: Tensor, new: int, device: torch.device, dtype: str) -> Callable[[], None]:
+    if hasattr(model, "new_kv_cache"):  # a steadylm model
+
+        def call() -> None:
+            with _autocast(device, dtype):
+                model.generate(prompt, new, temperature=0.0, decode=mode)
+
+    else:  # Hugging Face: its default generate (dynamic cache), greedy, exactly `new` tokens
+
+        def call() -> None:
+            with torch.no_grad(), _autocast(device, dtype):
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# profiler: share of the step in norms and activations
+# --------------------------------------------------------------------------------------------
+
+# Backward autograd nodes of the fused ops (the model's default impl), by category.
+_BACKWARD_NODES = {
+    "norm": ("_RMSNormBackward", "_DyTBackward", "_BHyTBackward", "NativeLayerNormBackward"),
+    "activation": ("_GatedActivationBackward",),
+}
+
+
+@contextlib.contextmanager
+def _labelled_modules(model: nn.Module) -> Iterator[None]:
+    """``record_function`` ranges ``steadylm.norm`` / ``steadylm.activation`` around those modules."""
+    from torch.autograd.profiler import record_function
+
+    from steadylm.nn import BHyT, DyT, LayerNorm, RMSNorm
+    from steadylm.nn.activations import Activation
+
+    categories = {"norm": (RMSNorm, LayerNorm, DyT, BHyT), "activation": (Activation,)}
+    handles = []
+    for module in model.modules():
+        for category, types in categories.items():
+            if isinstance(module, types):
+                ranges: list[Any] = []
+
+                def pre(mod: nn.Module, args: Any, _c: str = category, _r: list[Any] = ranges) -> None:
+                    _r.append(record_function(f"steadylm.{_c}").__enter__())
+
+                def post(mod: nn.Module, args: Any, out: Any, _r: list[Any] = ranges) -> None:
+                    _r.pop().__exit__(None, None, None)
+
+                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def profile_shares(model: nn.Module, step: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Fractions of one training step (wall time on CPU, device time on CUDA) in norms and activations."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _labelled_modules(model):
+        step()  # warm (hooks change nothing in the math)
+        with profile(activities=activities) as prof:
+            with record_function("steadylm.step"):
+                step()
+            _sync(device)
+    use_device = device.type == "cuda"
+    totals: dict[str, float] = {"norm": 0.0, "activation": 0.0, "step": 0.0}
+    for event in prof.key_averages():
+        value = float(event.device_time_total if use_device else event.cpu_time_total)
+        name = event.key
+        if name == "steadylm.step":
+            totals["step"] = value
+        for category in ("norm", "activation"):
+            # The engine's evaluate_function range encloses the node's own range: count it once.
+            if name == f"steadylm.{category}" or name in {
+                f"autograd::engine::evaluate_function: {node}" for node in _BACKWARD_NODES[category]
+            }:
+                totals[category] += value
+    if use_device:
+        # Device time of the whole step: every kernel, not only those under the step range.
+        totals["step"] = float(sum(e.self_device_time_total for e in prof.key_averages()))
+    step_time = totals["step"] or float("nan")
+    return {"norm": totals["norm"] / step_time, "activation": totals["activation"] / step_time}
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelBenchResult:
+    rows: list[Row]
+    shares: dict[tuple[str, str], dict[str, float]]  # (preset, variant) -> {"norm": f, "activation": f}
+    device: str
+    config: ModelBenchConfig
+
+
+def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | None = None) -> ModelBenchResult:
+    """Build every row, warm it up (compiles), time interleaved rounds, compute paired ratios."""
+    config.validate()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    say = progress or (lambda _m: None)
+    # Every variant × mode compiles its own graphs; the default limit (8 per code object) would
+    # send later variants back to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    gen = torch.Generator().manual_seed(config.seed)
+    calls: dict[tuple[str, str, str, str], Callable[[], None]] = {}
+    rows: list[Row] = []
+    shares: dict[tuple[str, str], dict[str, float]] = {}
+    keep: list[nn.Module] = []
+    for preset in config.presets:
+        from steadylm.models import ModelConfig
+
+        vocab = ModelConfig.from_preset(preset).vocab_size
+        train_tokens = torch.randint(0, vocab, (config.batch, config.seq + 1), generator=gen).to(device)
+        prompts = {b: torch.randint(0, vocab, (b, config.prompt), generator=gen).to(device) for b in config.gen_batches}
+        entries: list[tuple[str, nn.Module | None]] = [(v, None) for v in config.variants()]
+        if config.moe_loop and ModelConfig.from_preset(preset).n_experts:
+            entries.insert(1, (BASELINE + LOOP_SUFFIX, None))
+        if config.hf:
+            hf = build_hf_llama(preset, device, config.seed)
+            if hf is not None:
+                entries.append((HF_VARIANT, hf))
+        for variant, hf_model in entries:
+            for mode in config.modes:
+                # Separate model instances per mode: compiling one must not change the other.
+                model = hf_model if hf_model is not None else _build(preset, variant, device, config.seed)
+                keep.append(model)
+                say(f"[{preset}] {variant} {mode}: building and warming up")
+                key = (preset, variant, mode, "train")
+                calls[key] = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
+                rows.append(Row(*key, tokens_per_call=config.batch * config.seq))
+                if hf_model is None or mode == "eager":  # HF generate: its default (eager) path only
+                    for b in config.gen_batches:
+                        key = (preset, variant, mode, f"generate-b{b}")
+                        calls[key] = _generate_call(model, mode, prompts[b], config.new_tokens, device, config.dtype)
+                        rows.append(Row(*key, tokens_per_call=b * config.new_tokens))
+                if config.profile and mode == "eager" and hf_model is None:
+                    shares[(preset, variant)] = profile_shares(model, calls[(preset, variant, mode, "train")], device)
+        for row in rows:
+            if row.preset == preset:
+                for _ in range(config.warmup + 1):  # the first call compiles
+                    calls[row.key]()
+                _sync(device)
+    say(f"timing {config.rounds} interleaved rounds of {len(rows)} rows")
+    for r in range(config.rounds):
+        shift = r % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            calls[row.key]()
+            _sync(device)
+            row.times_s.append(time.perf_counter() - start)
+    by_key = {row.key: row for row in rows}
+    for row in rows:
+        base_mode = row.mode if (row.preset, BASELINE, row.mode, row.measure) in by_key else "eager"
+        base = by_key.get((row.preset, BASELINE, base_mode, row.measure))
+        if base is not None:
+            row.ratios = [b / t for b, t in zip(base.times_s, row.times_s)]
+    return ModelBenchResult(rows, shares, str(device), config)
+
+
+def paired_ratio(result: ModelBenchResult, a: tuple[str, str, str, str], b: tuple[str, str, str, str]) -> list[float] | None:
+    """Per-round throughput ratio of row ``a`` over row ``b`` (same rounds), or None if either is missing."""
+    rows = {row.key: row for row in result.rows}
+    if a not in rows or b not in rows:
+        return None
+    return [tb / ta for ta, tb in zip(rows[a].times_s, rows[b].times_s)]
+
+
+def comparisons(result: ModelBenchResult) -> list[tuple[str, list[float]]]:
+    """The issue's headline comparisons this run can make: (description, per-round ratios)."""
+    out: list[tuple[str, list[float]]] = []
+    for preset in result.config.presets:
+        for b in result.config.gen_batches:
+            m = f"generate-b{b}"
+            for mode in result.config.modes:
+                r = paired_ratio(result, (preset, BASELINE, mode, m), (preset, HF_VARIANT, "eager", m))
+                if r:
+                    out.append((f"[{preset}] {m}: steadylm {BASELINE} {mode} / HF generate", r))
+        r = paired_ratio(result, (preset, BASELINE, "compiled", "train"), (preset, HF_VARIANT, "compiled", "train"))
+        if r:
+            out.append((f"[{preset}] train: steadylm {BASELINE} compiled / HF Llama compiled", r))
+        for variant in ("swiglu+bhyt", "powlu+rmsnorm", BASELINE + LOOP_SUFFIX):
+            for mode in result.config.modes:
+                for m in ["train"] + [f"generate-b{b}" for b in result.config.gen_batches]:
+                    r = paired_ratio(result, (preset, variant, mode, m), (preset, BASELINE, mode, m))
+                    if r:
+                        out.append((f"[{preset}] {m} {mode}: {variant} / {BASELINE}", r))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def csv_rows(result: ModelBenchResult, timestamp: str | None = None) -> list[dict[str, str]]:
+    """Rows in the ``bench ops`` CSV columns: kernel = variant, provider = mode, mode = measurement."""
+    from steadylm.bench.ops import CSV_COLUMNS
+
+    stamp = timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    version = f"steadylm-{steadylm.__version__}/torch-{torch.__version__}"
+    cfg = result.config
+
+    def row(preset: str, variant: str, mode: str, measure: str, metric: str, unit: str,
+            values: Sequence[float]) -> dict[str, str]:  # fmt: skip
+        shape = f"{preset}:train{cfg.batch}x{cfg.seq}:gen{cfg.prompt}+{cfg.new_tokens}:{cfg.dtype}"
+        d = {"kernel": variant, "provider": mode, "mode": measure, "metric": metric, "unit": unit,
+             "shape": shape, "median": f"{statistics.median(values):.6g}", "p20": f"{quantile(values, 0.2):.6g}",
+             "p80": f"{quantile(values, 0.8):.6g}", "device": result.device, "timestamp": stamp,
+             "version": version}  # fmt: skip
+        assert tuple(d) == CSV_COLUMNS
+        return d
+
+    out = []
+    for r in result.rows:
+        out.append(row(r.preset, r.variant, r.mode, r.measure, "throughput", "tokens/s", r.tokens_per_s()))
+        if r.ratios:
+            out.append(row(r.preset, r.variant, r.mode, r.measure, "ratio_vs_baseline", "x", r.ratios))
+    for (preset, variant), share in result.shares.items():
+        for category, value in share.items():
+            out.append(row(preset, variant, "eager", "train", f"{category}_share", "fraction", [value]))
+    return out
+
+
+def table_cells(result: ModelBenchResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the result table (one row per preset, variant, mode)."""
+    cfg = result.config
+    measures = ["train"] + [f"generate-b{b}" for b in cfg.gen_batches]
+    header = ["preset", "variant", "mode"]
+    for m in measures:
+        header += [f"{m} tok/s", f"{m} ratio"]
+    header += ["norm % (eager step)", "act % (eager step)"]
+    by_key = {r.key: r for r in result.rows}
+    seen: list[tuple[str, str, str]] = []
+    for r in result.rows:
+        if (r.preset, r.variant, r.mode) not in seen:
+            seen.append((r.preset, r.variant, r.mode))
+    body = []
+    for preset, variant, mode in seen:
+        cells = [preset, variant, mode]
+        for m in measures:
+            r = by_key.get((preset, variant, mode, m))
+            if r is None:
+                cells += ["", ""]
+                continue
+            cells.append(f"{statistics.median(r.tokens_per_s()):,.0f}")
+            cells.append(
+                f"{statistics.median(r.ratios):.3f} [{quantile(r.ratios, 0.2):.3f}–{quantile(r.ratios, 0.8):.3f}]"
+                if r.ratios else ""
+            )
+        share = result.shares.get((preset, variant)) if mode == "eager" else None
+        cells += [f"{100 * share['norm']:.1f}", f"{100 * share['activation']:.1f}"] if share else ["", ""]
+        body.append(cells)
+    return header, body
+
+
+def title(result: ModelBenchResult) -> str:
+    cfg = result.config
+    return (
+        f"steadylm bench model — train {cfg.batch}×{cfg.seq}, generate {cfg.prompt}+{cfg.new_tokens} "
+        f"({cfg.dtype}, {result.device}; ratio = paired throughput vs {BASELINE} in the same mode, "
+        f"median [p20–p80] over {cfg.rounds} interleaved rounds)"
+    )
+
+
+def render_table(result: ModelBenchResult) -> Any:
+    """A rich Table of :func:`table_cells`."""
+    from rich.table import Table
+
+    header, body = table_cells(result)
+    table = Table(title=title(result))
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < 3 else "right")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def render_markdown(result: ModelBenchResult) -> str:
+    """The table and the headline comparisons as markdown."""
+    header, body = table_cells(result)
+    lines = [f"### {title(result)}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += ["", "| comparison (throughput ratio) | median | p20–p80 |", "|---|---:|---:|"]
+    for description, ratios in comparisons(result):
+        lines.append(
+            f"| {description} | {statistics.median(ratios):.3f} | {quantile(ratios, 0.2):.3f}–{quantile(ratios, 0.8):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
