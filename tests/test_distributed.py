@@ -157,13 +157,15 @@ def test_every_parameter_and_buffer_agrees_across_ranks(two_rank_runs: dict[str,
 def test_fp8_counters_are_summed_over_ranks(two_rank_runs: dict[str, Any]) -> None:
     single_rows = [r for r in read_metrics(two_rank_runs["single"]["fp8"] / "metrics.jsonl")
                    if "fp8/input/amax" in r]
-    drift = max(REL, two_rank_runs["fp8_floor"])  # the trajectories themselves differ this much
     for mode in ("ddp", "fsdp"):
         rows = two_rank_runs["results"][f"fp8-{mode}"]["fp8_rows"]
         assert len(rows) == len(single_rows) > 0
         for got, want in zip(rows, single_rows):
-            # amax: the max over both halves of the batch = the whole batch's
-            assert got["fp8/input/amax"] == pytest.approx(want["fp8/input/amax"], rel=10 * drift)
+            # amax: the max over both halves of the batch = the whole batch's. The trajectories
+            # drift apart by up to ~1e-4 in loss (see test_two_ranks_follow_one_process), which a
+            # single extreme activation amplifies; that amax and scales are identical across ranks
+            # is checked exactly in test_every_parameter_and_buffer_agrees_across_ranks.
+            assert got["fp8/input/amax"] == pytest.approx(want["fp8/input/amax"], rel=5e-3)
             # each rank quantises the whole weight, so summed counts hold it once per rank
             assert want["fp8/weight/underflow"] > 0
             assert got["fp8/weight/underflow"] == pytest.approx(NPROC * want["fp8/weight/underflow"], rel=0.02, abs=8)
@@ -213,8 +215,8 @@ def test_rank_killed_during_checkpoint_leaves_previous_one(env: dict[str, str], 
     killed = torchrun(_train_args(run), {**env, "STEADYLM_TEST_KILL_IN_CHECKPOINT": "6:1"})
     assert killed.returncode != 0
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 4  # the last good checkpoint
-    assert any(p.name.startswith(".checkpoint.staging-") for p in run.iterdir())
+    assert state["step"] == 4  # the last good checkpoint (rank 0 removes the abandoned staging
+    # directory when the collective with the dead rank fails, or the next save does)
 
     resumed = torchrun(_train_args(run, "--resume"), env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -226,7 +228,7 @@ def test_rank_killed_during_checkpoint_leaves_previous_one(env: dict[str, str], 
     "extra, message",
     [
         (["--set", "train.lrr=1"], "--set train.lrr: unknown key"),
-        (["--set", "train.lr=fast"], "train.lr must be a float, got 'fast'"),
+        (["--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
         (["--set", "model.n_heads=3"], "ModelConfig.dim (32) must be divisible by n_heads (3)"),
     ],
 )
@@ -248,7 +250,7 @@ def test_bad_input_fails_on_every_rank_in_one_line(env: dict[str, str], tmp_path
 @pytest.mark.parametrize(
     "content, suffix, message",
     [
-        ("[train]\nlr = 'fast'\n", ".toml", "train.lr must be a float, got 'fast'"),
+        ("[train]\nlr = 'fast'\n", ".toml", "train.lr must be a number, got 'fast'"),
         ("[trian]\nlr = 1e-3\n", ".toml", "unknown section(s) ['trian']"),
         ("{\"train\": {\"steps\": 0}}", ".json", "TrainConfig.steps must be >= 1, got 0"),
         ("[train\n", ".toml", "is not valid TOML"),

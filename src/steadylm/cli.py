@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except SteadyLMError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return int(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -42,3 +42,10 @@ class DistributedError(SteadyLMError, RuntimeError):
 
 class RunInterrupted(SteadyLMError, RuntimeError):
     """A second preemption signal arrived while the preemption checkpoint was being written."""
+
+
+class RunPreempted(SteadyLMError, RuntimeError):
+    """A preemption signal stopped the run after its checkpoint; ``--resume`` continues it. The CLI
+    exits with :attr:`exit_code` (75, EX_TEMPFAIL) so a job script can requeue."""
+
+    exit_code = 75

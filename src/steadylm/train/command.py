@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, DistributedError, RunPreempted
 from steadylm.train.spec import RunSpec, add_spec_arguments, spec_from_args
 
 __all__ = ["add_arguments", "build_data", "build_probes", "run", "train_from_spec"]
@@ -29,7 +29,7 @@ __all__ = ["add_arguments", "build_data", "build_probes", "run", "train_from_spe
 RUN_SPEC_KEY = "run_spec"
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL:
 #: "try again" — a job script requeues on it and relaunches with ``--resume auto``).
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = RunPreempted.exit_code
 
 
 def _resume_mode(text: str) -> bool | str:
@@ -108,6 +108,19 @@ def train_from_spec(spec: RunSpec, out: str | Path, *, resume: bool | str = Fals
     return trainer.run(resume=resume, stop_after=stop_after)
 
 
+def _is_peer_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    backend_errors = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistError")
+                           if hasattr(dist, name))
+    if isinstance(err, backend_errors):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out",
+                                      "timed out", "Broken pipe", "gloo", "NCCL"))
+
+
 def run(args: argparse.Namespace) -> int:
     from steadylm.distributed.env import init_distributed, shutdown_distributed
 
@@ -119,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s)
     try:
         result = train_from_spec(spec, out, resume=args.resume, stop_after=args.stop_after)
+    except Exception as err:
+        if env.world_size > 1 and _is_peer_failure(err):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise DistributedError(
+                f"rank {env.rank} of {env.world_size}: a collective failed, so a peer rank died or stalled "
+                f"(parallel.timeout_s={spec.parallel.timeout_s:g}); the last checkpoint is intact: {first}"
+            ) from None
+        raise
     finally:
         shutdown_distributed()
     if env.is_main:

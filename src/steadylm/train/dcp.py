@@ -21,6 +21,7 @@ export to the Hugging Face format (safetensors).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
 from steadylm.distributed.env import DistEnv, all_gather_object, broadcast_object
-from steadylm.errors import CheckpointError
+from steadylm.errors import CheckpointError, SteadyLMError
 from steadylm.train.atomic import fsync_dir, write_and_sync
 from steadylm.train.checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -74,19 +75,40 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _cause(err: BaseException) -> str:
-    """The I/O cause of a failed save, in a few words (``No space left on device``)."""
+def _cause(err: BaseException, directory: Path) -> str:
+    """The I/O cause of a failed save, in a few words (``No space left on device``).
+
+    ``torch.save`` reports a short write on a full disk as a RuntimeError ("unexpected pos"),
+    without the errno, so a file system with no room left is recognised by asking it.
+    """
+    try:
+        if shutil.disk_usage(directory).free < (1 << 16):
+            return f"{os.strerror(errno.ENOSPC)} ({_first_line(err)})"
+    except OSError:
+        pass
     seen: list[BaseException] = [err]
     while seen:
         current = seen.pop()
         if isinstance(current, OSError):
             return current.strerror or str(current)
         failures = getattr(current, "failures", None)  # DCP's CheckpointException: rank -> error
-        if isinstance(failures, dict):
-            seen.extend(getattr(f, "exc", f) for f in failures.values() if isinstance(getattr(f, "exc", f), BaseException))
+        if isinstance(failures, dict):  # values: (exception, traceback frames)
+            for failure in failures.values():
+                inner = failure[0] if isinstance(failure, tuple) and failure else getattr(failure, "exc", failure)
+                if isinstance(inner, BaseException):
+                    seen.append(inner)
         seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: say what failed, not the ranks
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) and failure else getattr(failure, "exc", failure)
+        return f"rank {rank}: {_first_line(inner) if isinstance(inner, BaseException) else inner}"
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return text[0][:300] if text else type(err).__name__
 
 
 def _commit(staging: Path, final: Path, step: int, counters: dict[str, Any] | None,
@@ -153,6 +175,7 @@ def save_dcp_checkpoint(
     """Write ``run_dir/checkpoint/`` for the state after optimizer step ``step``; every rank calls
     it (it is collective). Returns the checkpoint directory."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     env = env or DistEnv.current()
     run_dir = Path(run_dir)
@@ -179,8 +202,11 @@ def save_dcp_checkpoint(
                 dcp.save({"model": model_sd, "optim": optim_sd},
                          storage_writer=dcp.FileSystemWriter(str(staging), sync_files=True))
             _save_rng(staging / rng_file(env.rank))
-        except Exception as err:  # noqa: BLE001 - DCP wraps each rank's OSError in CheckpointException
-            error = f"cannot write checkpoint {final} (staging {staging}): {_cause(err)}"
+        except SteadyLMError:
+            raise  # a second preemption signal (RunInterrupted) ends the save as it is
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP wraps each rank's error
+            # (CheckpointException is a BaseException)
+            error = f"cannot write checkpoint {final} (staging {staging}): {_cause(err, staging.parent)}"
         _fault_point(step, env)
         errors = all_gather_object(error)  # every rank's files are on disk, or someone failed
         error = next((e for e in errors if e), None)
@@ -227,6 +253,7 @@ def load_dcp_checkpoint(
     restored from rank r's file when the saving run had that rank. Returns the ``state.json`` dict.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     env = env or DistEnv.current()
@@ -251,7 +278,7 @@ def load_dcp_checkpoint(
     try:
         with _quiet_single_process():
             dcp.load(to_load, checkpoint_id=str(directory))
-    except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException / RuntimeError / KeyError
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - also RuntimeError / KeyError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {directory} does not match the model: {first}") from None
     set_model_state_dict(model, to_load["model"])

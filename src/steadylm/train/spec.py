@@ -226,9 +226,15 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+               dict: "a table", list: "a list"}
+
+
 def _type_name(tp: Any) -> str:
+    """``an integer``, ``a number or null``: what a value of type ``tp`` must be, in words."""
     base, optional = _unwrap_optional(tp)
-    name = getattr(base, "__name__", str(base))
+    origin = typing.get_origin(base) or base
+    name = _TYPE_WORDS.get(origin, f"a {getattr(base, '__name__', str(base))}")
     return f"{name} or null" if optional else name
 
 
@@ -258,7 +264,7 @@ def parse_value(key: str, raw: str, tp: Any) -> Any:
         value = json.loads(text)  # dicts, lists, unions of several types
         return value
     except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key} must be a {_type_name(tp)}, got {raw!r}") from None
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {raw!r}") from None
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -286,7 +292,7 @@ def _check_types(section: str, obj: Any, exclude: Sequence[str] = ()) -> None:
             continue
         value = getattr(obj, f.name)
         if not _matches(value, hints[f.name]):
-            raise ConfigError(f"{section}.{f.name} must be a {_type_name(hints[f.name])}, got {value!r}")
+            raise ConfigError(f"{section}.{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
 
 
 def _build_section(name: str, values: Mapping[str, Any]) -> Any:
@@ -301,7 +307,7 @@ def _build_section(name: str, values: Mapping[str, Any]) -> Any:
     hints = _hints(cls)
     for key, value in values.items():
         if not _matches(value, hints[key]):
-            raise ConfigError(f"{name}.{key} must be a {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"{name}.{key} must be {_type_name(hints[key])}, got {value!r}")
     try:
         obj = cls(**values)
     except ConfigError as err:

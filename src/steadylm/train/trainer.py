@@ -271,6 +271,7 @@ class Trainer:
         self._preemption = Preemption()
         self._check_data_fits_model()
         self._check_batch_split()
+        self._check_fp8_recipe()
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -296,6 +297,16 @@ class Trainer:
                 f"train.batch_size ({self.config.batch_size}) must be a multiple of world size × "
                 f"grad_accum ({self.env.world_size} × {self.config.grad_accum} = {parts})"
             )
+
+    def _check_fp8_recipe(self) -> None:
+        cfg = self.config
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if (cfg.precision == "fp8" and cfg.fp8_backend == "torchao" and cfg.fp8_recipe == "rowwise_with_gw_hp"
+                and on_cpu and not self.parallel.fsdp_bf16):
+            # Measured with torchao 0.18 on CPU: its high-precision weight-gradient matmul gets a bf16
+            # gradient and fp32 weights under autocast and fails; bf16 compute weights work.
+            raise ConfigError("train.fp8_recipe 'rowwise_with_gw_hp' needs bf16 parameters in compute on CPU: "
+                              "add --parallel fsdp --fsdp-bf16, or use 'tensorwise' / 'rowwise'")
 
     def _configs(self) -> dict[str, Any]:
         return {
