@@ -437,6 +437,12 @@ class Trainer:
         total, count = 0.0, 0
         try:
             for inputs, targets in batches:
+                if targets.numel() == 0:
+                    # this rank's share of a short last batch is empty; the forward still runs,
+                    # because FSDP2 ranks all-gather the parameters together
+                    with self._autocast(device):
+                        self._parallel.forward_module(inputs)
+                    continue
                 total += _float(self._loss(inputs, targets, device, self._parallel.forward_module)) * targets.numel()
                 count += targets.numel()
         finally:
