@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("steadylm.train.command", "train one run (one process, or many under torchrun with DDP/FSDP2)"),
     "compare": ("steadylm.lab.compare", "train the variants on a corpus and write a report with plots"),
     "stress": ("steadylm.lab.stress", "stress protocols: LR sweep, mid-training switch, FP8 vs bf16"),
+    "ladder": ("steadylm.lab.ladder", "size and depth ladders: fitted scaling laws, variance vs depth"),
     "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),
     "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile)"),
     "data": ("steadylm.data.prepare", "data prepare SRC OUT: tokenize a corpus into memory-mapped token shards"),
