@@ -297,3 +297,27 @@ def test_init_from_switches_the_activation_and_keeps_the_weights(tmp_path: Path)
         _assert_logits_close(hf(tokens).logits, same(tokens))
     with pytest.raises(ConfigError, match="dim"):
         init_from(tmp_path / "hf", dim=64)
+
+
+def test_train_init_from_an_hf_checkpoint_with_a_switched_activation(tmp_path: Path, tokenizer) -> None:
+    from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
+
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, architectures=["LlamaForCausalLM"]))
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))  # the run encodes its data with it
+    (tmp_path / "corpus.txt").write_text(TEXT * 10, encoding="utf-8")
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "hf"),
+                     "--activation", "powlu", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                     "--lr", "1e-9", "--set", "train.min_lr=0", "--data", str(tmp_path / "corpus.txt")]) == 0
+    checkpoint = find_checkpoint(tmp_path / "run")
+    config = ModelConfig.from_dict(read_checkpoint_state(checkpoint).configs["model"])
+    assert (config.activation, config.dim, config.max_seq_len) == ("powlu", 32, 16)
+    model = build_model(config)
+    load_checkpoint(checkpoint, model, restore_rng=False)
+    # Two AdamW steps at lr 1e-9 move a weight by at most ~2e-9: the run started from the HF
+    # weights (a fresh init would differ by ~0.02).
+    torch.testing.assert_close(model.layers[1].ffn.w_up.weight, hf.model.layers[1].mlp.up_proj.weight,
+                               rtol=0, atol=1e-6)

@@ -100,10 +100,14 @@ def train_from_spec(spec: RunSpec, out: str | Path, *, resume: bool | str = Fals
     initialised). Returns the :class:`~steadylm.train.TrainResult`."""
     from steadylm.train.trainer import Trainer
 
+    init = _init_from(spec)
+    if init is not None and spec.data.tokenizer is None and init.tokenizer_file is not None:
+        spec = spec.with_overrides({"data.tokenizer": str(init.tokenizer_file)})  # the weights' vocabulary
     data = build_data(spec)
     trainer = Trainer(
-        spec.model_config(data.vocab_size), spec.train, data, out, build_probes(spec),
-        callbacks=callbacks, parallel=spec.parallel, extra_configs={RUN_SPEC_KEY: spec.to_dict()},
+        spec.model_config(data.vocab_size) if init is None else init.config, spec.train, data, out,
+        build_probes(spec), callbacks=callbacks, parallel=spec.parallel,
+        extra_configs={RUN_SPEC_KEY: spec.to_dict()}, model_factory=None if init is None else init.factory,
     )
     return trainer.run(resume=resume, stop_after=stop_after)
 
@@ -119,6 +123,18 @@ def _is_peer_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(
         marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out",
                                       "timed out", "Broken pipe", "gloo", "NCCL"))
+
+
+def _init_from(spec: RunSpec) -> Any:
+    """The imported weights of ``model.init_from`` (None without it), with the spec's activation,
+    norm, impl, ModelConfig overrides and ``data.seq_len`` applied (shape-neutral changes only)."""
+    m = spec.model
+    if m.init_from is None:
+        return None
+    from steadylm.integrations.init_from import init_from
+
+    changes = {name: getattr(m, name) for name in ("activation", "norm", "impl") if getattr(m, name) is not None}
+    return init_from(m.init_from, max_seq_len=spec.data.seq_len, **changes, **m.overrides)
 
 
 def run(args: argparse.Namespace) -> int:

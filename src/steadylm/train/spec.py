@@ -96,6 +96,10 @@ class ModelSpec:
                                   choices=_norms)
     impl: str | None = spec_field(None, help="op implementation: fused kernels or reference math "
                                   "(default: the preset's)", flag="--impl", choices=_impls)
+    init_from: str | None = spec_field(None, help="start from the weights of a local HF checkpoint "
+                                       "(Llama/Mistral/Qwen2/Qwen3) or steadylm run directory; its "
+                                       "shape replaces the preset's; --activation/--norm switch it",
+                                       flag="--init-from")
     overrides: dict[str, Any] = spec_field(default_factory=dict, help="other ModelConfig fields")
 
     def validate(self) -> None:
@@ -125,7 +129,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"preset": self.preset}
-        for name in ("activation", "norm", "impl"):
+        for name in ("activation", "norm", "impl", "init_from"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update(self.overrides)
