@@ -321,3 +321,24 @@ def test_train_init_from_an_hf_checkpoint_with_a_switched_activation(tmp_path: P
     # weights (a fresh init would differ by ~0.02).
     torch.testing.assert_close(model.layers[1].ffn.w_up.weight, hf.model.layers[1].mlp.up_proj.weight,
                                rtol=0, atol=1e-6)
+
+
+def test_export_of_a_steadylm_train_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole path a user takes: train (own BPE, cached by corpus fingerprint), export, load in HF.
+    from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
+
+    monkeypatch.setenv("STEADYLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text(TEXT * 10, encoding="utf-8")
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--activation", "powlu", "--norm", "bhyt",
+                     "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--vocab-size", "320",
+                     "--set", "model.n_layers=2", "--set", "model.dim=32", "--set", "model.ffn_dim=64",
+                     "--data", str(tmp_path / "corpus.txt")]) == 0
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    checkpoint = find_checkpoint(tmp_path / "run")
+    model = build_model(ModelConfig.from_dict(read_checkpoint_state(checkpoint).configs["model"])).eval()
+    load_checkpoint(checkpoint, model, restore_rng=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tokens = torch.tensor([hf_tok("And the earth was without form", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        _assert_logits_close(model(tokens), hf(tokens).logits)

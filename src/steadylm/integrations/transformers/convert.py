@@ -124,8 +124,9 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                tokenizer_file: str | os.PathLike[str] | None = None) -> Path:
     """Export the last checkpoint of a steadylm run directory (``steadylm export``).
 
-    The tokenizer is ``tokenizer_file`` if given, else ``RUN_DIR/tokenizer.json``, else the cached
-    tokenizer the run's data was encoded with (by its corpus fingerprint).
+    The tokenizer is ``tokenizer_file`` if given, else ``RUN_DIR/tokenizer.json``, else the
+    ``tokenizer.json`` the run spec names (``data.tokenizer``), else the cached tokenizer the run's
+    data was encoded with (by its corpus fingerprint).
     """
     from steadylm.data.tokenizer import EOS_TOKEN, cached_tokenizer, load_tokenizer_file
     from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
@@ -142,6 +143,9 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     tokenizer, eos_token = None, None
     candidate = Path(tokenizer_file).expanduser() if tokenizer_file else run / "tokenizer.json"
+    spec_tokenizer = ((configs.get("run_spec") or {}).get("data") or {}).get("tokenizer")
+    if not tokenizer_file and not candidate.is_file() and spec_tokenizer:
+        candidate = Path(spec_tokenizer).expanduser()
     if candidate.is_file():
         tokenizer, eos_id = load_tokenizer_file(candidate)
         eos_token = tokenizer.id_to_token(eos_id)
