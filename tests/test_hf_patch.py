@@ -180,3 +180,28 @@ def test_trainer_refreshes_c_l_and_does_not_decay_lambda_or_gamma(tmp_path: Path
     slt.refresh_bhyt(hf)  # c_ℓ after the last step is the value of the final weights
     assert all(torch.equal(a, layer.bhyt_correction) for a, layer in zip(after, hf.model.layers))
     assert slt.SteadyLMCallback().interval(5000) == 100  # default K = max(1, min(1000, steps // 50))
+
+
+def test_missing_or_old_transformers_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steadylm.integrations.transformers import TransformersVersionError, _check_transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    with pytest.raises(TransformersVersionError, match=r"transformers >= 5\.3, found 4\.57\.0"):
+        _check_transformers()
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'steadylm\[hf\]'"):
+        _check_transformers()
+
+
+def test_apply_steadylm_refuses_what_it_cannot_patch() -> None:
+    from steadylm.errors import ConfigError
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ConfigError, match="llama, mistral, qwen2, qwen3"):
+        slt.apply_steadylm(gpt2, activation="powlu")
+    with pytest.raises(ConfigError, match="norm must be one of"):
+        slt.apply_steadylm(_model(), norm="dyt")
+    with pytest.raises(ConfigError, match="m"):
+        slt.apply_steadylm(_model(), activation="powlu", m=12.0)  # PowLU needs 0 < m < 10
+    with pytest.raises(ConfigError, match="unknown argument"):
+        slt.apply_steadylm(_model(), limit=7.0)  # a hyper-parameter without an activation
