@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from steadylm.cli import main as cli_main  # noqa: E402
-from steadylm.errors import ConfigError  # noqa: E402
 from steadylm.data.tokenizer import EOS_TOKEN, train_tokenizer  # noqa: E402
+from steadylm.errors import ConfigError  # noqa: E402
 from steadylm.integrations import transformers as slt  # noqa: E402
 from steadylm.integrations.hf_format import hf_name, import_hf, steadylm_name  # noqa: E402
 from steadylm.models import ModelConfig, build_model  # noqa: E402
@@ -61,7 +61,7 @@ def _perturb(model: torch.nn.Module) -> None:
     # Non-default norm gains and scalars, so a name that loads nothing would show.
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=g))
 
@@ -260,7 +260,8 @@ def test_import_with_a_switched_activation_keeps_the_weights(tmp_path: Path) -> 
 
 def test_unsupported_architecture_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     gpt2 = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2)
     capsys.readouterr()  # drop the save progress bar
     assert cli_main(["import", str(gpt2), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

@@ -36,7 +36,7 @@ def _model(family: str = "llama", **kw):
     model = cls(_config(family, **kw)).eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # RMSNorm gains away from 1, so copying them is tested
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.mul_(1.0 + 0.3 * torch.rand(p.shape, generator=g))
     return model
@@ -66,7 +66,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize(("activation", "norm"), [("powlu", "bhyt"), ("swiglu_clip", "bhyt_star"), ("powlu", "rmsnorm")])
+@pytest.mark.parametrize(("activation", "norm"),
+                         [("powlu", "bhyt"), ("swiglu_clip", "bhyt_star"), ("powlu", "rmsnorm")])
 def test_apply_to_instance_equals_steadylm(family: str, activation: str, norm: str) -> None:
     hf = _model(family)
     gains = hf.model.layers[1].input_layernorm.weight.detach().clone()
@@ -157,7 +158,8 @@ def test_trainer_refreshes_c_l_and_does_not_decay_lambda_or_gamma(tmp_path: Path
     hf = _model()
     slt.apply_steadylm(hf, activation="powlu", norm="bhyt")
     hf.train()
-    data = [{"input_ids": t, "labels": t} for t in torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(4))]
+    sequences = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(4))
+    data = [{"input_ids": t, "labels": t} for t in sequences]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
                              learning_rate=1e-2, weight_decay=0.5, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="no", disable_tqdm=True)

@@ -33,7 +33,7 @@ def test_old_zero_dim_state_dict_still_loads(norm: str) -> None:
     torch.manual_seed(0)
     model = build_model(_cfg(norm))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.shape == (1,):
                 p.fill_(0.37)
     old = {k: (v.reshape(()) if v.shape == (1,) else v) for k, v in model.state_dict().items()}

@@ -223,7 +223,9 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def import_hf(hf_dir: str | os.PathLike[str], *, max_seq_len: int | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
+def import_hf(
+    hf_dir: str | os.PathLike[str], *, max_seq_len: int | None = None
+) -> tuple[ModelConfig, dict[str, Tensor]]:
     """``(ModelConfig, steadylm state dict)`` of a local HF checkpoint directory.
 
     The state dict loads strictly into ``build_model(config)`` (tied heads filled in, HF RoPE

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 from steadylm.errors import ConfigError
 from steadylm.models.forms import BLOCK_FORMS, FINAL_NORM_CHOICES, BlockForm, get_block_form, norm_param_count
-from steadylm.nn import ACTIVATIONS, IMPLS as NN_IMPLS, get_activation
+from steadylm.nn import ACTIVATIONS, get_activation
+from steadylm.nn import IMPLS as NN_IMPLS
 
 __all__ = [
     "BLOCK_NORMS",

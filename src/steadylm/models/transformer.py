@@ -18,9 +18,9 @@ from steadylm.errors import ConfigError
 from steadylm.models.attention import KVCache, RotaryEmbedding
 from steadylm.models.blocks import BHyTBlock, build_block
 from steadylm.models.config import ModelConfig
+from steadylm.models.forms import norm_kwargs
 from steadylm.models.generate import generate
 from steadylm.models.moe import MoE, Router
-from steadylm.models.forms import norm_kwargs
 from steadylm.nn import build_norm, scalar_parameter, upgrade_scalar_entries
 
 __all__ = ["Transformer", "build_model"]

@@ -148,8 +148,8 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from steadylm.scan.report import build_report
     from steadylm.lab.report import write_all
+    from steadylm.scan.report import build_report
 
     for name in ("seq_len", "max_tokens", "batch_size"):
         _check_positive("--" + name.replace("_", "-"), getattr(args, name))

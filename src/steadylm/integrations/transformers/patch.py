@@ -37,7 +37,6 @@ __all__ = [
     "FAMILIES",
     "HIDDEN_ACTS",
     "PATCH_NORMS",
-    "SteadyLMCallback",
     "SteadyLMGate",
     "apply_steadylm",
     "refresh_bhyt",
