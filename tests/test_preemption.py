@@ -82,6 +82,7 @@ def test_second_run_on_a_directory_refuses_and_sigterm_checkpoints(env: dict[str
     run = tmp_path / "run"
     first = steadylm(train_args(run), env)
     wait_for_rows(run, 5, first)
+    first.send_signal(signal.SIGSTOP)  # alive and holding the directory while the second one tries
 
     second = steadylm(train_args(run), env)
     _, err = second.communicate(timeout=120)
@@ -89,7 +90,8 @@ def test_second_run_on_a_directory_refuses_and_sigterm_checkpoints(env: dict[str
     assert err.count("\n") == 1 and err.startswith(f"error: run directory {run.resolve()} is in use by pid "
                                                    f"{first.pid} on host "), err
 
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGTERM)  # handled when it runs again, mid-run
+    first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=120)
     assert first.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "preempted by SIGTERM at step" in err
@@ -299,3 +301,26 @@ def test_fuzzed_config_file_is_a_spec_or_a_one_line_error(assignments: dict[str,
 def test_fuzzed_set_flags_are_a_spec_or_a_one_line_error(items: list[tuple[str, str]]) -> None:
     raw = [f"{key}={value}" for key, value in items]
     _check_outcome(lambda: RunSpec().with_overrides(parse_assignments(raw)), [k for k, _ in items] or ["section"])
+
+
+@pytest.mark.slow
+def test_stalled_peer_fails_the_others_after_the_timeout(env: dict[str, str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    logs = tmp_path / "logs"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--log-dir", str(logs), "--redirects", "2", "-m", "steadylm",
+                              *train_args(run, 100000, "--parallel", "ddp", "--dist-timeout", "10")],
+                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids = _rank_pids(agent, 2)
+    wait_for_rows(run, 3, agent)
+    os.kill(pids[1], signal.SIGSTOP)  # alive but silent
+    start = time.monotonic()
+    try:
+        agent.communicate(timeout=240)
+    finally:
+        if Path(f"/proc/{pids[1]}").exists():
+            os.kill(pids[1], signal.SIGKILL)
+    assert agent.returncode != 0
+    assert time.monotonic() - start < 120  # 10 s collective timeout + torchrun's 30 s grace
+    rank0 = next(p for p in logs.rglob("stderr.log") if p.parent.name == "0").read_text()
+    assert "error: rank 0 of 2: a collective failed, so a peer rank died or stalled" in rank0, rank0[-2000:]

@@ -99,7 +99,7 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
 
     Per module and role (``input``/``weight``/``grad_output``), when ``per_module``:
     ``fp8/<module>/<role>/{overflow,underflow,amax,snr_db}``. Always, per role over all modules:
-    ``fp8/<role>/{overflow,underflow,overflow_frac,underflow_frac,amax,snr_db}`` (snr over all
+    ``fp8/<role>/{numel,overflow,underflow,overflow_frac,underflow_frac,amax,snr_db}`` (snr over all
     elements: Σsignal/Σnoise; amax the maximum), and ``fp8/overflow``, ``fp8/underflow`` totals.
     An empty dict for a model without FP8 layers. One device-to-host copy. Under
     torch.distributed the counts cover every rank's shard of the batch (collective: call it on
@@ -127,6 +127,7 @@ def fp8_stats(model: nn.Module, reset: bool = False, per_module: bool = True) ->
     for ri, role in enumerate(ROLES):
         t = tot[ri].tolist()
         numel = t[Col.NUMEL]
+        out[f"fp8/{role}/numel"] = numel  # elements quantised: what the counts are out of
         out[f"fp8/{role}/overflow"] = t[Col.OVERFLOW]
         out[f"fp8/{role}/underflow"] = t[Col.UNDERFLOW]
         out[f"fp8/{role}/overflow_frac"] = t[Col.OVERFLOW] / numel if numel else 0.0
