@@ -185,12 +185,15 @@ def test_trainer_refreshes_c_l_and_does_not_decay_lambda_or_gamma(tmp_path: Path
 
 
 def test_missing_or_old_transformers_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
     from steadylm.integrations.transformers import TransformersVersionError, _check_transformers
 
-    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    # sys.modules' entry, not this module's global: importing Trainer can replace transformers' lazy module.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.0")
     with pytest.raises(TransformersVersionError, match=r"transformers >= 5\.3, found 4\.57\.0"):
         _check_transformers()
-    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'steadylm\[hf\]'"):
         _check_transformers()
 
