@@ -1,0 +1,152 @@
+"""RMSNorm backward as one hand-written Triton kernel: input gradient and γ gradient in one pass.
+
+Inductor compiles :func:`steadylm.kernels._math.rms_norm_bwd` into a row loop (per-token sums and
+the input gradient) plus a second, column loop for the γ gradient ``Σ_tokens dy·x̂``, which reads
+``x`` and ``dy`` again: 5 tensor passes (read x, dy; write dx; read x, dy). A reduction over rows
+cannot join a loop over rows in Inductor, so this kernel does what Liger-Kernel's does: each program
+owns a contiguous block of rows, keeps the row in registers, writes the row's ``dx`` and adds
+``dy·x̂`` to a per-program fp32 accumulator; one ``[programs, d]`` sum finishes γ's gradient. Traffic:
+read x, read dy, write dx — 3 passes, plus ``programs × d`` floats.
+
+The math is the same as :func:`~steadylm.kernels._math.rms_norm_bwd`, including the exact
+per-row statistic over the whole fp32 range (sums of squares of x, x·2^-72 and, for ε < 2^-60,
+x·2^90, each row picking the one in range; the constants come from ``_math``).
+
+Used on CUDA for fp32/bf16/fp16 inputs when Triton is installed and the call is not being traced by
+``torch.compile`` (a compiled model keeps Inductor's own fusion of the whole graph). With
+``TRITON_INTERPRET=1`` set before import the kernel also runs on CPU tensors (Triton's interpreter),
+which is how the test suite checks it without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from steadylm.kernels import _math
+
+try:  # Triton ships with CUDA builds of PyTorch; the CPU wheel has none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+__all__ = ["available", "rms_norm_bwd", "usable"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available() -> bool:
+    """Whether Triton is importable (the kernel can be launched at all)."""
+    return triton is not None
+
+
+def usable(x: Tensor, eps: float) -> bool:
+    """Whether the Triton backward should run for ``x`` and ``eps`` (see the module docstring)."""
+    if triton is None or x.dtype not in _DTYPES or torch.compiler.is_compiling():
+        return False
+    if x.shape[-1] > 16384 or x.shape[0] == 0:
+        return False
+    if eps < _math.TINY_EPS:
+        # ε below 2^-60 needs the 2^90 rescue of subnormal rows; GPUs flush subnormal inputs to
+        # zero, so those rows keep the Inductor path (ε = 0 is a corner, the models use 1e-6).
+        return False
+    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        X, W, DY, DX, DW_PART,
+        n_rows, n_cols, rows_per_program,
+        eps, eps_down, eps_up,
+        SCALE_DOWN: tl.constexpr, SCALE_UP: tl.constexpr,
+        OVERFLOW_SUM: tl.constexpr, UNDERFLOW_SUM: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, UPSCALE: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        col_mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK], 1.0, tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        first = pid * rows_per_program
+        for i in range(0, rows_per_program):
+            row = first + i
+            mask = cols < tl.where(row < n_rows, n_cols, 0)  # nothing of rows past the end
+            x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            sum_sq = tl.sum(x * x, axis=0)
+            x_down = x * SCALE_DOWN
+            sum_down = tl.sum(x_down * x_down, axis=0)
+            big = sum_sq >= OVERFLOW_SUM
+            scale = tl.where(big, SCALE_DOWN, 1.0)
+            chosen = tl.where(big, sum_down, sum_sq)
+            eps_scaled = tl.where(big, eps_down, eps)
+            if UPSCALE:
+                x_up = x * SCALE_UP
+                sum_up = tl.sum(x_up * x_up, axis=0)
+                tiny = sum_sq < UNDERFLOW_SUM
+                scale = tl.where(tiny, SCALE_UP, scale)
+                chosen = tl.where(tiny, sum_up, chosen)
+                eps_scaled = tl.where(tiny, eps_up, eps_scaled)
+            inv = 1.0 / tl.sqrt(chosen / n_cols + eps_scaled)
+            x_hat = (x * scale) * inv
+            g = d * w
+            mean_gx = tl.sum(g * x_hat, axis=0) / n_cols
+            dx = ((g - x_hat * mean_gx) * scale) * inv
+            # (Constant floats may widen to fp64 in the interpreter: pin fp32 before the final cast.)
+            tl.store(DX + row * n_cols + cols, dx.to(tl.float32).to(DX.dtype.element_ty), mask=mask)
+            dw += tl.where(mask, d * x_hat, 0.0)  # rows past the end may be 0/0: never added
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_mask)
+
+
+def _programs(n_rows: int, device: torch.device) -> int:
+    """Enough programs to fill the device (a few per SM), never more than rows."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(n_rows, target))
+
+
+def rms_norm_bwd(
+    x: Tensor,
+    weight: Tensor,
+    dy: Tensor,
+    *,
+    eps: float,
+    has_weight: bool,
+    allow_upscale: bool,
+    need_weight_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as :func:`steadylm.kernels._math.rms_norm_bwd` (``x``, ``dy``: ``[tokens, d]``)."""
+    x = x.contiguous()
+    dy = dy.contiguous()
+    n_rows, n_cols = x.shape
+    dx = torch.empty_like(x)
+    programs = _programs(n_rows, x.device)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dw_part = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
+    w = weight.contiguous() if has_weight else dw_part  # never read without HAS_WEIGHT
+    _rms_norm_bwd_kernel[(programs,)](
+        x, w, dy, dx, dw_part,
+        n_rows, n_cols, rows_per_program,
+        eps, eps * (_math._SCALE_DOWN * _math._SCALE_DOWN),
+        eps * (_math._SCALE_UP * _math._SCALE_UP) if allow_upscale else 0.0,
+        SCALE_DOWN=_math._SCALE_DOWN, SCALE_UP=_math._SCALE_UP,
+        OVERFLOW_SUM=_math._OVERFLOW_SUM, UNDERFLOW_SUM=_math._UNDERFLOW_SUM,
+        BLOCK=block, HAS_WEIGHT=has_weight, UPSCALE=allow_upscale,
+        num_warps=num_warps,
+    )  # fmt: skip
+    d_weight = dw_part.sum(dim=0).to(weight.dtype) if (has_weight and need_weight_grad) else None
+    return dx, d_weight
