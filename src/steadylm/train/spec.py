@@ -437,7 +437,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str
     for section, cls in SECTIONS.items():
         if section in exclude:
             continue
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip().split("\n")[0])
+        group = parser.add_argument_group(section, _first_sentence(cls.__doc__ or ""))
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag")
             if not flag or f"{section}.{f.name}" in exclude:
@@ -458,6 +458,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str
                 kwargs["metavar"] = base.__name__.upper() if isinstance(base, type) else "VALUE"
                 kwargs["type"] = _flag_parser(f"{section}.{f.name}", tp)
             group.add_argument(flag, **kwargs)
+
+
+def _first_sentence(doc: str) -> str:
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "." if paragraph else ""
 
 
 def _flag_parser(key: str, tp: Any) -> Callable[[str], Any]:
