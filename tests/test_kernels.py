@@ -535,3 +535,32 @@ def test_triton_rms_norm_backward_matches_float64_reference(has_weight, dtype, d
         _assert_close(dx.cpu(), _WithScale(x64.grad, scale), tol, "triton dx")
         if w is not None:
             _assert_close(dw.cpu(), w64.grad, FP32_TOL, "triton dγ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["rms_norm", "bhyt", "bhyt_large_lambda", "bhyt_variance"])
+def test_triton_backward_through_the_public_ops(name, dtype, device, eager_kernels, monkeypatch):
+    """The ops' autograd with the Triton backward (where it runs) against the float64 reference,
+    forward and every gradient (γ, λ, the given variance), ordinary and extreme rows; a spy checks
+    that the Triton kernel really ran. Same tolerances as the other kernel tests."""
+    from steadylm.kernels import triton_norms
+
+    if not triton_norms.available():
+        pytest.skip("triton is not installed")
+    if not triton_norms.usable(torch.empty(1, 1, dtype=dtype, device=device), 1e-6):
+        pytest.skip("the Triton kernel does not run on this device (CPU needs TRITON_INTERPRET=1)")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16")  # see the test above
+    calls = {"n": 0}
+    kernel = triton_norms.rms_norm_bwd if name == "rms_norm" else triton_norms.bhyt_bwd
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(triton_norms, kernel.__name__, spy)
+    case = next(c for c in CASES if c.name == name)
+    gen = torch.Generator().manual_seed(31)
+    _check_case(case, *case.make((3, 7, 257), dtype, gen), dtype, device)
+    _check_case(case, *_extreme_inputs(case, dtype, gen), dtype, device)
+    assert calls["n"] == 2

@@ -12,8 +12,8 @@ Design
 * Norm inputs are flattened to ``[tokens, d]`` and activation inputs to ``[n]``, and the token /
   element dimension is marked dynamic, so new batch or sequence sizes reuse the compiled kernel
   instead of recompiling.
-* RMSNorm's backward on CUDA (eager) is one hand-written Triton kernel that also accumulates the γ
-  gradient (:mod:`.triton_norms`: 3 tensor passes instead of Inductor's 5).
+* RMSNorm's and BHyT's backward on CUDA (eager) are hand-written Triton kernels that also accumulate
+  the γ gradient in the row loop (:mod:`.triton_norms`: 3 tensor passes instead of Inductor's 5).
 * Inside a model that is itself ``torch.compile``'d, Dynamo traces through the
   ``autograd.Function`` (and inlines the inner compiled functions), so the outer graph gets the same
   recompute-in-backward math and Inductor may fuse it further with its neighbours.
@@ -309,6 +309,23 @@ class _BHyT(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, lam, variance = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if triton_norms.usable(x, ctx.eps):  # CUDA, eager: one pass for dx, dγ, dλ (and dv)
+            dx, dw, dl, dv = triton_norms.bhyt_bwd(
+                x,
+                weight,
+                lam,
+                variance,
+                dy,
+                kappa=ctx.kappa,
+                eps=ctx.eps,
+                has_weight=ctx.has_weight,
+                use_variance=ctx.use_variance,
+                allow_upscale=_allow_upscale(ctx.eps),
+                need_weight_grad=ctx.has_weight and need[1],
+                need_lam_grad=need[2],
+                need_variance_grad=ctx.use_variance and need[3],
+            )
+            return dx, dw, dl, dv, None, None, None, None
         _mark_rows_dynamic(x, dy, variance if ctx.use_variance else None)
         dx, dw, dl, dv = _run(
             _math.bhyt_bwd,

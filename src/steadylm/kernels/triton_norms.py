@@ -1,4 +1,4 @@
-"""RMSNorm backward as one hand-written Triton kernel: input gradient and γ gradient in one pass.
+"""RMSNorm and BHyT backward as hand-written Triton kernels: input gradient and γ gradient in one pass.
 
 Inductor compiles :func:`steadylm.kernels._math.rms_norm_bwd` into a row loop (per-token sums and
 the input gradient) plus a second, column loop for the γ gradient ``Σ_tokens dy·x̂``, which reads
@@ -7,6 +7,9 @@ cannot join a loop over rows in Inductor, so this kernel does what Liger-Kernel'
 owns a contiguous block of rows, keeps the row in registers, writes the row's ``dx`` and adds
 ``dy·x̂`` to a per-program fp32 accumulator; one ``[programs, d]`` sum finishes γ's gradient. Traffic:
 read x, read dy, write dx — 3 passes, plus ``programs × d`` floats.
+
+BHyT's kernel does the same for its backward (λ's gradient as per-program partial sums, the given
+variance's gradient per row), with ``_math``'s rational tanh and exp-based sech².
 
 The math is the same as :func:`~steadylm.kernels._math.rms_norm_bwd`, including the exact
 per-row statistic over the whole fp32 range (sums of squares of x, x·2^-72 and, for ε < 2^-60,
@@ -34,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["available", "rms_norm_bwd", "usable"]
+__all__ = ["available", "bhyt_bwd", "rms_norm_bwd", "usable"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -108,6 +111,87 @@ if triton is not None:
         tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tanh_and_sech2(a, CLAMP: tl.constexpr, LINEAR: tl.constexpr,
+                        N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+                        N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr,
+                        D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr):  # fmt: skip
+        """``_math._tanh`` (the [13/6] rational form) and ``_math._sech2`` (4e/(1+e)², e = exp(−2|a|))."""
+        c = tl.minimum(tl.maximum(a, -CLAMP), CLAMP)
+        a2 = c * c
+        num = a2 * N6 + N5
+        num = num * a2 + N4
+        num = num * a2 + N3
+        num = num * a2 + N2
+        num = num * a2 + N1
+        num = num * a2 + N0
+        den = a2 * D3 + D2
+        den = den * a2 + D1
+        den = den * a2 + D0
+        t = tl.where(tl.abs(a) < LINEAR, a, c * num / den)
+        e = tl.exp(-2.0 * tl.abs(a))
+        one_plus = 1.0 + e
+        return t, 4.0 * e / (one_plus * one_plus)
+
+    @triton.jit
+    def _bhyt_bwd_kernel(
+        X, W, LAM, VAR, DY, DX, DW_PART, DLAM_PART, DVAR,
+        n_rows, n_cols, rows_per_program,
+        kappa, eps, eps_down,
+        SCALE_DOWN: tl.constexpr, OVERFLOW_SUM: tl.constexpr,
+        CLAMP: tl.constexpr, LINEAR: tl.constexpr,
+        N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+        N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, USE_VARIANCE: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        col_mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK], 1.0, tl.float32)
+        c = tl.load(LAM).to(tl.float32) / kappa
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        dlam = 0.0
+        first = pid * rows_per_program
+        for i in range(0, rows_per_program):
+            row = first + i
+            valid = row < n_rows
+            mask = cols < tl.where(valid, n_cols, 0)
+            x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            if USE_VARIANCE:
+                v = tl.load(VAR + row, mask=valid, other=1.0).to(tl.float32)
+                inv = 1.0 / tl.sqrt(v + eps)
+                scale = 1.0
+            else:
+                sum_sq = tl.sum(x * x, axis=0)
+                x_down = x * SCALE_DOWN
+                sum_down = tl.sum(x_down * x_down, axis=0)
+                big = sum_sq >= OVERFLOW_SUM
+                scale = tl.where(big, SCALE_DOWN, 1.0)
+                inv = 1.0 / tl.sqrt(tl.where(big, sum_down, sum_sq) / n_cols + tl.where(big, eps_down, eps))
+            x_hat = (x * scale) * inv
+            arg = c * x_hat
+            t, sech2 = _tanh_and_sech2(arg, CLAMP, LINEAR, N0, N1, N2, N3, N4, N5, N6, D0, D1, D2, D3)
+            h = d * w * sech2
+            row_hx = tl.sum(tl.where(mask, h * x_hat, 0.0), axis=0)
+            if USE_VARIANCE:
+                dx = (h * c) * inv
+                tl.store(DVAR + row, (-0.5 * c) * inv * (inv * row_hx), mask=valid)
+            else:
+                dx = (((h - x_hat * (row_hx / n_cols)) * c) * scale) * inv
+            tl.store(DX + row * n_cols + cols, dx.to(tl.float32).to(DX.dtype.element_ty), mask=mask)
+            dw += tl.where(mask, d * t, 0.0)
+            dlam += tl.where(valid, row_hx, 0.0)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_mask)
+        tl.store(DLAM_PART + pid, dlam)
+
+
 def _programs(n_rows: int, device: torch.device) -> int:
     """Enough programs to fill the device (a few per SM), never more than rows."""
     if device.type == "cuda":
@@ -150,3 +234,52 @@ def rms_norm_bwd(
     )  # fmt: skip
     d_weight = dw_part.sum(dim=0).to(weight.dtype) if (has_weight and need_weight_grad) else None
     return dx, d_weight
+
+
+def bhyt_bwd(
+    x: Tensor,
+    weight: Tensor,
+    lam: Tensor,
+    variance: Tensor,
+    dy: Tensor,
+    *,
+    kappa: float,
+    eps: float,
+    has_weight: bool,
+    use_variance: bool,
+    allow_upscale: bool,
+    need_weight_grad: bool,
+    need_lam_grad: bool,
+    need_variance_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Same contract as :func:`steadylm.kernels._math.bhyt_bwd` (only for ε ≥ 2^-60: see :func:`usable`)."""
+    assert not allow_upscale, "the Triton BHyT backward has no subnormal-row rescue (usable() keeps it off)"
+    x = x.contiguous()
+    dy = dy.contiguous()
+    n_rows, n_cols = x.shape
+    dx = torch.empty_like(x)
+    programs = _programs(n_rows, x.device)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dw_part = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    dlam_part = torch.empty(programs, dtype=torch.float32, device=x.device)
+    d_var = torch.empty(n_rows, dtype=torch.float32, device=x.device) if use_variance else dlam_part
+    var = variance.reshape(-1).contiguous() if use_variance else dlam_part  # never read otherwise
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
+    num, den = _math._TANH_NUM, _math._TANH_DEN
+    _bhyt_bwd_kernel[(programs,)](
+        x, weight.contiguous() if has_weight else dw_part, lam.reshape(()).contiguous(), var, dy, dx,
+        dw_part, dlam_part, d_var,
+        n_rows, n_cols, rows_per_program,
+        float(kappa), eps, eps * (_math._SCALE_DOWN * _math._SCALE_DOWN),
+        SCALE_DOWN=_math._SCALE_DOWN, OVERFLOW_SUM=_math._OVERFLOW_SUM,
+        CLAMP=_math._TANH_CLAMP, LINEAR=_math._TANH_LINEAR,
+        N0=num[0], N1=num[1], N2=num[2], N3=num[3], N4=num[4], N5=num[5], N6=num[6],
+        D0=den[0], D1=den[1], D2=den[2], D3=den[3],
+        BLOCK=block, HAS_WEIGHT=has_weight, USE_VARIANCE=use_variance,
+        num_warps=num_warps,
+    )  # fmt: skip
+    d_weight = dw_part.sum(dim=0).to(weight.dtype) if (has_weight and need_weight_grad) else None
+    d_lam = (dlam_part.sum() / kappa).to(lam.dtype) if need_lam_grad else None
+    d_variance = d_var.reshape(variance.shape).to(variance.dtype) if (use_variance and need_variance_grad) else None
+    return dx, d_weight, d_lam, d_variance
