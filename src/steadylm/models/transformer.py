@@ -104,16 +104,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """``tokens`` ``[batch, seq]`` (int) -> logits ``[batch, seq, vocab]``.
 
-        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``,
-        which advances by ``seq``.
+        With ``kv_cache`` (``KVCache`` or ``generate.StaticKVCache``) the tokens continue the cached
+        sequence: the cache supplies their RoPE rows, stores keys/values and advances.
         """
         return self.lm_head(self.hidden(tokens, kv_cache))
 
     def hidden(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """The final-norm output ``[batch, seq, dim]`` for ``tokens`` (the LM head's input).
 
-        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``,
-        which advances by ``seq``.
+        With ``kv_cache`` (``KVCache`` or ``generate.StaticKVCache``) the tokens continue the cached
+        sequence: the cache supplies their RoPE rows, stores keys/values and advances.
         """
         if tokens.dim() != 2:
             raise ConfigError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
