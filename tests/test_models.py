@@ -48,12 +48,12 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 @pytest.mark.parametrize("norm", BLOCK_NORMS)
 @pytest.mark.parametrize("activation, kwargs", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
-def test_forward_and_backward_are_finite(activation, kwargs, norm, kind):
+def test_forward_and_backward_are_finite(activation, kwargs, norm, kind, device):
     torch.manual_seed(0)
     base = TINY if kind == "dense" else TINY_MOE
     cfg = ModelConfig(**base, activation=activation, activation_kwargs=kwargs, norm=norm, impl="reference")
-    model = build_model(cfg)
-    tokens = _tokens(2, 13)
+    model = build_model(cfg, device=device)
+    tokens = _tokens(2, 13).to(device)
     logits = model(tokens)
     assert logits.shape == (2, 13, 64)
     assert torch.isfinite(logits).all()
@@ -68,12 +68,12 @@ def test_forward_and_backward_are_finite(activation, kwargs, norm, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 @pytest.mark.parametrize("norm", BLOCK_NORMS)
-def test_fused_path_matches_reference_path(norm, kind, eager_kernels):
+def test_fused_path_matches_reference_path(norm, kind, device, eager_kernels):
     base = TINY if kind == "dense" else TINY_MOE
-    reference = build_model(ModelConfig(**base, activation="powlu", norm=norm, impl="reference"))
-    fused = build_model(ModelConfig(**base, activation="powlu", norm=norm, impl="fused"))
+    reference = build_model(ModelConfig(**base, activation="powlu", norm=norm, impl="reference"), device=device)
+    fused = build_model(ModelConfig(**base, activation="powlu", norm=norm, impl="fused"), device=device)
     fused.load_state_dict(reference.state_dict())
-    tokens = _tokens(2, 16)
+    tokens = _tokens(2, 16).to(device)
     # fp32 both ways; the fused kernels reorder a few reductions, hence a few ulp of slack.
     torch.testing.assert_close(fused(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
     _loss(fused, tokens).backward()
@@ -115,12 +115,14 @@ def test_changing_a_future_token_never_changes_an_earlier_logit(case):
         assert not torch.equal(out[:, t], base[:, t])
 
 
+# The eager decode loop here (fast enough to run for every case); tests/test_generate.py checks
+# the compiled decode against it.
 @pytest.mark.parametrize("case", list(CAUSAL_CASES))
 def test_kv_cache_generation_gives_the_full_forward_logits(case):
     torch.manual_seed(2)
     model = build_model(ModelConfig(**CAUSAL_CASES[case], impl="reference"))
     prompt = _tokens(2, 5)
-    sequence, logits = model.generate(prompt, max_new_tokens=8, temperature=0.0, return_logits=True)
+    sequence, logits = model.generate(prompt, max_new_tokens=8, temperature=0.0, return_logits=True, decode="eager")
     assert sequence.shape == (2, 13) and logits.shape == (2, 8, 64)
     assert torch.equal(sequence[:, :5], prompt)
     full = model(sequence[:, :-1])
@@ -134,7 +136,7 @@ def test_generation_past_the_context_crops_like_a_full_forward_on_the_window():
     model = build_model(ModelConfig(**TINY, norm="bhyt", impl="reference"))
     context = model.config.max_seq_len
     prompt = _tokens(1, 20)  # already longer than the context
-    sequence, logits = model.generate(prompt, max_new_tokens=6, temperature=0.0, return_logits=True)
+    sequence, logits = model.generate(prompt, max_new_tokens=6, temperature=0.0, return_logits=True, decode="eager")
     for i in range(6):
         window = sequence[:, : 20 + i][:, -context:]
         torch.testing.assert_close(logits[:, i], model(window)[:, -1], rtol=1e-5, atol=1e-5)
@@ -143,17 +145,17 @@ def test_generation_past_the_context_crops_like_a_full_forward_on_the_window():
 def test_sampling_options():
     model = build_model(ModelConfig(**TINY, impl="reference"))
     prompt = _tokens(3, 4)
-    a = model.generate(prompt, 5, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 5, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    a = model.generate(prompt, 5, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7), decode="eager")
+    b = model.generate(prompt, 5, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7), decode="eager")
     assert torch.equal(a, b)
-    greedy = model.generate(prompt, 5, temperature=0.0)
-    assert torch.equal(model.generate(prompt, 5, temperature=1.3, top_k=1), greedy)
+    greedy = model.generate(prompt, 5, temperature=0.0, decode="eager")
+    assert torch.equal(model.generate(prompt, 5, temperature=1.3, top_k=1, decode="eager"), greedy)
     assert torch.equal(model.generate(prompt, 0), prompt)
     assert model.training  # generate restores the training mode
     for field, bad in (("temperature", dict(temperature=-1.0)), ("top_k", dict(top_k=0)),
                        ("max_new_tokens", dict(max_new_tokens=-1))):
         with pytest.raises(ConfigError, match=field):
-            model.generate(prompt, **{"max_new_tokens": 2, **bad})
+            model.generate(prompt, **{"max_new_tokens": 2, "decode": "eager", **bad})
     with pytest.raises(ConfigError, match="max_seq_len"):
         model(_tokens(1, 17))
 
@@ -168,7 +170,7 @@ def test_generation_precomputes_bhyt_scalars_once_per_call(monkeypatch):
         original(self)
 
     monkeypatch.setattr(BHyTBlock, "begin_inference", counting)
-    model.generate(_tokens(1, 3), 6)
+    model.generate(_tokens(1, 3), 6, decode="eager")
     assert calls["n"] == model.config.n_layers  # once per layer, not once per token
     assert all(block._inference_shift is None for block in model.layers)  # cleared afterwards
 
