@@ -343,3 +343,47 @@ def test_export_of_a_steadylm_train_run(tmp_path: Path, monkeypatch: pytest.Monk
     tokens = torch.tensor([hf_tok("And the earth was without form", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         _assert_logits_close(model(tokens), hf(tokens).logits)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},  # wavelengths on every side of 4 and 16: all branches
+    {"rope_type": "linear", "factor": 4.0},
+])
+def test_import_and_export_keep_rope_scaling(tmp_path: Path, rope: dict) -> None:
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      rope_parameters={**rope, "rope_theta": 10000.0})
+    torch.manual_seed(4)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    imported, state = import_hf(tmp_path / "hf")
+    assert imported.rope_scaling["type"] == rope["rope_type"]
+    model = build_model(imported).eval()
+    model.load_state_dict(state)
+    plain = build_model(imported.replace(rope_scaling=None)).eval()
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, 96, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        _assert_logits_close(expected, model(tokens))
+        assert (expected - plain(tokens)).abs().max() > 1e-3  # the scaling matters here
+    slt.export_model(model, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        _assert_logits_close(expected, back(tokens).logits)
+
+
+def test_bad_rope_scaling_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="rope_scaling must be None or a dict with type"):
+        ModelConfig(rope_scaling={"type": "yarn", "factor": 2.0})
+    with pytest.raises(ConfigError, match=r"rope_scaling\['low_freq_factor'\]"):
+        ModelConfig(rope_scaling={"type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 16})
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
+           "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 96,
+           "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+    from steadylm.integrations.hf_format import hf_config_to_model_config
+
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+        hf_config_to_model_config(cfg)

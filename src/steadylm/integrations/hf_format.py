@@ -128,15 +128,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ConfigError(
-            f"config.json rope type {rope_type!r} is not supported (steadylm has plain RoPE: 'default')"
-        )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, ModelConfig.rope_scaling)`` of a ``config.json`` (v5 ``rope_parameters`` or the
+    older ``rope_theta`` + ``rope_scaling``)."""
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in _ROPE_SCALING_KEYS:
+        raise ConfigError(f"config.json rope type {rope_type!r} is not supported; supported: "
+                          f"{['default', *_ROPE_SCALING_KEYS]}")
+    missing = [k for k in _ROPE_SCALING_KEYS[rope_type] if k not in params]
+    if missing:
+        raise ConfigError(f"config.json rope type {rope_type!r} lacks {missing}")
+    return theta, {"type": rope_type, **{k: params[k] for k in _ROPE_SCALING_KEYS[rope_type]}}
 
 
 def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = None) -> ModelConfig:
@@ -175,6 +188,7 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
             f"config.json sliding_window ({window}) is shorter than max_seq_len ({seq}); steadylm has "
             "full causal attention only (pass a max_seq_len <= the window)"
         )
+    rope_theta, rope_scaling = _rope(cfg)
     activation, fixed = HIDDEN_ACTS.get(act_name, ("swiglu", {}))
     activation_kwargs = {**fixed, **activation_kwargs_from_config(activation, cfg)}
     return ModelConfig(
@@ -192,7 +206,8 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         activation_kwargs=activation_kwargs,
         norm="rmsnorm",
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(cfg),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         init_std=float(cfg.get("initializer_range", 0.02)),
     )
@@ -282,6 +297,8 @@ def plain_hf_architecture(config: ModelConfig) -> str | None:
     )
     if not plain or (config.qkv_bias and config.qk_norm):
         return None
+    if config.rope_scaling is not None and (config.qkv_bias or config.qk_norm):
+        return None  # keep to the layout the scaling came with (Llama)
     if config.qk_norm:
         return "Qwen3ForCausalLM"
     if config.qkv_bias:

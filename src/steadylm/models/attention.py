@@ -9,6 +9,9 @@ first ``rotary_dim`` dims of each head in the "rotate half" convention, leaving 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,31 +20,56 @@ from steadylm.errors import ConfigError
 from steadylm.models.config import ModelConfig
 from steadylm.nn import RMSNorm
 
-__all__ = ["Attention", "KVCache", "RotaryEmbedding", "apply_rotary"]
+__all__ = ["Attention", "KVCache", "RotaryEmbedding", "apply_rotary", "rope_inv_freq"]
+
+
+def rope_inv_freq(
+    rotary_dim: int, theta: float, scaling: dict[str, Any] | None = None, device: torch.device | None = None
+) -> Tensor:
+    """RoPE inverse frequencies (float64), optionally rescaled as Hugging Face does for imported
+    checkpoints: ``{"type": "linear", "factor": f}`` divides every frequency by f;
+    ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` is Llama 3.1's wavelength-dependent scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
+    if not scaling:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions ``0..max_seq_len-1`` (fp32, not saved in state dicts)."""
 
-    def __init__(self, rotary_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+    def __init__(
+        self, rotary_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
         self.max_seq_len = max_seq_len
         self.theta = theta
-        cos, sin = self._tables(rotary_dim, max_seq_len, theta, None)
+        self.scaling = scaling
+        cos, sin = self._tables(rotary_dim, max_seq_len, theta, None, scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     @staticmethod
     def _tables(
-        rotary_dim: int, length: int, theta: float, device: torch.device | None
+        rotary_dim: int, length: int, theta: float, device: torch.device | None,
+        scaling: dict[str, Any] | None = None,
     ) -> tuple[Tensor, Tensor]:
         if rotary_dim == 0:
             empty = torch.zeros(length, 0, device=device)
             return empty, empty
-        inv_freq = 1.0 / theta ** (
-            torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
-        )
+        inv_freq = rope_inv_freq(rotary_dim, theta, scaling, device)
         positions = torch.arange(length, dtype=torch.float64, device=device)
         angles = torch.outer(positions, inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # "rotate half" layout

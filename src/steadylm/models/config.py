@@ -91,6 +91,9 @@ class ModelConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # share of each head's dims that are rotated (Ling: 0.5)
+    # RoPE frequency scaling of imported checkpoints: None, {"type": "linear", "factor": f} or
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    rope_scaling: dict[str, Any] | None = None
     impl: str = "fused"  # nn implementation: "fused" kernels or the "reference" math
 
     # --- Ling-style MoE (SPEC §3) ------------------------------------------------------------
@@ -183,6 +186,7 @@ class ModelConfig:
                 f"dims of head_dim {self.head_dim}; the rotated dims must be even"
             )
         _check_real("rope_theta", self.rope_theta, low=0.0, low_open=True)
+        self._validate_rope_scaling()
         _check_real("init_std", self.init_std, low=0.0, low_open=True)
         _check_bool("tie_embeddings", self.tie_embeddings)
         _check_bool("qk_norm", self.qk_norm)
@@ -221,6 +225,24 @@ class ModelConfig:
             _check_real("moe_routed_scale", self.moe_routed_scale, low=0.0, low_open=True)
 
         self._validate_activation()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        required = {"linear": ("factor",),
+                    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        kind = scaling.get("type") if isinstance(scaling, dict) else None
+        if kind not in required:
+            raise ConfigError(f"ModelConfig.rope_scaling must be None or a dict with type in {sorted(required)}, "
+                              f"got {scaling!r}")
+        for key in required[kind]:
+            value = scaling.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"ModelConfig.rope_scaling[{key!r}] must be a number > 0 for type {kind!r}, "
+                                  f"got {value!r}")
+        if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ConfigError("ModelConfig.rope_scaling high_freq_factor must be > low_freq_factor")
 
     def _validate_activation(self) -> None:
         # The nn registry owns the activation names and their hyper-parameter checks.

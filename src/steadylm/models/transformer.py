@@ -44,7 +44,7 @@ class Transformer(nn.Module):
         self.embed_scale: nn.Parameter | None = (
             scalar_parameter(math.sqrt(config.dim)) if config.block_form.embed_scale else None
         )
-        self.rope = RotaryEmbedding(config.rotary_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.rotary_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
         self.final_norm = _build_final_norm(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -22,6 +22,12 @@ from steadylm.models import ModelConfig, Transformer, build_model
 __all__ = ["export_model", "export_run", "exported_architecture"]
 
 
+def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    scaling = dict(config.rope_scaling or {})
+    rope_type = scaling.pop("type", "default")
+    return {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling}
+
+
 def _plain_hf_config(config: ModelConfig, arch: str) -> Any:
     import transformers
 
@@ -36,7 +42,7 @@ def _plain_hf_config(config: ModelConfig, arch: str) -> Any:
         max_position_embeddings=config.max_seq_len,
         hidden_act="silu",
         rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=_rope_parameters(config),
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
         architectures=[arch],

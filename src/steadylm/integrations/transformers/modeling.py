@@ -130,7 +130,8 @@ def _rebuild_rope(rope: RotaryEmbedding) -> None:
     device = rope.cos.device
     if device.type == "meta":
         return
-    cos, sin = RotaryEmbedding._tables(rope.rotary_dim, rope.max_seq_len, rope.theta, device)
+    cos, sin = RotaryEmbedding._tables(rope.rotary_dim, rope.max_seq_len, rope.theta, device,
+                                       getattr(rope, "scaling", None))
     rope.cos, rope.sin = cos, sin
 
 
