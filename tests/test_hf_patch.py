@@ -210,3 +210,19 @@ def test_apply_steadylm_refuses_what_it_cannot_patch() -> None:
         slt.apply_steadylm(_model(), activation="powlu", m=12.0)  # PowLU needs 0 < m < 10
     with pytest.raises(ConfigError, match="unknown argument"):
         slt.apply_steadylm(_model(), limit=7.0)  # a hyper-parameter without an activation
+
+
+def test_patching_twice_applies_the_second_choice() -> None:
+    from transformers.models.llama import modeling_llama
+
+    from steadylm.integrations.transformers.patch import _SteadyBHyTLayer, _patched_class, _spec, _unpatched
+
+    hf = _model()
+    slt.apply_steadylm(hf, activation="powlu", norm="bhyt")
+    slt.apply_steadylm(hf, activation="swiglu_clip", norm="bhyt_star", limit=0.05)
+    twin = _steadylm_twin(hf, activation="swiglu_clip", activation_kwargs={"limit": 0.05}, norm="bhyt_star")
+    tokens = _tokens()
+    with torch.no_grad():
+        _close(twin(tokens), hf(tokens).logits)
+    patched = _patched_class(modeling_llama.LlamaDecoderLayer, _SteadyBHyTLayer, _spec("powlu", "bhyt", True, {}))
+    assert _unpatched(patched) is modeling_llama.LlamaDecoderLayer  # re-patching starts from the stock class

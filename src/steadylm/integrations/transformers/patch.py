@@ -322,9 +322,8 @@ def _patch_classes(spec: _Spec) -> list[str]:
 
 
 def _unpatched(cls: type) -> type:
-    while issubclass(cls, (_SteadyMLP, _SteadyBHyTLayer)):
-        cls = cls.__mro__[2]  # (patched, mixin, base, ...)
-    return cls
+    """The stock transformers class under a (possibly already) patched one."""
+    return next(c for c in cls.__mro__ if not issubclass(c, (_SteadyMLP, BHyTPair)))
 
 
 def _has_patch_mapping() -> bool:
