@@ -187,7 +187,10 @@ def test_trainer_refreshes_c_l_and_does_not_decay_lambda_or_gamma(tmp_path: Path
 def test_missing_or_old_transformers_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from steadylm.integrations.transformers import TransformersVersionError, _check_transformers
+    from steadylm.integrations.transformers import (
+        TransformersVersionError,
+        _check_transformers,
+    )
 
     # sys.modules' entry, not this module's global: importing Trainer can replace transformers' lazy module.
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.0")
@@ -215,7 +218,12 @@ def test_apply_steadylm_refuses_what_it_cannot_patch() -> None:
 def test_patching_twice_applies_the_second_choice() -> None:
     from transformers.models.llama import modeling_llama
 
-    from steadylm.integrations.transformers.patch import _SteadyBHyTLayer, _patched_class, _spec, _unpatched
+    from steadylm.integrations.transformers.patch import (
+        _patched_class,
+        _spec,
+        _SteadyBHyTLayer,
+        _unpatched,
+    )
 
     hf = _model()
     slt.apply_steadylm(hf, activation="powlu", norm="bhyt")
