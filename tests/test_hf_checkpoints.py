@@ -387,3 +387,16 @@ def test_bad_rope_scaling_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         hf_config_to_model_config(cfg)
+
+
+def test_import_reads_sharded_safetensors(tmp_path: Path) -> None:
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    config, state = import_hf(tmp_path / "hf")
+    model = build_model(config).eval()
+    model.load_state_dict(state)
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _assert_logits_close(hf(tokens).logits, model(tokens))
