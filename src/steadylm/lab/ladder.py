@@ -606,7 +606,7 @@ def _depth_report(ctx: dict[str, Any]) -> dict[str, Path]:
         "Mean per-token variance of the residual stream after the last block at the last probe (BHyT paper "
         f"Fig. 3), and {ref}'s divided by each other variant's (BHyT paper: ~25× for BHyT at 1B).\n\n"
         + markdown_table(["depth"] + names + [f"{ref} / {n}" for n in names if n != ref], var_rows),
-        [("depth", plots.plot_depth(table), "Variance, lazy blocks and loss against depth")],
+        [("depth", plots.plot_depth(table, LAZY_COS), "Variance, lazy blocks and loss against depth")],
     )
     report.add_section(
         "Growth, lazy blocks, loss",

@@ -607,7 +607,7 @@ def plot_scaling(
     return fig
 
 
-def plot_depth(table: Mapping[str, Mapping[int, Mapping[str, object]]]) -> Figure:
+def plot_depth(table: Mapping[str, Mapping[int, Mapping[str, object]]], lazy_cos: float) -> Figure:
     """The depth ladder, one line per norm: last-layer hidden-state variance against depth,
     per-layer variance at the largest depth, the share of lazy blocks, and the final loss.
     ``table[norm][depth]`` holds ``last_var``, ``layer_var`` (list), ``lazy_share`` and ``val_loss``."""
@@ -627,7 +627,7 @@ def plot_depth(table: Mapping[str, Mapping[int, Mapping[str, object]]]) -> Figur
         (ax_v, ax_p, ax_l, ax_loss),
         (("last-layer hidden-state variance", "depth L", "mean per-token variance"),
          ("hidden-state variance per layer, deepest model", "layer", "mean per-token variance"),
-         ("share of lazy blocks (cos(input, output) > 0.99)", "depth L", "share of blocks"),
+         (f"share of lazy blocks (cos(input, output) > {lazy_cos:g})", "depth L", "share of blocks"),
          ("final validation loss", "depth L", "cross-entropy"))):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xl)
