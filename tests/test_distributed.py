@@ -342,6 +342,11 @@ def test_old_single_process_checkpoint_still_resumes(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "old", stopped.model, stopped.optimizer, 4, counters=state.counters,
                     configs=state.configs)
     assert (tmp_path / "old" / "checkpoint" / "model.safetensors").exists()
+    # a run of an older version has no entry for fields added since (at their defaults)
+    state_path = tmp_path / "old" / "checkpoint" / "state.json"
+    saved = json.loads(state_path.read_text())
+    del saved["configs"]["model"]["qk_norm"]
+    state_path.write_text(json.dumps(saved))
     resumed = Trainer(spec.model_config(data.vocab_size), spec.train, data, tmp_path / "old").run(resume=True)
     whole = Trainer(spec.model_config(data.vocab_size), spec.train, data, tmp_path / "whole").run()
     assert resumed.resumed_from == 4 and resumed.final_loss == whole.final_loss

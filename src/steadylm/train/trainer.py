@@ -510,12 +510,12 @@ class Trainer:
         if checkpoint is None:
             raise CheckpointError(f"cannot resume: no checkpoint in {self.out_dir}")
         saved = read_checkpoint_state(checkpoint).configs
+        saved_model = self._normalized_model_dict(saved.get("model", {}))
         problems = []
-        if saved.get("model") != configs["model"]:
-            differing = sorted(
-                k for k in set(saved.get("model", {})) | set(configs["model"])
-                if saved.get("model", {}).get(k) != configs["model"].get(k)
-            )
+        differing = sorted(
+            k for k in set(saved_model) | set(configs["model"]) if saved_model.get(k) != configs["model"].get(k)
+        )
+        if differing:
             problems.append(f"model config differs in {differing}")
         if saved.get("train", {}).get("seed") != self.config.seed:
             problems.append(f"seed differs (checkpoint {saved.get('train', {}).get('seed')}, now {self.config.seed})")
@@ -528,6 +528,17 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
         atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
         return checkpoint
+
+    def _normalized_model_dict(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved model config as this version writes it: fields added since (with their
+        defaults) do not make an older run look like another model."""
+        from_dict = getattr(type(self.model_config), "from_dict", None)
+        if from_dict is None or not saved:
+            return saved
+        try:
+            return _config_dict(from_dict(saved))
+        except (SteadyLMError, TypeError, ValueError):
+            return saved  # reported field by field below
 
     def run(self, resume: bool | str = False, *, stop_after: int | None = None) -> TrainResult:
         """Train (or continue from ``out_dir``'s checkpoint when ``resume``) to ``steps``.
