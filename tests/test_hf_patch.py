@@ -234,3 +234,27 @@ def test_patching_twice_applies_the_second_choice() -> None:
         _close(twin(tokens), hf(tokens).logits)
     patched = _patched_class(modeling_llama.LlamaDecoderLayer, _SteadyBHyTLayer, _spec("powlu", "bhyt", True, {}))
     assert _unpatched(patched) is modeling_llama.LlamaDecoderLayer  # re-patching starts from the stock class
+
+
+def test_trainer_on_a_steadylm_moe_model_updates_router_biases(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from steadylm.models import ModelConfig
+
+    config = ModelConfig.from_preset("nano-moe", vocab_size=VOCAB, dim=32, n_heads=4, n_kv_heads=4, ffn_dim=64,
+                                     expert_ffn_dim=32, max_seq_len=16, norm="bhyt", impl="reference")
+    torch.manual_seed(0)
+    model = slt.SteadyLMForCausalLM(slt.SteadyLMConfig(steadylm=config.to_dict()))
+    sequences = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": t, "labels": t} for t in sequences],
+                      callbacks=[slt.SteadyLMCallback(refresh_every=1)])
+    decayed = set(trainer.get_decay_parameter_names(model))
+    assert not any(n.endswith((".lam", "layernorm.weight")) for n in decayed)
+    biases = [moe.router.expert_bias.clone() for moe in model.model.moe_layers()]
+    trainer.train()
+    after = [moe.router.expert_bias for moe in model.model.moe_layers()]
+    # Aux-loss-free balancing: each step nudges every bias by ±rate (SPEC §3).
+    assert all(not torch.equal(a, b) for a, b in zip(biases, after))
