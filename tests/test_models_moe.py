@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steadylm.errors import ConfigError
 from steadylm.models import ModelConfig, build_model
 from steadylm.models.moe import MoE
 
@@ -177,13 +178,13 @@ def test_grouped_dispatch_equals_the_per_expert_loop_forward_and_backward():
     backward's scatter/concatenation can differ, hence fp32 round-off tolerances (1e-6 relative)."""
     moe = _moe()
     x = torch.randn(3, 9, DIM, requires_grad=True)
-    assert moe.experts.grouped_dispatch()
+    moe.experts.dispatch = "grouped"
     moe(x).square().sum().backward()
     grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
     dx = x.grad.clone()
     moe.zero_grad()
     x.grad = None
-    moe.experts.grouped_dispatch = lambda: False  # force the per-expert loop on the same module
+    moe.experts.dispatch = "loop"  # the per-expert loop on the same module
     moe(x).square().sum().backward()
     torch.testing.assert_close(x.grad, dx, rtol=1e-6, atol=1e-7)
     for name, p in moe.named_parameters():
@@ -246,8 +247,25 @@ def test_grouped_dispatch_under_bf16_autocast_matches_the_per_expert_loop(device
     moe = _moe().to(device)
     x = torch.randn(4, 8, DIM, device=device)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        moe.experts.dispatch = "grouped"
         grouped = moe(x)
-        moe.experts.grouped_dispatch = lambda: False
+        moe.experts.dispatch = "loop"
         looped = moe(x)
     assert grouped.dtype == looped.dtype
     torch.testing.assert_close(grouped.float(), looped.float(), rtol=2.0**-7, atol=1e-2)
+
+
+def test_dispatch_auto_takes_the_loop_in_eager_cpu_and_grouped_when_compiling():
+    """"auto": the loop where a host read is free (eager CPU), grouped under torch.compile; a bad
+    value or "grouped" on non-Linear experts is a ConfigError."""
+    moe = _moe()
+    x = torch.randn(5, DIM)
+    assert moe.experts.dispatch == "auto" and not moe.experts.uses_grouped(x)
+    seen = []
+    compiled = torch.compile(lambda t: seen.append(moe.experts.uses_grouped(t)) or t + 1, fullgraph=True)
+    compiled(x)
+    assert seen == [True]
+    torch._dynamo.reset()
+    moe.experts.dispatch = "fastest"
+    with pytest.raises(ConfigError, match="dispatch"):
+        moe.experts.uses_grouped(x)

@@ -151,7 +151,7 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
 # --------------------------------------------------------------------------------------------
 
 
-LOOP_SUFFIX = ":loop"  # a MoE variant with the per-expert module loop (the dispatch before sync-free)
+LOOP_SUFFIX = ":loop"  # a MoE variant forced to the per-expert module loop (the dispatch before sync-free)
 
 
 def _build(preset: str, variant: str, device: torch.device, seed: int) -> nn.Module:
@@ -163,7 +163,7 @@ def _build(preset: str, variant: str, device: torch.device, seed: int) -> nn.Mod
     model = build_model(ModelConfig.from_preset(preset, activation=activation, norm=norm), device=device)
     if loop:
         for moe in model.moe_layers():
-            moe.experts.grouped_dispatch = lambda: False  # this instance only
+            moe.experts.dispatch = "loop"
     return model
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["grouped_linear", "grouped_mm_supported"]
+__all__ = ["grouped_linear", "grouped_mm_applies", "grouped_mm_supported", "operand_dtype"]
 
 # torch._grouped_mm needs 16-byte aligned strides: 8 bf16 elements.
 _GROUPED_MM_ALIGN = 8
@@ -35,14 +35,24 @@ _GROUPED_MM_ALIGN = 8
 
 def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
     """Whether ``torch._grouped_mm`` can run ``x [rows, in] @ weight[e].T`` (``weight [E, out, in]``)."""
-    if not (x.is_cuda and weight.is_cuda and hasattr(torch, "_grouped_mm")):
+    if weight.dtype != x.dtype:
         return False
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+    return grouped_mm_applies(x.device, x.dtype, weight.shape[2], weight.shape[1])
+
+
+def grouped_mm_applies(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
+    """Whether operands of ``dtype`` on ``device`` with these widths take ``torch._grouped_mm``."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
+    if torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    out_features, in_features = weight.shape[1], weight.shape[2]
     return in_features % _GROUPED_MM_ALIGN == 0 and out_features % _GROUPED_MM_ALIGN == 0
+
+
+def operand_dtype(x: Tensor) -> torch.dtype:
+    """The dtype :func:`grouped_linear` computes in for input ``x`` (the autocast dtype when on)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 @torch.library.custom_op("steadylm::grouped_linear", mutates_args=())
