@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--activations", default=None, help="comma-separated (default swiglu,swiglu_clip,powlu)")
     model.add_argument("--norms", default=None, help="comma-separated (default rmsnorm,bhyt,bhyt_star,dyt)")
     model.add_argument("--modes", default=None, help="comma-separated: eager,compiled (default both)")
+    model.add_argument("--measures", default=None, help="comma-separated: train,generate (default both)")
     model.add_argument("--batch", type=int, default=None, help="training batch (default 8)")
     model.add_argument("--seq", type=int, default=None, help="training sequence length (default 256)")
     model.add_argument("--gen-batches", dest="gen_batches", default=None, help="generation batch sizes (default 1,8)")
@@ -147,6 +148,7 @@ def _run_model(args: argparse.Namespace) -> int:
         activations=pick_list("activations"),
         norms=pick_list("norms"),
         modes=pick_list("modes"),
+        measures=pick_list("measures"),
         batch=int(pick("batch")),  # type: ignore[call-overload]
         seq=int(pick("seq")),  # type: ignore[call-overload]
         gen_batches=gen_batches,

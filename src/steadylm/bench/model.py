@@ -53,6 +53,7 @@ __all__ = [
 BASELINE = "swiglu+rmsnorm"
 HF_VARIANT = "hf-llama"
 MODES = ("eager", "compiled")
+MEASURES = ("train", "generate")
 ACTIVATION_CHOICES = ("swiglu", "swiglu_clip", "powlu")
 NORM_CHOICES = ("rmsnorm", "bhyt", "bhyt_star", "dyt")
 
@@ -65,6 +66,7 @@ class ModelBenchConfig:
     activations: Sequence[str] = ACTIVATION_CHOICES
     norms: Sequence[str] = NORM_CHOICES
     modes: Sequence[str] = MODES
+    measures: Sequence[str] = MEASURES
     batch: int = 8
     seq: int = 256
     gen_batches: Sequence[int] = (1, 8)
@@ -84,7 +86,8 @@ class ModelBenchConfig:
 
         for name, values, allowed in (("presets", self.presets, list(PRESETS)),
                                       ("activations", self.activations, ACTIVATION_CHOICES),
-                                      ("norms", self.norms, NORM_CHOICES), ("modes", self.modes, MODES)):  # fmt: skip
+                                      ("norms", self.norms, NORM_CHOICES), ("modes", self.modes, MODES),
+                                      ("measures", self.measures, MEASURES)):  # fmt: skip
             if not values:
                 raise ConfigError(f"{name} must name at least one of {list(allowed)}")
             unknown = [v for v in values if v not in allowed]
@@ -353,16 +356,19 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                 model = hf_model if hf_model is not None else _build(preset, variant, device, config.seed)
                 keep.append(model)
                 say(f"[{preset}] {variant} {mode}: building and warming up")
-                key = (preset, variant, mode, "train")
-                calls[key] = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
-                rows.append(Row(*key, tokens_per_call=config.batch * config.seq))
-                if hf_model is None or mode == "eager":  # HF generate: its default (eager) path only
+                train_key = (preset, variant, mode, "train")
+                train_step = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
+                if "train" in config.measures:
+                    calls[train_key] = train_step
+                    rows.append(Row(*train_key, tokens_per_call=config.batch * config.seq))
+                if "generate" in config.measures and (hf_model is None or mode == "eager"):
+                    # HF generate: its default (eager) path only
                     for b in config.gen_batches:
                         key = (preset, variant, mode, f"generate-b{b}")
                         calls[key] = _generate_call(model, mode, prompts[b], config.new_tokens, device, config.dtype)
                         rows.append(Row(*key, tokens_per_call=b * config.new_tokens))
                 if config.profile and mode == "eager" and hf_model is None:
-                    shares[(preset, variant)] = profile_shares(model, calls[(preset, variant, mode, "train")], device)
+                    shares[(preset, variant)] = profile_shares(model, train_step, device)
         for row in rows:
             if row.preset == preset:
                 for _ in range(config.warmup + 1):  # the first call compiles
@@ -453,7 +459,9 @@ def csv_rows(result: ModelBenchResult, timestamp: str | None = None) -> list[dic
 def table_cells(result: ModelBenchResult) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the result table (one row per preset, variant, mode)."""
     cfg = result.config
-    measures = ["train"] + [f"generate-b{b}" for b in cfg.gen_batches]
+    measures = (["train"] if "train" in cfg.measures else []) + (
+        [f"generate-b{b}" for b in cfg.gen_batches] if "generate" in cfg.measures else []
+    )
     header = ["preset", "variant", "mode"]
     for m in measures:
         header += [f"{m} tok/s", f"{m} ratio"]
