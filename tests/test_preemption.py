@@ -324,3 +324,34 @@ def test_stalled_peer_fails_the_others_after_the_timeout(env: dict[str, str], tm
     assert time.monotonic() - start < 120  # 10 s collective timeout + torchrun's 30 s grace
     rank0 = next(p for p in logs.rglob("stderr.log") if p.parent.name == "0").read_text()
     assert "error: rank 0 of 2: a collective failed, so a peer rank died or stalled" in rank0, rank0[-2000:]
+
+
+def compare_args(out: Path, steps: int, *extra: str) -> list[str]:
+    return ["compare", "--out", str(out), "--variants", "swiglu+rmsnorm,powlu+rmsnorm", "--steps", str(steps),
+            "--batch-size", "4", "--seq-len", "32", "--vocab-size", "512", "--set", "model.dim=32",
+            "--set", "model.n_layers=2", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=2",
+            "--set", "model.ffn_dim=64", "--impl", "reference", "--set", "train.threads=1", *extra]
+
+
+def test_lab_protocol_holds_its_directory_and_stops_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "lab"
+    first = steadylm(compare_args(out, 300), env)
+    wait_for_rows(out / "swiglu+rmsnorm", 5, first)
+    first.send_signal(signal.SIGSTOP)
+    second = steadylm(compare_args(out, 300), env)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and err.startswith(f"error: run directory {out.resolve()} is in use by pid "
+                                                     f"{first.pid}"), err
+    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: preempted by SIGTERM at step ")
+    step = json.loads((out / "swiglu+rmsnorm" / "checkpoint" / "state.json").read_text())["step"]
+    assert 5 <= step < 300 and not (out / "report.html").exists()
+    resumed = steadylm(compare_args(out, 300, "--resume"), env)
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-2000:]
+    assert (out / "report.html").exists()
+    rows = read_metrics(out / "swiglu+rmsnorm" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 301))  # continued, not restarted or duplicated

@@ -33,7 +33,7 @@ from steadylm.lab.options import (
     scaled_budget,
 )
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
-from steadylm.lab.runner import RunResult, load_data, run_variant, variant_spec
+from steadylm.lab.runner import RunResult, load_data, output_lock, run_variant, variant_spec
 from steadylm.lab.summary import RunSummary, status
 from steadylm.probes import keys as K
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     lab = lab_options(args, out=DEFAULT_OUT)
     variants = resolve_variants(lab, DEFAULT_GRID)
     spec = compare_spec(args, lab)
-    run_compare(spec, variants, lab, command=command_line())
+    with output_lock(lab.out):
+        run_compare(spec, variants, lab, command=command_line())
     return 0
 
 

@@ -56,7 +56,7 @@ from steadylm.lab.options import (
 )
 from steadylm.lab.powerlaw import PowerLawFit, fit_power_law
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
-from steadylm.lab.runner import RunResult, is_finished, load_data, run_variant, variant_spec
+from steadylm.lab.runner import RunResult, is_finished, load_data, output_lock, run_variant, variant_spec
 from steadylm.lab.summary import status
 from steadylm.probes import keys as K
 from steadylm.train import TrainConfig
@@ -335,6 +335,11 @@ def ladder_spec(args: argparse.Namespace, lab: LabOptions, opts: LadderOptions) 
 
 def run(args: argparse.Namespace) -> int:
     lab = lab_options(args, out=DEFAULT_OUT)
+    with output_lock(lab.out):
+        return _run(args, lab)
+
+
+def _run(args: argparse.Namespace, lab: Any) -> int:
     opts = options_from_args(args, LadderOptions)
     plan = _resolve(lab, opts)
     spec = ladder_spec(args, lab, opts)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, RunPreempted
 from steadylm.lab.options import Variant
 from steadylm.lab.summary import RunSummary, summarize
 from steadylm.train.atomic import atomic_write_text
@@ -82,6 +84,15 @@ def _probes(spec: RunSpec, fp8_per_module: bool) -> tuple[list[Any], Any]:
     return probes, stability
 
 
+def output_lock(out: str | Path) -> AbstractContextManager[Any]:
+    """One writer per lab output directory: a second protocol on ``out`` refuses at once (the
+    trainer also locks each run directory). Under torchrun only rank 0 holds it; the other ranks
+    write only the run directories they train."""
+    from steadylm.train.lock import RunDirLock
+
+    return RunDirLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
 def is_finished(run_dir: Path, spec: RunSpec) -> bool:
     """Whether ``run_dir`` holds a finished run of exactly ``spec``."""
     try:
@@ -125,6 +136,10 @@ def run_variant(
     t0 = time.perf_counter()
     result = trainer.run(resume="auto" if resume else False, stop_after=stop_after)
     wall = time.perf_counter() - t0
+    if result.preempted_at is not None:
+        # the protocol stops here; its --resume continues this run from the checkpoint just written
+        raise RunPreempted(f"preempted by {result.preempt_signal} at step {result.preempted_at} of {run_dir}: "
+                           "checkpoint written; rerun the same command with --resume")
     if result.diverged and console is not None:
         console.print(f"[red]{label}: diverged at step {result.diverged_at}: {result.divergence_reason}[/red]")
     samples = stability.samples if stability is not None else {}

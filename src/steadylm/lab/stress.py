@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from steadylm.config_fields import spec_field
-from steadylm.lab.options import LabOptions, lab_spec, options_from_args
+from steadylm.lab.options import LabOptions, lab_options, lab_spec, options_from_args
+from steadylm.lab.runner import output_lock
 from steadylm.lab.report import markdown_table
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
 from steadylm.train import TrainConfig
@@ -97,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(PROTOCOLS[args.protocol][0]).run(args) or 0)
+    protocol = importlib.import_module(PROTOCOLS[args.protocol][0])
+    with output_lock(lab_options(args, out=protocol.DEFAULT_OUT).out):
+        return int(protocol.run(args) or 0)
 
 
 def stress_options(args: argparse.Namespace) -> StressOptions:

@@ -33,6 +33,7 @@ class RunDirLock:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).resolve()
         self._handle: int | None = None
+        self._created = False
 
     def __enter__(self) -> RunDirLock:
         depth = RunDirLock._held.get(self.path, 0)
@@ -45,6 +46,7 @@ class RunDirLock:
             return self
         from steadylm.train.atomic import io_error
 
+        self._created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = os.open(self.path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,6 +77,10 @@ class RunDirLock:
             return
         RunDirLock._held.pop(self.path, None)
         if self._handle is not None:
+            if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILENAME]:
+                # a run that failed before writing anything leaves nothing behind
+                (self.path / LOCK_FILENAME).unlink(missing_ok=True)
+                self.path.rmdir()
             os.close(self._handle)  # releases the flock
             self._handle = None
 
