@@ -15,6 +15,16 @@ before the model is built) and the batch order (a pure function of seed and step
 one seed produce bit-identical metrics on CPU, and a run resumed from its checkpoint (which holds
 weights, optimizer moments, generator states and counters) continues exactly as if never stopped.
 
+Many processes (``torchrun``; :mod:`steadylm.distributed`): every rank builds the same model, DDP or
+FSDP2 is applied from outside (``parallel``), each rank trains its rows of the global batch (in
+``grad_accum`` micro-batches) and the logged loss is the mean over ranks, so N ranks follow one
+process with the same global batch. Rank 0 alone writes the run directory; checkpoints are DCP
+shards written by every rank (:mod:`steadylm.train.dcp`) and load at any world size.
+
+Preemption: SIGTERM/SIGUSR1 finish the step, checkpoint it and stop (:class:`Preemption`,
+:attr:`TrainResult.preempted_at`); a ``.steadylm.lock`` flock keeps a second run out of the
+directory.
+
 Divergence guard: a non-finite training loss or gradient norm (or validation loss) stops the run
 before the optimizer applies the poisoned update; no checkpoint is written after it, so the last
 good checkpoint stays in place. The step is in :attr:`TrainResult.diverged_at` (the caller decides
