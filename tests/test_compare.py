@@ -258,3 +258,16 @@ def test_quick_default_grid_end_to_end(tmp_path: Path) -> None:
     for v in summary["variants"]:
         assert _finite(v["final_val_loss"]) and _finite(v["down_in_amax_last"]), v["variant"]
     assert (tmp_path / "report.html").exists()
+
+
+def test_tune_lr_picks_each_variants_lr_and_reports_it(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tuned"
+    assert main(["compare", "--out", str(out), "--data", str(corpus), "--variants", "swiglu+rmsnorm",
+                 *TINY_FLAGS, "--tune-lr", "--lr-grid", "0.1,10"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tried = summary["tuning"]["swiglu+rmsnorm"]
+    assert [t["lr"] for t in tried] == pytest.approx([3e-4, 3e-2])
+    assert all(t["summary"]["steps_logged"] == 10 for t in tried)  # a third of the steps, at least 10
+    best = min(tried, key=lambda t: t["summary"]["final_val_loss"])["lr"]
+    assert summary["variants"][0]["lr"] == pytest.approx(best)
+    assert "Learning-rate tuning" in (out / "summary.md").read_text()

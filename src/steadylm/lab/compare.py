@@ -24,17 +24,19 @@ from typing import Any
 from steadylm.lab import plots
 from steadylm.lab.options import (
     LabOptions,
+    TuneOptions,
     Variant,
     add_lab_arguments,
     command_line,
     lab_options,
     lab_spec,
+    options_from_args,
     resolve_variants,
     scaled_budget,
 )
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
 from steadylm.lab.runner import RunResult, load_data, output_lock, run_variant, variant_spec
-from steadylm.lab.summary import RunSummary, status
+from steadylm.lab.summary import RunSummary, pick_lr, status
 from steadylm.probes import keys as K
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
 from steadylm.train import TrainConfig
@@ -76,7 +78,7 @@ DEFAULT_OUT = "runs/compare"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``steadylm compare`` flags: the run spec's and the lab's."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    add_lab_arguments(parser, out=DEFAULT_OUT)
+    add_lab_arguments(parser, TuneOptions, out=DEFAULT_OUT)
 
 
 def _derive(base: RunSpec, user: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,15 +92,39 @@ def compare_spec(args: argparse.Namespace, lab: LabOptions) -> RunSpec:
 
 def run(args: argparse.Namespace) -> int:
     lab = lab_options(args, out=DEFAULT_OUT)
+    tune = options_from_args(args, TuneOptions)
+    tune.validate()
     variants = resolve_variants(lab, DEFAULT_GRID)
     spec = compare_spec(args, lab)
     with output_lock(lab.out):
-        run_compare(spec, variants, lab, command=command_line())
+        run_compare(spec, variants, lab, command=command_line(), tune=tune)
     return 0
 
 
+def _tuning_spec(spec: RunSpec, variant: Variant, lr: float) -> RunSpec:
+    """A third of the run (at least 10 steps) at peak LR ``lr``, evaluated at its end."""
+    steps = max(10, spec.train.steps // 3)
+    return variant_spec(spec, variant, **{
+        "train.lr": lr, "train.min_lr": lr / 10, "train.steps": steps, "train.eval_every": steps,
+        "train.warmup_steps": min(spec.train.warmup_steps, steps), "train.ckpt_every": 0})
+
+
+def tune_lrs(spec: RunSpec, variants: Sequence[Variant], tune: TuneOptions, out: Any, data: Any, *,
+             resume: bool, console: Any) -> dict[str, list[tuple[float, RunResult]]]:
+    """Every variant at every LR of the grid (``OUT/tune-lr/<variant>/x<m>/``)."""
+    runs: dict[str, list[tuple[float, RunResult]]] = {}
+    for v in variants:
+        for m in tune.lr_grid:
+            lr = spec.train.lr * m
+            console.print(f"tune-lr: {v.name} at {lr:g}")
+            res = run_variant(_tuning_spec(spec, v, lr), out / "tune-lr" / v.name / f"x{m:g}", data,
+                              resume=resume)
+            runs.setdefault(v.name, []).append((lr, res))
+    return runs
+
+
 def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, command: str = "",
-                console: Any = None) -> list[RunResult]:
+                console: Any = None, tune: TuneOptions | None = None) -> list[RunResult]:
     """Train every variant, write the report; returns the per-variant results."""
     from pathlib import Path
 
@@ -115,6 +141,12 @@ def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, 
                   f"{int(data.val_tokens.shape[0]):,} val tokens, vocab {data.vocab_size} ({t_data:.1f} s)")
     for s in specs:
         s.model_config(data.vocab_size)
+    tuning: dict[str, list[tuple[float, RunResult]]] = {}
+    if tune is not None and tune.tune_lr:
+        tuning = tune_lrs(spec, variants, tune, out, data, resume=lab.resume, console=console)
+        lrs = {name: pick_lr([(lr, r.summary) for lr, r in runs], spec.train.lr) for name, runs in tuning.items()}
+        specs = [variant_spec(spec, v, **{"train.lr": lrs[v.name], "train.min_lr": lrs[v.name] / 10})
+                 for v in variants]
     results = []
     t = spec.train
     for k, (variant, vspec) in enumerate(zip(variants, specs), 1):
@@ -122,7 +154,7 @@ def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, 
                       f"{t.steps} steps × {t.batch_size} × {spec.data.seq_len} tokens")
         results.append(run_variant(vspec, out / variant.name, data, resume=lab.resume, console=console))
     t_train = time.perf_counter() - t_start - t_data
-    write_report(spec, lab, results, data.describe(), {"data_s": t_data, "train_s": t_train}, command)
+    write_report(spec, lab, results, data.describe(), {"data_s": t_data, "train_s": t_train}, command, tuning)
     print_table(results, console)
     console.print(f"report: {out / 'report.html'}  (total {time.perf_counter() - t_start:.0f} s)")
     return results
@@ -285,7 +317,8 @@ def _fp8_table(results: Sequence[RunResult]) -> str:
 
 
 def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], data_info: Mapping[str, Any],
-                 timings: Mapping[str, float], command: str = "") -> dict[str, Any]:
+                 timings: Mapping[str, float], command: str = "",
+                 tuning: Mapping[str, Sequence[tuple[float, RunResult]]] | None = None) -> dict[str, Any]:
     """Write report.html, summary.md, summary.json and the plots under ``lab.out``."""
     runs = {r.name: r.rows for r in results}
     t = spec.train
@@ -306,7 +339,8 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
             ["steps × batch × context", f"{t.steps} × {t.batch_size} × {spec.data.seq_len}"],
             ["tokens per variant", f"{first.tokens_seen:,}" if first else "–"],
             ["**tokens per parameter**", tpp],
-            ["precision / seed / peak LR", f"{t.precision} / {t.seed} / {t.lr:g}"],
+            ["precision / seed / peak LR", f"{t.precision} / {t.seed} / "
+             + (", ".join(f"{r.name} {r.summary.lr:g}" for r in results) + " (tuned)" if tuning else f"{t.lr:g}")],
             ["op implementation", str(spec.model.impl)],
             ["probes sampled every", f"{t.probe_every} steps"],
             ["loss-spike detector", f"rolling z-score over the preceding {spec.probes.spike_window} steps > "
@@ -342,6 +376,16 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
         "(the PowLU paper's Fig. 1), computed with `steadylm.functional` and autograd.",
         [("activations", plots.plot_activation_functions(), "Activations and derivatives")],
     )
+    if tuning:
+        chosen = {r.name: r.summary.lr for r in results}
+        rows = [[name, f"{lr:g}", fmt(r.summary.final_val_loss, "{:.4f}"), status(r.summary),
+                 "**chosen**" if chosen.get(name) == lr else ""]
+                for name, runs in tuning.items() for lr, r in runs]
+        report.add_section(
+            "Learning-rate tuning",
+            "Each variant trained for a third of the steps at every LR of the grid; the comparison uses "
+            "the LR with the lowest validation loss among runs that neither diverged nor died.\n\n"
+            + markdown_table(["variant", "peak LR", "val loss", "status", ""], rows))
     spikes = {r.name: r.summary.spike_steps for r in results}
     report.add_section(
         "Loss",
@@ -424,4 +468,6 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
         "timings_s": dict(timings),
         "variants": [r.summary for r in results],
     }
+    if tuning:
+        summary["tuning"] = {n: [{"lr": lr, "summary": r.summary} for lr, r in runs] for n, runs in tuning.items()}
     return write_all(report, lab.out, summary)

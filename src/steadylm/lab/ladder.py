@@ -46,6 +46,7 @@ from steadylm.errors import ConfigError
 from steadylm.lab import plots
 from steadylm.lab.options import (
     LabOptions,
+    TuneOptions,
     Variant,
     add_lab_arguments,
     command_line,
@@ -57,7 +58,7 @@ from steadylm.lab.options import (
 from steadylm.lab.powerlaw import PowerLawFit, fit_power_law
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
 from steadylm.lab.runner import RunResult, is_finished, load_data, output_lock, run_variant, variant_spec
-from steadylm.lab.summary import status
+from steadylm.lab.summary import pick_lr, status
 from steadylm.probes import keys as K
 from steadylm.train import TrainConfig
 from steadylm.train.spec import DataSpec, ModelSpec, ProbeSpec, RunSpec
@@ -113,16 +114,12 @@ class LadderOptions:
                                                 "parameter (default 20, --quick 5)", flag="--tokens-per-param")
     seeds: list[int] | None = spec_field(None, help="seeds of every point (default: size 0,1; depth 0)",
                                          flag="--seeds")
-    tune_lr: bool = spec_field(False, help="pick each variant's LR by a short sweep at the smallest point",
-                               flag="--tune-lr")
-    lr_grid: list[float] = spec_field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
-                                      help="--tune-lr: LR multipliers of train.lr", flag="--lr-grid")
     bootstrap: int = spec_field(1000, help="bootstrap resamples of each fit", flag="--bootstrap")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    add_lab_arguments(parser, LadderOptions, out=DEFAULT_OUT)
+    add_lab_arguments(parser, LadderOptions, TuneOptions, out=DEFAULT_OUT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,8 +298,6 @@ def _resolve(lab: LabOptions, opts: LadderOptions) -> dict[str, Any]:
     tpp = opts.tokens_per_param if opts.tokens_per_param is not None else (QUICK_TOKENS_PER_PARAM if quick else 20.0)
     if not (tpp > 0 and math.isfinite(tpp)):
         raise ConfigError(f"--tokens-per-param must be a number > 0, got {tpp}")
-    if not opts.lr_grid or any(not (m > 0 and math.isfinite(m)) for m in opts.lr_grid):
-        raise ConfigError(f"--lr-grid must be positive numbers, got {opts.lr_grid}")
     if opts.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {opts.bootstrap}")
     return {"variants": variants, "points": sorted(set(points)), "width": width, "seeds": seeds, "tpp": tpp}
@@ -341,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, lab: Any) -> int:
     opts = options_from_args(args, LadderOptions)
+    tune = options_from_args(args, TuneOptions)
+    tune.validate()
     plan = _resolve(lab, opts)
     spec = ladder_spec(args, lab, opts)
     rank, world = _rank()
@@ -353,15 +350,15 @@ def _run(args: argparse.Namespace, lab: Any) -> int:
 
     lrs = {v.name: spec.train.lr for v in variants}
     tuning: dict[str, list[tuple[float, RunResult]]] = {}
-    if opts.tune_lr:
+    if tune.tune_lr:
         p0 = plan["points"][0]
         tune_jobs = [Job("tune", v, p0, seeds[0], _with_lr(point_specs[p0], v, spec.train.lr * m, seeds[0]),
                          out / "tune-lr" / f"{p0}" / v.name / f"x{m:g}", m)
-                     for v in variants for m in opts.lr_grid]
+                     for v in variants for m in tune.lr_grid]
         done = _run_jobs(tune_jobs, data, axis, lab.resume, rank, world)
         for i, job in enumerate(tune_jobs):
             tuning.setdefault(job.variant.name, []).append((job.spec.train.lr, done[i]))
-        lrs = {name: _pick_lr(runs, spec.train.lr) for name, runs in tuning.items()}
+        lrs = {name: pick_lr([(lr, r.summary) for lr, r in runs], spec.train.lr) for name, runs in tuning.items()}
 
     jobs = [Job("main", v, p, s, _with_lr(point_specs[p], v, lrs[v.name], s), out / f"{p}" / v.name / f"seed{s}")
             for p in plan["points"] for v in variants for s in seeds]
@@ -378,13 +375,6 @@ def _run(args: argparse.Namespace, lab: Any) -> int:
 
 def _with_lr(spec: RunSpec, variant: Variant, lr: float, seed: int) -> RunSpec:
     return variant_spec(spec, variant, **{"train.lr": lr, "train.min_lr": lr / 10, "train.seed": seed})
-
-
-def _pick_lr(runs: Sequence[tuple[float, RunResult]], fallback: float) -> float:
-    """The LR with the lowest final validation loss among runs that neither diverged nor died."""
-    ok = [(r.summary.final_val_loss, lr) for lr, r in runs
-          if not r.summary.diverged and not r.summary.dead and math.isfinite(r.summary.final_val_loss)]
-    return min(ok)[1] if ok else fallback
 
 
 # ----------------------------------------------------------------------------------------------

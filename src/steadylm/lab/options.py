@@ -36,6 +36,7 @@ from steadylm.train.spec import RunSpec, add_spec_arguments, parse_value, user_a
 __all__ = [
     "LAB_EXCLUDED",
     "LabOptions",
+    "TuneOptions",
     "Variant",
     "add_lab_arguments",
     "add_options",
@@ -96,6 +97,24 @@ class LabOptions:
     resume: bool = spec_field(False, help="continue every run from its directory: finished runs are "
                               "re-read, not retrained; interrupted ones resume from their checkpoint",
                               flag="--resume")
+
+
+@dataclass
+class TuneOptions:
+    """Fair baselines: each variant's learning rate picked by a short sweep."""
+
+    tune_lr: bool = spec_field(False, help="pick each variant's LR by a short sweep (a third of the "
+                               "steps for compare, the smallest point for the ladder): the LR of "
+                               "--lr-grid with the best validation loss among runs that neither "
+                               "diverged nor died; the choice is in the report", flag="--tune-lr")
+    lr_grid: list[float] = spec_field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
+                                      help="--tune-lr: LR multipliers of train.lr", flag="--lr-grid")
+
+    def validate(self) -> None:
+        import math
+
+        if not self.lr_grid or any(not (m > 0 and math.isfinite(m)) for m in self.lr_grid):
+            raise ConfigError(f"--lr-grid must be positive numbers, got {self.lr_grid}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "DEAD_SATURATION",
     "RunSummary",
     "dead_reason",
+    "pick_lr",
     "status",
     "summarize",
 ]
@@ -258,3 +259,11 @@ def status(s: RunSummary) -> str:
     if s.excursion:
         return f"ok (transient loss above start at step {s.excursion})"
     return "ok"
+
+
+def pick_lr(runs: Sequence[tuple[float, RunSummary]], fallback: float) -> float:
+    """The LR of ``(lr, summary)`` runs with the lowest final validation loss among runs that
+    neither diverged nor died; ``fallback`` when every run did (the fair-baseline LR pick)."""
+    ok = [(s.final_val_loss, lr) for lr, s in runs
+          if not s.diverged and not s.dead and math.isfinite(s.final_val_loss)]
+    return min(ok)[1] if ok else fallback
