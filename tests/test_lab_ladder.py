@@ -211,6 +211,7 @@ def test_quick_ladder_end_to_end(tmp_path: Path):
         assert all(isinstance(fit[k], float) and math.isfinite(fit[k]) for k in ("E", "A", "alpha")), (name, fit)
 
 
+@pytest.mark.slow
 def test_ranks_take_whole_runs_and_rank_0_reports(corpus: str, tmp_path: Path):
     """Two processes as torchrun starts them (RANK / WORLD_SIZE): runs 0 and 2 on rank 0, run 1
     on rank 1, one report."""
