@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stress": ("steadylm.lab.stress", "stress protocols: LR sweep, mid-training switch, FP8 vs bf16"),
     "ladder": ("steadylm.lab.ladder", "size and depth ladders: fitted scaling laws, variance vs depth"),
     "params": ("steadylm.models.params", "print total and active parameter counts of the presets"),
-    "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile)"),
+    "bench": ("steadylm.bench", "benchmarks (ops: fused vs eager vs torch.compile; model: train/generate tokens/s)"),
     "data": ("steadylm.data.prepare", "data prepare SRC OUT: tokenize a corpus into memory-mapped token shards"),
     "export": ("steadylm.integrations.export_command", "export RUN_DIR OUT_DIR: a run as a Hugging Face model directory"),
     "import": ("steadylm.integrations.import_command", "import HF_DIR OUT_DIR: a Llama/Mistral/Qwen2/Qwen3 checkpoint as a steadylm model"),
