@@ -564,3 +564,41 @@ def test_triton_backward_through_the_public_ops(name, dtype, device, eager_kerne
     _check_case(case, *case.make((3, 7, 257), dtype, gen), dtype, device)
     _check_case(case, *_extreme_inputs(case, dtype, gen), dtype, device)
     assert calls["n"] == 2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_mean_square_matches_float64_reference(dtype, compiled, device):
+    """kernels.mean_square (BHyT's shared statistic, one pass) against the float64 reference,
+    forward and backward, ordinary and extreme rows (±1e4, zeros, bf16-max, subnormals). The output
+    is fp32 for both input dtypes (FP32_TOL: a sum of 64 squares in fp32 plus the final scaling);
+    dx = dv·2x/d is rounded once to the input dtype (FP32_TOL / BF16_TOL). A mean square whose true
+    value is itself subnormal in fp32 can only be exact to its absolute spacing 2^-149."""
+    previous = K.compile_enabled()
+    K.set_compile(compiled)
+    try:
+        case = next(c for c in CASES if c.name == "rms_norm")
+        gen = torch.Generator().manual_seed(37)
+        # + rows whose Σx² overflows fp32 while mean(x²) ≈ 9e36 does not (the 2^-72 rescaled sum)
+        big = (torch.randn(2, 64, generator=gen).sign() * 3e18).to(dtype)
+        rows = [case.make((9, 64), dtype, gen)[0][0], _extreme_inputs(case, dtype, gen)[0][0], big]
+        for x in rows:
+            xk = x.to(device, copy=True).requires_grad_(True)
+            out = K.mean_square(xk)
+            x64 = x.double().requires_grad_(True)
+            ref = F.mean_square(x64)
+            assert out.dtype == torch.float32 and out.shape == ref.shape
+            # fp32 output: a true mean square beyond the fp32 range (bf16-max rows) must be inf.
+            overflow = ~torch.isfinite(ref.detach().float())
+            got = out.detach().cpu().double()
+            assert torch.equal(torch.isinf(got), overflow)
+            err = (got - ref.detach()).abs()[~overflow]
+            allowed = (FP32_TOL[0] * ref.detach().abs() + 4 * 2.0**-149)[~overflow]
+            assert bool((err <= allowed).all()), float(err.max())
+            dv = torch.rand(ref.shape, generator=gen)
+            out.backward(dv.to(device))
+            ref.backward(dv.double())
+            tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+            _assert_close(xk.grad.cpu(), x64.grad, tol, "mean_square dx")
+    finally:
+        K.set_compile(previous)

@@ -248,6 +248,35 @@ def _row_scale_and_inv_rms(xc: Tensor, eps: float, allow_upscale: bool) -> tuple
     return scale, inv_rms_scaled
 
 
+def mean_square_fwd(x: Tensor, *, allow_upscale: bool) -> Tensor:
+    """Per-row ``mean(x²)`` (``[tokens, 1]``, fp32; float64 kept) in one pass, exact over the fp32 range.
+
+    Same three sums as :func:`_row_scale_and_inv_rms`; the row's mean square is then
+    ``Σ(x·S)²/d`` times ``S⁻¹·S⁻¹`` (two factors: S⁻² itself would overflow fp32). The result
+    overflows to inf only when the true mean square exceeds the fp32 range, and for tiny rows
+    (``allow_upscale``) it keeps full relative precision down to where it is itself subnormal.
+    """
+    ct = _compute_dtype(x)
+    xc = x.to(ct)
+    d = xc.shape[-1]
+    sum_sq = xc.square().sum(dim=-1, keepdim=True)
+    sum_sq_down = (xc * _SCALE_DOWN).square().sum(dim=-1, keepdim=True)
+    out = torch.where(
+        sum_sq >= _OVERFLOW_SUM, ((sum_sq_down / d) * (1.0 / _SCALE_DOWN)) * (1.0 / _SCALE_DOWN), sum_sq / d
+    )
+    if allow_upscale:
+        sum_sq_up = (xc * _SCALE_UP).square().sum(dim=-1, keepdim=True)
+        out = torch.where(sum_sq < _UNDERFLOW_SUM, ((sum_sq_up / d) * (1.0 / _SCALE_UP)) * (1.0 / _SCALE_UP), out)
+    return out
+
+
+def mean_square_bwd(x: Tensor, dv: Tensor) -> Tensor:
+    """Gradient of :func:`mean_square_fwd`: ``dx = dv · 2x / d`` (in the input dtype)."""
+    ct = _compute_dtype(x)
+    xc = x.to(ct)
+    return (dv.to(ct) * (2.0 / xc.shape[-1]) * xc).to(x.dtype)
+
+
 def rms_norm_fwd(x: Tensor, weight: Tensor, *, eps: float, has_weight: bool, allow_upscale: bool) -> Tensor:
     ct = _compute_dtype(x)
     xc = x.to(ct)

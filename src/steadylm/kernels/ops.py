@@ -38,6 +38,7 @@ __all__ = [
     "bhyt",
     "compile_enabled",
     "dyt",
+    "mean_square",
     "powlu_glu",
     "rms_norm",
     "set_compile",
@@ -231,6 +232,30 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     w = weight if weight is not None else _placeholder(x)
     _mark_rows_dynamic(x2)
     return _RMSNorm.apply(x2, w, eps, weight is not None).reshape(x.shape)
+
+
+class _MeanSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, allow_upscale: bool) -> Tensor:
+        ctx.save_for_backward(x)
+        return _run(_math.mean_square_fwd, x, allow_upscale=allow_upscale)
+
+    @staticmethod
+    def backward(ctx: Any, dv: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        _mark_rows_dynamic(x, dv)
+        return _run(_math.mean_square_bwd, x, dv.contiguous()), None
+
+
+def mean_square(x: Tensor) -> Tensor:
+    """Fused per-token ``mean(x²)`` (fp32, shape ``x.shape[:-1] + (1,)``): one pass forward, one
+    elementwise pass backward; same semantics as :func:`steadylm.functional.mean_square` (the BHyT
+    block's shared statistic)."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    _mark_rows_dynamic(x2)
+    # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
+    return _MeanSquare.apply(x2, True).reshape(tuple(x.shape[:-1]) + (1,))
 
 
 class _DyT(torch.autograd.Function):
