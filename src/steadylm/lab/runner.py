@@ -156,7 +156,8 @@ def run_variant(
         "stopped": None if result.diverged_at is None else [result.diverged_at, result.divergence_reason],
         "steps_done": result.steps_done,
     }
-    if stop_after is None or result.diverged:
+    # finished = every step trained, or stopped by a divergence (never a run cut short otherwise)
+    if result.diverged or (stop_after is None and result.steps_done == spec.train.steps):
         atomic_write_text(run_dir / RESULT_FILE, json.dumps(
             {"spec": spec.to_dict(), **facts}, indent=1, default=str))
     return _result(spec, run_dir, variant, label, read_metrics(result.metrics_jsonl), facts, samples)
