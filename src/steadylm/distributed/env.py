@@ -16,8 +16,6 @@ from steadylm.errors import ConfigError
 __all__ = [
     "DistEnv",
     "all_gather_object",
-    "all_reduce_max_",
-    "all_reduce_mean",
     "all_reduce_sum_",
     "barrier",
     "broadcast_object",
@@ -114,22 +112,6 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of ``tensor`` over ranks in place (a no-op in one process)."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks (a new tensor; the input itself in one process)."""
-    if not is_distributed():
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -77,11 +77,15 @@ assert tuple(c.name.lower() for c in Col) == COUNTER_FIELDS
 SUMMED_COLS = (Col.OVERFLOW, Col.UNDERFLOW, Col.NUMEL, Col.SIGNAL, Col.NOISE, Col.CALLS)
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def sum_counters_over_ranks(counters: torch.Tensor) -> torch.Tensor:
     """Counter rows (``[..., len(COUNTER_FIELDS)]``) with the counts summed over ranks (a copy;
     collective under torch.distributed, the input itself in one process). amax and scales are
     identical on every rank already (see :func:`_global_amax`)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return counters
     counters = counters.clone()
     summed = counters[..., list(SUMMED_COLS)].contiguous()
@@ -94,7 +98,7 @@ def _global_amax(amax: torch.Tensor) -> torch.Tensor:
     """The amax over every rank's shard of the batch (SPEC §6): N ranks then quantise exactly as
     one process with the whole batch would, and the delayed-scaling histories stay identical.
     A no-op (and no collective) in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         amax = amax.clone()
         dist.all_reduce(amax, op=dist.ReduceOp.MAX)
     return amax

@@ -298,6 +298,20 @@ def read_checkpoint_state(directory: str | os.PathLike[str]) -> CheckpointState:
     return CheckpointState(int(state["step"]), state.get("counters", {}), state.get("configs", {}), directory)
 
 
+@torch.no_grad()
+def restore_buffers(model: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """Put saved buffers back verbatim after ``load_state_dict``.
+
+    Post-load hooks may recompute buffers from the weights (BHyT's c_l is refreshed on load); a
+    resumed run must continue with the values the uninterrupted run had at this step (c_l from
+    the last K-step refresh).
+    """
+    for name, buffer in model.named_buffers():
+        value = saved.get(name)
+        if isinstance(value, torch.Tensor) and value.shape == buffer.shape:
+            buffer.copy_(value)
+
+
 def load_checkpoint(
     directory: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -346,13 +360,7 @@ def load_checkpoint(
         )
         raise CheckpointError(f"checkpoint {directory} does not match the model ({details})")
     model.load_state_dict(full_state, strict=True)
-    # Post-load hooks may recompute buffers from the weights (BHyT's c_l is refreshed on load).
-    # A resumed run must continue with the values the uninterrupted run had at this step (c_l
-    # from the last K-step refresh), so saved buffers are put back verbatim.
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name in full_state:
-                buffer.copy_(full_state[name])
+    restore_buffers(model, full_state)
 
     if optimizer is not None:
         try:

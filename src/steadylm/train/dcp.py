@@ -46,6 +46,7 @@ from steadylm.train.checkpoint import (
     STAGING_PREFIX,
     STATE_FILE,
     read_state_json,
+    restore_buffers,
     restore_rng_state,
     rng_json,
     rng_tensors,
@@ -282,20 +283,10 @@ def load_dcp_checkpoint(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {directory} does not match the model: {first}") from None
     set_model_state_dict(model, to_load["model"])
-    _put_back_buffers(model, to_load["model"])
+    restore_buffers(model, to_load["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, to_load["optim"])
     rng_path = directory / rng_file(env.rank)
     if restore_rng and rng_path.exists():
         _restore_rng(rng_path)
     return state
-
-
-@torch.no_grad()
-def _put_back_buffers(model: nn.Module, saved: dict[str, Any]) -> None:
-    # load_state_dict post-hooks may recompute buffers from the weights (BHyT c_l on load); a
-    # resumed run needs the values of the uninterrupted run at this step.
-    for name, buffer in model.named_buffers():
-        value = saved.get(name)
-        if isinstance(value, torch.Tensor) and value.shape == buffer.shape:
-            buffer.copy_(value)
