@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from steadylm.errors import ConfigError, DistributedError, RunPreempted
+from steadylm.train.assemble import RUN_SPEC_KEY, build_run
 from steadylm.train.spec import RunSpec, add_spec_arguments, spec_from_args
 
-__all__ = ["add_arguments", "build_data", "build_probes", "run", "train_from_spec"]
+__all__ = ["EXIT_PREEMPTED", "add_arguments", "run", "train_from_spec"]
 
-#: Key of config.json that holds the whole run spec (``--resume`` without flags reuses it).
-RUN_SPEC_KEY = "run_spec"
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL:
 #: "try again" — a job script requeues on it and relaunches with ``--resume auto``).
 EXIT_PREEMPTED = RunPreempted.exit_code
@@ -65,51 +65,12 @@ def _saved_spec(out: Path) -> RunSpec | None:
     return RunSpec.from_dict(saved, source=str(path)) if isinstance(saved, dict) else None
 
 
-def build_data(spec: RunSpec) -> Any:
-    """The token data of ``spec.data`` (memory-mapped when it names a prepared directory)."""
-    from steadylm.data import prepare_data
-
-    d = spec.data
-    return prepare_data(d.path, vocab_size=d.vocab_size, seq_len=d.seq_len, val_fraction=d.val_fraction,
-                        seed=spec.split_seed, text_field=d.text_field, tokenizer=d.tokenizer)
-
-
-def build_probes(spec: RunSpec) -> list[Any]:
-    """The probes ``spec.probes`` asks for, sampling every ``train.probe_every`` steps.
-
-    Under DDP/FSDP2 every rank runs them (hooks are local and cheap); the stability statistics
-    describe rank 0's rows of the batch (what rank 0 logs); FP8 counters are summed over ranks.
-    """
-    every = max(1, spec.train.probe_every)
-    probes: list[Any] = []
-    if spec.probes.stability and spec.train.probe_every > 0:
-        from steadylm.probes import StabilityProbe
-
-        probes.append(StabilityProbe(every=every, grad_stats=spec.probes.grad_stats))
-    if (spec.probes.fp8 and spec.train.precision == "fp8" and spec.train.fp8_backend == "steadylm"
-            and spec.train.probe_every > 0):
-        from steadylm.precision import FP8Probe
-
-        probes.append(FP8Probe(every=every, per_module=False))
-    return probes
-
-
 def train_from_spec(spec: RunSpec, out: str | Path, *, resume: bool | str = False,
-                    stop_after: int | None = None, callbacks: tuple[Any, ...] = ()) -> Any:
+                    stop_after: int | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """Train ``spec`` into ``out`` in this process (one rank of a process group if one is
-    initialised). Returns the :class:`~steadylm.train.TrainResult`."""
-    from steadylm.train.trainer import Trainer
-
-    init = _init_from(spec)
-    if init is not None and spec.data.tokenizer is None and init.tokenizer_file is not None:
-        spec = spec.with_overrides({"data.tokenizer": str(init.tokenizer_file)})  # the weights' vocabulary
-    data = build_data(spec)
-    trainer = Trainer(
-        spec.model_config(data.vocab_size) if init is None else init.config, spec.train, data, out,
-        build_probes(spec), callbacks=callbacks, parallel=spec.parallel,
-        extra_configs={RUN_SPEC_KEY: spec.to_dict()}, model_factory=None if init is None else init.factory,
-    )
-    return trainer.run(resume=resume, stop_after=stop_after)
+    initialised): :func:`~steadylm.train.assemble.build_run`, then run. Returns the
+    :class:`~steadylm.train.TrainResult`."""
+    return build_run(spec, out, callbacks=callbacks).run(resume=resume, stop_after=stop_after)
 
 
 def _is_peer_failure(err: BaseException) -> bool:
@@ -125,18 +86,6 @@ def _is_peer_failure(err: BaseException) -> bool:
                                       "timed out", "Broken pipe", "gloo", "NCCL"))
 
 
-def _init_from(spec: RunSpec) -> Any:
-    """The imported weights of ``model.init_from`` (None without it), with the spec's activation,
-    norm, impl, ModelConfig overrides and ``data.seq_len`` applied (shape-neutral changes only)."""
-    m = spec.model
-    if m.init_from is None:
-        return None
-    from steadylm.integrations.init_from import init_from
-
-    changes = {name: getattr(m, name) for name in ("activation", "norm", "impl") if getattr(m, name) is not None}
-    return init_from(m.init_from, max_seq_len=spec.data.seq_len, **changes, **m.overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     from steadylm.distributed.env import init_distributed, shutdown_distributed
 
@@ -145,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, base=base)
     if args.stop_after is not None and not 1 <= args.stop_after <= spec.train.steps:
         raise ConfigError(f"--stop-after must be in [1, train.steps={spec.train.steps}], got {args.stop_after}")
-    env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s)
+    env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s, mode=spec.parallel.mode)
     try:
         result = train_from_spec(spec, out, resume=args.resume, stop_after=args.stop_after)
     except Exception as err:
