@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     add_spec_arguments(parser)
     args = parser.parse_args(argv)
     spec = spec_from_args(args)
-    env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s)
+    env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s, mode=spec.parallel.mode)
     out = args.out or broadcast_object(tempfile.mkdtemp(prefix="steadylm-bench-") if env.is_main else None)
     try:
         data = build_data(spec)

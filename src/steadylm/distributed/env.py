@@ -21,6 +21,7 @@ __all__ = [
     "broadcast_object",
     "init_distributed",
     "is_distributed",
+    "launched_world_size",
     "shutdown_distributed",
 ]
 
@@ -77,23 +78,45 @@ class DistEnv:
         return max(1, cores // max(1, self.local_world_size))
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
-    """Join the process group ``torchrun`` set up (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the
-    environment); a plain process stays single. Returns this process's :class:`DistEnv`.
+def launched_world_size() -> int | None:
+    """The world size the launcher set (``WORLD_SIZE`` with ``RANK``, as ``torchrun`` exports
+    them), or None for a plain process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, mode: str = "none") -> DistEnv:
+    """Join the process group the launcher set up (``torchrun``: ``RANK``/``WORLD_SIZE``/
+    ``MASTER_ADDR`` in the environment). Returns this process's :class:`DistEnv`.
+
+    The world size comes from the launcher, never from the run spec: a plain process stays
+    single with ``mode='none'``, and with a data-parallel ``mode`` (``'ddp'``/``'fsdp'``, which
+    need a process group) it becomes a one-process group — so a run saved by an N-rank FSDP2 job
+    resumes in one process with its saved spec, and ``--parallel fsdp`` without torchrun runs.
 
     ``backend`` defaults to nccl when CUDA is available, else gloo. ``timeout_s`` bounds how long
     a collective waits for a dead or stalled peer before failing.
     """
     if is_distributed():
         return DistEnv.current()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    launched = launched_world_size()
+    if (launched or 1) <= 1 and mode == "none":
         return DistEnv()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if launched is None:
+        # No launcher: an in-memory store is the whole rendezvous of a group of one (no port,
+        # no MASTER_ADDR), so nothing outside this process is touched.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv.current()
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from steadylm.distributed.config import ParallelConfig
-from steadylm.distributed.env import DistEnv
+from steadylm.distributed.env import DistEnv, init_distributed, is_distributed
 from steadylm.errors import ConfigError
 
 __all__ = ["ParallelModel", "parallelize"]
@@ -73,6 +73,10 @@ def parallelize(model: nn.Module, config: ParallelConfig, env: DistEnv, device: 
             f"parallel.mode is 'none' but {env.world_size} processes were started; "
             "use --parallel ddp or --parallel fsdp under torchrun"
         )
+    if config.mode != "none" and not is_distributed():
+        # A Trainer built outside `steadylm train` with --parallel ddp|fsdp and no launcher: the
+        # launcher decides the world size, so this is a one-process group (as the command makes).
+        init_distributed(config.backend, config.timeout_s, mode=config.mode)
     if config.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
