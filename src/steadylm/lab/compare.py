@@ -36,6 +36,7 @@ from steadylm.lab.options import (
 )
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
 from steadylm.lab.runner import RunResult, load_data, output_lock, run_variant, variant_spec
+from steadylm.lab.seeds import SPREAD_RULE, SeedOptions, seed_stats, seed_table, validate_seeds
 from steadylm.lab.summary import RunSummary, pick_lr, status
 from steadylm.probes import keys as K
 from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
@@ -78,7 +79,7 @@ DEFAULT_OUT = "runs/compare"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``steadylm compare`` flags: the run spec's and the lab's."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    add_lab_arguments(parser, TuneOptions, out=DEFAULT_OUT)
+    add_lab_arguments(parser, TuneOptions, SeedOptions, out=DEFAULT_OUT)
 
 
 def _derive(base: RunSpec, user: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
     lab = lab_options(args, out=DEFAULT_OUT)
     tune = options_from_args(args, TuneOptions)
     tune.validate()
+    seeds = validate_seeds(options_from_args(args, SeedOptions).seeds)
     variants = resolve_variants(lab, DEFAULT_GRID)
     spec = compare_spec(args, lab)
     with output_lock(lab.out):
-        run_compare(spec, variants, lab, command=command_line(), tune=tune)
+        run_compare(spec, variants, lab, command=command_line(), tune=tune, seeds=seeds)
     return 0
 
 
@@ -124,8 +126,13 @@ def tune_lrs(spec: RunSpec, variants: Sequence[Variant], tune: TuneOptions, out:
 
 
 def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, command: str = "",
-                console: Any = None, tune: TuneOptions | None = None) -> list[RunResult]:
-    """Train every variant, write the report; returns the per-variant results."""
+                console: Any = None, tune: TuneOptions | None = None,
+                seeds: Sequence[int] | None = None) -> list[RunResult]:
+    """Train every variant, write the report; returns the per-variant results (of the first seed).
+
+    With ``seeds``, every variant is trained once per seed (``OUT/seed<k>/<variant>/``, the
+    learning rates tuned on the first seed); the report's curves are the first seed's, and its
+    "Spread over seeds" section gives each number's mean, standard deviation and range over seeds."""
     from pathlib import Path
 
     from rich.console import Console
@@ -133,6 +140,9 @@ def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, 
     # a log file or pipe gets a table wide enough not to wrap every header
     console = console or Console(width=None if sys.stdout.isatty() else 180)
     out = Path(lab.out)
+    seed_list = list(seeds) if seeds is not None else [spec.train.seed]
+    if seeds is not None:
+        spec = spec.with_overrides({"train.seed": seed_list[0]})
     specs = [variant_spec(spec, v) for v in variants]  # every configuration error surfaces here
     t_start = time.perf_counter()
     data = load_data(spec)
@@ -147,17 +157,36 @@ def run_compare(spec: RunSpec, variants: Sequence[Variant], lab: LabOptions, *, 
         lrs = {name: pick_lr([(lr, r.summary) for lr, r in runs], spec.train.lr) for name, runs in tuning.items()}
         specs = [variant_spec(spec, v, **{"train.lr": lrs[v.name], "train.min_lr": lrs[v.name] / 10})
                  for v in variants]
-    results = []
+    by_seed: dict[int, list[RunResult]] = {}
     t = spec.train
-    for k, (variant, vspec) in enumerate(zip(variants, specs), 1):
-        console.print(f"[bold]({k}/{len(variants)}) {variant.name}[/bold] — {spec.model.preset}, "
-                      f"{t.steps} steps × {t.batch_size} × {spec.data.seq_len} tokens")
-        results.append(run_variant(vspec, out / variant.name, data, resume=lab.resume, console=console))
+    for seed in seed_list:
+        seed_out = out / f"seed{seed}" if seeds is not None else out
+        seed_specs = specs if seeds is None else [s.with_overrides({"train.seed": seed}) for s in specs]
+        for k, (variant, vspec) in enumerate(zip(variants, seed_specs), 1):
+            tag = f", seed {seed}" if seeds is not None else ""
+            console.print(f"[bold]({k}/{len(variants)}) {variant.name}[/bold] — {spec.model.preset}, "
+                          f"{t.steps} steps × {t.batch_size} × {spec.data.seq_len} tokens{tag}")
+            by_seed.setdefault(seed, []).append(
+                run_variant(vspec, seed_out / variant.name, data, resume=lab.resume, console=console))
+    results = by_seed[seed_list[0]]
     t_train = time.perf_counter() - t_start - t_data
-    write_report(spec, lab, results, data.describe(), {"data_s": t_data, "train_s": t_train}, command, tuning)
+    spread = None
+    if seeds is not None:
+        spread = {v.name: [by_seed[s][i].summary for s in seed_list] for i, v in enumerate(variants)}
+    write_report(spec, lab, results, data.describe(), {"data_s": t_data, "train_s": t_train}, command, tuning,
+                 seeds=seed_list if seeds is not None else None, spread=spread)
     print_table(results, console)
+    if spread is not None:
+        console.print(f"spread over seeds {', '.join(map(str, seed_list))} (mean ± sd [min, max]):", markup=False)
+        console.print(seed_table(seed_stats(spread), _baseline(spread)), markup=False)
+        console.print(SPREAD_RULE, markup=False)
     console.print(f"report: {out / 'report.html'}  (total {time.perf_counter() - t_start:.0f} s)")
     return results
+
+
+def _baseline(spread: Mapping[str, Any]) -> str | None:
+    """The comparison's baseline: swiglu+rmsnorm when it ran, else the first variant."""
+    return "swiglu+rmsnorm" if "swiglu+rmsnorm" in spread else next(iter(spread), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +347,11 @@ def _fp8_table(results: Sequence[RunResult]) -> str:
 
 def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], data_info: Mapping[str, Any],
                  timings: Mapping[str, float], command: str = "",
-                 tuning: Mapping[str, Sequence[tuple[float, RunResult]]] | None = None) -> dict[str, Any]:
-    """Write report.html, summary.md, summary.json and the plots under ``lab.out``."""
+                 tuning: Mapping[str, Sequence[tuple[float, RunResult]]] | None = None, *,
+                 seeds: Sequence[int] | None = None,
+                 spread: Mapping[str, Sequence[RunSummary]] | None = None) -> dict[str, Any]:
+    """Write report.html, summary.md, summary.json and the plots under ``lab.out``; with ``spread``
+    (``{variant: [RunSummary per seed]}``) also the spread over ``seeds``."""
     runs = {r.name: r.rows for r in results}
     t = spec.train
     first = results[0].summary if results else None
@@ -339,7 +371,8 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
             ["steps × batch × context", f"{t.steps} × {t.batch_size} × {spec.data.seq_len}"],
             ["tokens per variant", f"{first.tokens_seen:,}" if first else "–"],
             ["**tokens per parameter**", tpp],
-            ["precision / seed / peak LR", f"{t.precision} / {t.seed} / "
+            ["precision / seed / peak LR", f"{t.precision} / "
+             + (f"{', '.join(map(str, seeds))} (curves: seed {t.seed})" if seeds else f"{t.seed}") + " / "
              + (", ".join(f"{r.name} {r.summary.lr:g}" for r in results) + " (tuned)" if tuning else f"{t.lr:g}")],
             ["op implementation", str(spec.model.impl)],
             ["probes sampled every", f"{t.probe_every} steps"],
@@ -370,6 +403,16 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
         markdown_table(["variant"] + [h for _, h, _ in TABLE_COLUMNS] + ["status"], table_rows(results))
         + "\n\n" + "\n".join(f"- {f}" for f in findings(results)),
     )
+    stats = seed_stats(spread) if spread else None
+    if stats is not None:
+        report.add_section(
+            "Spread over seeds",
+            f"Every variant trained with seeds {', '.join(map(str, seeds or []))} (initialisation and "
+            "batch order); each number as mean ± sample standard deviation [min, max] over seeds, and "
+            f"its difference from {_baseline(stats)}'s mean. {SPREAD_RULE} The curves below are seed "
+            f"{t.seed}'s. Single-seed numbers also differ across CPUs (vector width, BLAS) in the last "
+            "bits, which training at this learning rate amplifies; read differences next to this spread.\n\n"
+            + seed_table(stats, _baseline(stats)))
     report.add_section(
         "Activation functions",
         "The gates and the scalar forms of the activations compared here, with their derivatives "
@@ -468,6 +511,9 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
         "timings_s": dict(timings),
         "variants": [r.summary for r in results],
     }
+    if stats is not None:
+        summary["seeds"] = {"seeds": list(seeds or []), "rule": SPREAD_RULE,
+                            "variants": {n: {k: v.to_dict() for k, v in per.items()} for n, per in stats.items()}}
     if tuning:
         summary["tuning"] = {n: [{"lr": lr, "summary": r.summary} for lr, r in runs] for n, runs in tuning.items()}
     return write_all(report, lab.out, summary)
