@@ -17,8 +17,12 @@ x·2^90, each row picking the one in range; the constants come from ``_math``).
 
 Used on CUDA for fp32/bf16/fp16 inputs when Triton is installed and the call is not being traced by
 ``torch.compile`` (a compiled model keeps Inductor's own fusion of the whole graph). With
-``TRITON_INTERPRET=1`` set before import the kernel also runs on CPU tensors (Triton's interpreter),
-which is how the test suite checks it without a GPU.
+``TRITON_INTERPRET=1`` set before Triton is imported, the kernels also run on CPU tensors through
+Triton's interpreter: called directly always, and from the public ops' backward only while
+:data:`cpu_interpreter` is True. That is how the test suite checks them without a GPU
+(``tests/conftest.py`` sets the variable; the interpreter rounds fp32 → bf16 toward zero, see
+``tests/test_kernels.py``). ``TRITON_INTERPRET=1`` alone never reroutes a CPU run: it is Triton's
+debugging switch, inherited by every child process, and the interpreter is NumPy-slow.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ __all__ = ["available", "bhyt_bwd", "rms_norm_bwd", "usable"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: Route the public ops' CPU backward through the interpreted kernels (only with TRITON_INTERPRET=1
+#: set before import; the tests switch it on around the Triton checks).
+cpu_interpreter: bool = False
+
 
 def available() -> bool:
     """Whether Triton is importable (the kernel can be launched at all)."""
@@ -58,7 +66,7 @@ def usable(x: Tensor, eps: float) -> bool:
         # ε below 2^-60 needs the 2^90 rescue of subnormal rows; GPUs flush subnormal inputs to
         # zero, so those rows keep the Inductor path (ε = 0 is a corner, the models use 1e-6).
         return False
-    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+    return x.is_cuda or (_INTERPRET and cpu_interpreter and x.device.type == "cpu")
 
 
 if triton is not None:
