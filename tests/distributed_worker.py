@@ -5,7 +5,7 @@
 JOBS.json lists runs ``{"name", "out", "spec" (a RunSpec dict), "resume", "stop_after",
 "snapshot"}`` (``snapshot``: rank 0 copies the run directory there after the run). Each is
 trained by every rank in the one process group (gloo on CPU, nccl on CUDA) through
-:func:`steadylm.train.command.train_from_spec`; then every parameter (whole, DTensor shards
+:func:`steadylm.train.assemble.build_run`; then every parameter (whole, DTensor shards
 gathered) and every buffer is gathered from all ranks and compared. Rank 0 writes, per run, the
 logged losses, the final validation loss and the largest difference across ranks.
 """
@@ -22,10 +22,9 @@ import torch.distributed as dist
 
 from steadylm.distributed.env import barrier, init_distributed, shutdown_distributed
 from steadylm.precision.linear import Col
-from steadylm.train.command import build_data, build_probes
+from steadylm.train.assemble import build_run
 from steadylm.train.metrics import read_metrics
 from steadylm.train.spec import RunSpec
-from steadylm.train.trainer import Trainer
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,9 +51,7 @@ def main() -> None:
     results = {}
     for job in jobs:
         spec = RunSpec.from_dict(job["spec"])
-        data = build_data(spec)
-        trainer = Trainer(spec.model_config(data.vocab_size), spec.train, data, job["out"], build_probes(spec),
-                          parallel=spec.parallel, extra_configs={"run_spec": spec.to_dict()})
+        trainer = build_run(spec, job["out"])
         result = trainer.run(resume=job.get("resume", False), stop_after=job.get("stop_after"))
         assert trainer.model is not None
         state = _state(trainer.model)

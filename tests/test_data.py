@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 from steadylm.data import (
     EOS_TOKEN,
     TokenData,
-    add_data_arguments,
     encode_corpus,
     load_corpus,
     load_kjv,
@@ -247,12 +245,3 @@ def test_small_corpus_gets_the_vocabulary_it_can_learn(tmp_path: Path) -> None:
     data = prepare_data(path, vocab_size=5000, seq_len=16)
     assert 257 <= data.vocab_size < 5000  # the model must be built with data.vocab_size
     assert int(data.train_tokens.max()) < data.vocab_size
-
-
-def test_add_data_arguments() -> None:
-    parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
-    args = parser.parse_args(["--data", "corpus/", "--vocab-size", "2048", "--text-field", "body"])
-    assert (args.data, args.vocab_size, args.text_field) == ("corpus/", 2048, "body")
-    defaults = parser.parse_args([])
-    assert defaults.data is None and defaults.vocab_size == 4096

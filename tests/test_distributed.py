@@ -329,7 +329,7 @@ def test_grad_accumulation_follows_the_full_batch(tmp_path: Path) -> None:
 
 def test_old_single_process_checkpoint_still_resumes(tmp_path: Path) -> None:
     from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    from steadylm.train.command import build_data
+    from steadylm.train.assemble import build_data
     from steadylm.train.trainer import Trainer
 
     spec = RunSpec.from_dict(spec_dict("powlu_bhyt", steps=8))
@@ -366,7 +366,7 @@ def test_torchao_float8_backend_trains(tmp_path: Path, recipe: str) -> None:
     pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
 
-    from steadylm.train.command import build_data
+    from steadylm.train.assemble import build_data
     from steadylm.train.trainer import Trainer
 
     spec = RunSpec.from_dict(spec_dict("swiglu_rmsnorm", precision="fp8", fp8_backend="torchao", fp8_recipe=recipe,

@@ -18,7 +18,7 @@ from steadylm.cli import main as cli_main  # noqa: E402
 from steadylm.data.tokenizer import EOS_TOKEN, train_tokenizer  # noqa: E402
 from steadylm.errors import ConfigError  # noqa: E402
 from steadylm.integrations import transformers as slt  # noqa: E402
-from steadylm.integrations.hf_format import hf_name, import_hf, steadylm_name  # noqa: E402
+from steadylm.models.hf_format import hf_name, import_hf, steadylm_name  # noqa: E402
 from steadylm.models import ModelConfig, build_model  # noqa: E402
 from steadylm.train.checkpoint import save_checkpoint  # noqa: E402
 
@@ -232,6 +232,7 @@ def test_import_command_then_export_round_trips(tmp_path: Path, tokenizer) -> No
     hf.save_pretrained(tmp_path / "hf")
     tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
     assert cli_main(["import", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["format_version"] == 2
     assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert type(back).__name__ == "Qwen3ForCausalLM"  # a plain layout stays plain
@@ -383,7 +384,7 @@ def test_bad_rope_scaling_is_a_config_error() -> None:
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
            "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 96,
            "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
-    from steadylm.integrations.hf_format import hf_config_to_model_config
+    from steadylm.models.hf_format import hf_config_to_model_config
 
     with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         hf_config_to_model_config(cfg)

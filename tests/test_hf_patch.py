@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from steadylm.integrations import transformers as slt  # noqa: E402
-from steadylm.integrations.hf_format import hf_config_to_model_config, steadylm_name  # noqa: E402
+from steadylm.models.hf_format import hf_config_to_model_config, steadylm_name  # noqa: E402
 from steadylm.models import build_model  # noqa: E402
 from steadylm.nn import BHyT, BHyTPair  # noqa: E402
 

@@ -18,7 +18,7 @@ from steadylm.integrations import transformers as slt  # noqa: E402
 from steadylm.models import ModelConfig, build_model  # noqa: E402
 from steadylm.probes import StabilityProbe  # noqa: E402
 from steadylm.probes import keys as K  # noqa: E402
-from steadylm.scan import load_model_dir, tokenize_text  # noqa: E402
+from steadylm.scan import open_model_dir, tokenize_text  # noqa: E402
 
 TEXT = (
     "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
@@ -103,7 +103,7 @@ def test_scan_loads_without_running_checkpoint_code(tmp_path: Path, tokenizer) -
         vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=SEQ, architectures=["LlamaForCausalLM"]))
     hf.save_pretrained(tmp_path / "hf")
-    model, tok, description = load_model_dir(tmp_path / "hf")
+    model, tok, description = open_model_dir(tmp_path / "hf")
     assert tok is None and "LlamaForCausalLM" in description and model.config.n_layers == 1
 
 

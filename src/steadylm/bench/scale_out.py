@@ -2,8 +2,8 @@
 
 ::
 
-    python -m steadylm.distributed.bench --preset micro --parallel none --out /tmp/b1
-    torchrun --standalone --nproc_per_node=2 -m steadylm.distributed.bench --preset micro --parallel fsdp --out /tmp/b2
+    python -m steadylm.bench.scale_out --preset micro --parallel none --out /tmp/b1
+    torchrun --standalone --nproc_per_node=2 -m steadylm.bench.scale_out --preset micro --parallel fsdp --out /tmp/b2
 
 Trains ``--steps`` steps of the run spec the flags describe (the same flags as ``steadylm train``)
 and prints one JSON line from rank 0: the bytes of parameters and optimizer state this rank holds
@@ -40,12 +40,11 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     from steadylm.distributed.env import broadcast_object, init_distributed, shutdown_distributed
-    from steadylm.train.command import build_data
+    from steadylm.train.assemble import build_run
     from steadylm.train.metrics import read_metrics
     from steadylm.train.spec import add_spec_arguments, spec_from_args
-    from steadylm.train.trainer import Trainer
 
-    parser = argparse.ArgumentParser(prog="python -m steadylm.distributed.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m steadylm.bench.scale_out", description=__doc__)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median step time")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     add_spec_arguments(parser)
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(spec.parallel.backend, spec.parallel.timeout_s, mode=spec.parallel.mode)
     out = args.out or broadcast_object(tempfile.mkdtemp(prefix="steadylm-bench-") if env.is_main else None)
     try:
-        data = build_data(spec)
-        trainer = Trainer(spec.model_config(data.vocab_size), spec.train.replace(eval_every=0, log_every=1), data, out,
-                          parallel=spec.parallel)
+        trainer = build_run(spec, out, env=env)
         result = trainer.run()
         assert trainer.model is not None and trainer.optimizer is not None
         sizes = state_bytes(trainer.model, trainer.optimizer)

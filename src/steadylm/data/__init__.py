@@ -26,11 +26,10 @@ _EXPORTS: dict[str, str] = {
     "load_corpus": "corpus",
     "load_kjv": "corpus",
     "DEFAULT_VOCAB_SIZE": "tokenizer",
-    "PackedBatches": "dataset",
+    "PackedBatches": "packing",
     "TokenData": "dataset",
-    "add_data_arguments": "dataset",
-    "check_shard": "dataset",
-    "keyed_permutation": "dataset",
+    "check_shard": "packing",
+    "keyed_permutation": "packing",
     "prepare_data": "dataset",
     "split_stream": "dataset",
     "EOS_TOKEN": "tokenizer",
@@ -56,15 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
         load_corpus,
         load_kjv,
     )
-    from steadylm.data.dataset import (
-        PackedBatches,
-        TokenData,
-        add_data_arguments,
-        check_shard,
-        keyed_permutation,
-        prepare_data,
-        split_stream,
-    )
+    from steadylm.data.dataset import TokenData, prepare_data, split_stream
+    from steadylm.data.packing import PackedBatches, check_shard, keyed_permutation
     from steadylm.data.prepare import prepare_corpus
     from steadylm.data.shard_format import is_prepared_dir
     from steadylm.data.shards import ShardedTokenData, open_prepared

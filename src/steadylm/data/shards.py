@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from steadylm.data.dataset import PackedBatches, split_blocks
+from steadylm.data.packing import PackedBatches, split_blocks
 from steadylm.data.shard_format import (
     AUTO_VERIFY_BYTES,
     INDEX_NAME,

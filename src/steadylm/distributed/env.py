@@ -54,6 +54,24 @@ class DistEnv:
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
 
+    @classmethod
+    def from_launcher(cls) -> DistEnv:
+        """The rank layout the launcher (``torchrun``) exported, whether or not a process group
+        exists: for jobs whose ranks work independently (the ladder gives whole runs to ranks).
+        A plain process is rank 0 of 1."""
+        if is_distributed():
+            return cls.current()
+        try:
+            env = cls(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+        except ValueError:
+            raise ConfigError("environment variables RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE "
+                              "must be integers") from None
+        if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+            raise ConfigError(f"RANK={env.rank} must be in [0, WORLD_SIZE={env.world_size})")
+        return env
+
     def device(self, requested: str) -> torch.device:
         """The device of this rank for a ``TrainConfig.device`` value: ``auto``/``cuda`` on a
         multi-process run mean ``cuda:LOCAL_RANK``."""

@@ -1,6 +1,6 @@
 """``steadylm import HF_DIR OUT_DIR``: a local Llama/Mistral/Qwen2/Qwen3 checkpoint as a steadylm model.
 
-OUT_DIR becomes a steadylm run directory holding a step-0 checkpoint (steadylm names), the model
+OUT_DIR becomes a steadylm run directory holding a step-0 checkpoint (format 2, steadylm names), the model
 config, and the checkpoint's tokenizer: ``steadylm export``, ``steadylm scan`` and
 ``steadylm train --init-from`` read it. ``--activation`` / ``--norm`` switch the model on the way
 in (the PowLU paper's mid-training switch on a real checkpoint): weights are kept, new parameters
@@ -13,6 +13,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from steadylm.errors import CheckpointError
 
 __all__ = ["add_arguments", "run", "import_to_run_dir"]
 
@@ -37,17 +39,21 @@ def import_to_run_dir(hf_dir: str | Path, out_dir: str | Path, *, max_seq_len: i
     """Import ``hf_dir`` into the run directory ``out_dir``; returns the checkpoint path."""
     import torch
 
-    from steadylm.integrations.hf_format import load_hf_model
     from steadylm.train.atomic import atomic_write_text
-    from steadylm.train.checkpoint import save_checkpoint
+    from steadylm.train.dcp import save_dcp_checkpoint
+    from steadylm.train.model_dir import is_hf_dir, load_model_dir
 
     source = Path(hf_dir).expanduser()
-    model = load_hf_model(source, max_seq_len=max_seq_len, **{k: v for k, v in changes.items() if v is not None})
+    if not is_hf_dir(source):
+        raise CheckpointError(f"{source} is not a Hugging Face model directory (config.json with architectures)")
+    model = load_model_dir(source, max_seq_len=max_seq_len).build(
+        **{k: v for k, v in changes.items() if v is not None})
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     configs = {"model": model.config.to_dict(), "source": {"hf_dir": str(source.resolve())}}
     optimizer = torch.optim.AdamW(model.parameters())  # no state yet: a step-0 checkpoint
-    path = save_checkpoint(out, model, optimizer, step=0, configs=configs)
+    # the current checkpoint format (2, DCP), as `steadylm train` writes it
+    path = save_dcp_checkpoint(out, model, optimizer, 0, configs=configs)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)

@@ -22,8 +22,8 @@ and left out of the fits.
 
 Every run is one process in ``OUT/<axis>/<point>/<variant>/seed<k>/`` and leaves ``result.json``
 when finished: ``--resume`` re-reads finished runs and continues interrupted ones from their
-checkpoints (every quarter of a run). Under ``torchrun`` rank r trains runs r, r + W, ... (read
-from ``RANK`` / ``WORLD_SIZE``; no process group), waits for the others' ``result.json`` and rank
+checkpoints (every quarter of a run). Under ``torchrun`` rank r trains runs r, r + W, ... (the
+launcher's layout, :meth:`DistEnv.from_launcher`; no process group), waits for the others' ``result.json`` and rank
 0 writes the report.
 """
 
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from steadylm.config_fields import spec_field
+from steadylm.distributed.env import DistEnv
 from steadylm.errors import ConfigError
 from steadylm.lab import plots
 from steadylm.lab.options import (
@@ -233,13 +234,9 @@ class BlockCosineProbe:
 
 
 def _rank() -> tuple[int, int]:
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ConfigError("RANK and WORLD_SIZE must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    return rank, world
+    """(rank, world size) the launcher gave this process (no process group: ranks take whole runs)."""
+    env = DistEnv.from_launcher()
+    return env.rank, env.world_size
 
 
 def _run_jobs(jobs: Sequence[Job], data: Any, axis: str, resume: bool, rank: int, world: int,
@@ -321,10 +318,9 @@ def ladder_spec(args: argparse.Namespace, lab: LabOptions, opts: LadderOptions) 
 
     spec = lab_spec(args, base, derive)
     if spec.train.threads is None:
-        rank, world = _rank()
-        if world > 1:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            spec = spec.with_overrides({"train.threads": max(1, (os.cpu_count() or 1) // local)})
+        env = DistEnv.from_launcher()
+        if env.world_size > 1:
+            spec = spec.with_overrides({"train.threads": max(1, (os.cpu_count() or 1) // env.local_world_size)})
     return spec
 
 

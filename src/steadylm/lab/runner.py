@@ -1,6 +1,6 @@
 """Train one lab run: a :class:`~steadylm.train.spec.RunSpec` and a run directory in, a
-:class:`RunResult` out. One process; the data, the probes and :class:`steadylm.train.Trainer` are
-built here and nowhere else in the lab.
+:class:`RunResult` out. One process; the data, the probes and the Trainer come from
+:func:`steadylm.train.assemble.build_run`, exactly as ``steadylm train`` builds them.
 
 A finished run leaves ``result.json`` (its spec, parameter counts, tokens, timings, the trainer's
 stop reason) next to its ``metrics.jsonl``; with ``resume`` a run whose ``result.json`` matches
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
@@ -19,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steadylm.errors import ConfigError, RunPreempted
+from steadylm.distributed.env import DistEnv
+from steadylm.errors import RunPreempted
 from steadylm.lab.options import Variant
 from steadylm.lab.summary import RunSummary, summarize
+from steadylm.train.assemble import build_data, build_run, stability_probe
 from steadylm.train.atomic import atomic_write_text
 from steadylm.train.spec import RunSpec
 
@@ -52,15 +53,9 @@ class RunResult:
 
 
 def load_data(spec: RunSpec) -> Any:
-    """The :class:`~steadylm.data.TokenData` of ``spec.data`` (tokenizer cached per corpus)."""
-    from steadylm.data import prepare_data
-
-    if spec.data.tokenizer is not None:
-        raise ConfigError("data.tokenizer: the lab trains its own byte-level BPE; use `steadylm train` "
-                          "for a run with a tokenizer.json")
-    return prepare_data(spec.data.path, vocab_size=spec.data.vocab_size, seq_len=spec.data.seq_len,
-                        val_fraction=spec.data.val_fraction, seed=spec.split_seed,
-                        text_field=spec.data.text_field)
+    """The token data of ``spec.data``, as ``steadylm train`` builds it
+    (:func:`steadylm.train.assemble.build_data`: ``data.tokenizer`` or a cached byte-level BPE)."""
+    return build_data(spec)
 
 
 def variant_spec(spec: RunSpec, variant: Variant, **changes: Any) -> RunSpec:
@@ -69,28 +64,13 @@ def variant_spec(spec: RunSpec, variant: Variant, **changes: Any) -> RunSpec:
                                 **changes})
 
 
-def _probes(spec: RunSpec, fp8_per_module: bool) -> tuple[list[Any], Any]:
-    from steadylm.probes import StabilityProbe
-
-    every = spec.train.probe_every
-    if every < 1:
-        return [], None
-    stability = StabilityProbe(every=every, grad_stats=spec.probes.grad_stats)
-    probes: list[Any] = [stability]
-    if spec.train.precision == "fp8" and spec.probes.fp8 and spec.train.fp8_backend == "steadylm":
-        from steadylm.precision import FP8Probe
-
-        probes.append(FP8Probe(every=every, per_module=fp8_per_module))
-    return probes, stability
-
-
 def output_lock(out: str | Path) -> AbstractContextManager[Any]:
     """One writer per lab output directory: a second protocol on ``out`` refuses at once (the
     trainer also locks each run directory). Under torchrun only rank 0 holds it; the other ranks
     write only the run directories they train."""
     from steadylm.train.lock import RunDirLock
 
-    return RunDirLock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    return RunDirLock(out) if DistEnv.from_launcher().is_main else nullcontext()
 
 
 def is_finished(run_dir: Path, spec: RunSpec) -> bool:
@@ -122,7 +102,6 @@ def run_variant(
     finished and leaves no ``result.json``. A run the trainer stopped on a non-finite value is a
     result (its summary says diverged), not an error.
     """
-    from steadylm.train import Trainer
     from steadylm.train.metrics import read_metrics
 
     run_dir = Path(run_dir)
@@ -130,9 +109,8 @@ def run_variant(
     label = label or variant.name
     if resume and stop_after is None and is_finished(run_dir, spec):
         return _reread(spec, run_dir, variant, label)
-    model_cfg = spec.model_config(data.vocab_size)
-    probes, stability = _probes(spec, fp8_per_module)
-    trainer = Trainer(model_cfg, spec.train, data, run_dir, probes=[*probes, *extra_probes])
+    trainer = build_run(spec, run_dir, data=data, extra_probes=extra_probes, fp8_per_module=fp8_per_module)
+    stability = stability_probe(trainer)
     t0 = time.perf_counter()
     result = trainer.run(resume="auto" if resume else False, stop_after=stop_after)
     wall = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import torch
 
 from steadylm.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["add_arguments", "load_model_dir", "run", "scan", "tokenize_text"]
+__all__ = ["add_arguments", "open_model_dir", "run", "scan", "tokenize_text"]
 
 #: The gate switches of the what-if: activation -> keyword arguments (registry defaults).
 WHAT_IF: dict[str, dict[str, Any]] = {"powlu": {}, "swiglu_clip": {}}
@@ -49,57 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model_dir(model_dir: str | Path, tokenizer_file: str | Path | None = None) -> tuple[Any, Any, str]:
-    """``(steadylm model, tokenizers.Tokenizer or None, description)`` of an HF model directory or
-    a steadylm run directory. Never executes code from the directory."""
-    from tokenizers import Tokenizer
+def open_model_dir(model_dir: str | Path, tokenizer_file: str | Path | None = None) -> tuple[Any, Any, str]:
+    """``(steadylm model in eval mode, tokenizers.Tokenizer or None, description)`` of an HF model
+    directory or a steadylm run directory, read by :func:`steadylm.train.model_dir.load_model_dir`
+    (never executes code from the directory). ``tokenizer_file`` replaces the directory's tokenizer."""
+    from steadylm.train.model_dir import load_model_dir
 
-    from steadylm.models import ModelConfig, build_model
-
-    directory = Path(model_dir).expanduser()
-    config_json = directory / "config.json"
-    hf_config = None
-    if config_json.is_file():
-        try:
-            hf_config = json.loads(config_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read {config_json}: {err}") from None
-    tokenizer = None
-    if hf_config is not None and "architectures" in hf_config:
-        from steadylm.integrations.hf_format import import_hf
-
-        config, state = import_hf(directory)
-        model = build_model(config)
-        model.load_state_dict(state, strict=False)  # import_hf checked the keys; c_ℓ is refreshed
-        description = f"Hugging Face {hf_config['architectures'][0]} checkpoint {directory}"
-    else:
-        from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
-
-        checkpoint = find_checkpoint(directory)
-        if checkpoint is None:
-            raise CheckpointError(
-                f"{directory} is neither a Hugging Face model directory (config.json with "
-                "architectures) nor a steadylm run directory (checkpoint/)"
-            )
-        configs = read_checkpoint_state(checkpoint).configs
-        model = build_model(ModelConfig.from_dict(configs["model"]))
-        load_checkpoint(checkpoint, model, restore_rng=False)
-        description = f"steadylm run {directory} ({checkpoint.name})"
-        fingerprint = (configs.get("data") or {}).get("fingerprint")
-        if tokenizer_file is None and not (directory / "tokenizer.json").is_file() and fingerprint:
-            from steadylm.data.tokenizer import cached_tokenizer
-
-            tokenizer = cached_tokenizer(fingerprint)
-    candidate = Path(tokenizer_file).expanduser() if tokenizer_file else directory / "tokenizer.json"
-    if candidate.is_file():
-        try:
-            tokenizer = Tokenizer.from_file(str(candidate))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
-            raise DataError(f"{candidate} is not a readable tokenizer.json") from err
-    elif tokenizer_file:
-        raise DataError(f"--tokenizer {candidate} not found")
+    loaded = load_model_dir(model_dir)
+    if tokenizer_file and not Path(tokenizer_file).expanduser().is_file():
+        raise DataError(f"--tokenizer {tokenizer_file} not found")
+    tokenizer = loaded.tokenizer(tokenizer_file)
+    model = loaded.build()
     model.eval()
-    return model, tokenizer, description
+    return model, tokenizer, loaded.description
 
 
 def tokenize_text(path: str | Path, tokenizer: Any, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -153,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("seq_len", "max_tokens", "batch_size"):
         _check_positive("--" + name.replace("_", "-"), getattr(args, name))
-    model, tokenizer, description = load_model_dir(args.model_dir, args.tokenizer)
+    model, tokenizer, description = open_model_dir(args.model_dir, args.tokenizer)
     if tokenizer is None:
         raise DataError(f"no tokenizer for {args.model_dir}: pass --tokenizer FILE")
     seq_len = min(args.seq_len, model.config.max_seq_len)

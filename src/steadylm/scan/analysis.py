@@ -1,7 +1,7 @@
 """What ``steadylm scan`` measures on a trained checkpoint, as plain functions returning dicts.
 
 Everything runs on a steadylm :class:`~steadylm.models.Transformer` (an HF checkpoint is imported
-first, :func:`steadylm.integrations.hf_format.import_hf`), in eval mode without gradients:
+first, :func:`steadylm.models.hf_format.import_hf`), in eval mode without gradients:
 
 * :func:`probe_metrics` — the lab's :class:`~steadylm.probes.StabilityProbe` over the whole text
   (one sampled "step"): per-layer FFN down-projection input statistics, hidden-state L2/variance

@@ -25,91 +25,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from steadylm.errors import CheckpointError
 from steadylm.train.atomic import fsync_dir, write_and_sync
+from steadylm.train.checkpoint_layout import (
+    CHECKPOINT_DIRNAME,
+    DCP_FORMAT_VERSION,
+    SAFETENSORS_FORMAT_VERSION,
+    STAGING_PREFIX,
+    STATE_FILE,
+    CheckpointState,
+    find_checkpoint,
+    read_checkpoint_state,
+    read_state_json,
+    restore_buffers,
+    restore_rng_state,
+    rng_json,
+    rng_tensors,
+    swap_into_place,
+)
+from steadylm.train.dcp import load_dcp_checkpoint
 
+# The layout names are re-exported: callers load and find checkpoints of either format from here.
 __all__ = [
     "CHECKPOINT_DIRNAME",
+    "DCP_FORMAT_VERSION",
+    "STATE_FILE",
     "CheckpointState",
     "find_checkpoint",
     "load_checkpoint",
+    "read_checkpoint_state",
+    "read_state_json",
+    "restore_buffers",
     "restore_rng_state",
     "save_checkpoint",
 ]
-
-CHECKPOINT_DIRNAME = "checkpoint"
-_OLD_SUFFIX = ".old"
-STAGING_PREFIX = ".checkpoint.staging-"
-_FORMAT_VERSION = 1
-#: Checkpoints written by the trainer (``torch.distributed.checkpoint``, :mod:`steadylm.train.dcp`).
-DCP_FORMAT_VERSION = 2
-STATE_FILE = "state.json"
-
-
-@dataclass
-class CheckpointState:
-    """What a checkpoint holds besides the tensors that go straight into model and optimizer."""
-
-    step: int
-    counters: dict[str, Any] = field(default_factory=dict)  # tokens_seen, train_time_s, ...
-    configs: dict[str, Any] = field(default_factory=dict)  # model / train / data descriptions
-    path: Path | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# RNG state
-# ----------------------------------------------------------------------------------------------
-
-
-def rng_tensors() -> dict[str, torch.Tensor]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{index}"] = state
-    return tensors
-
-
-def rng_json() -> dict[str, Any]:
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": {
-            "kind": np_state[0],
-            "keys": np_state[1].tolist(),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-    }
-
-
-def restore_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
-    """Restore the torch / CUDA / numpy / python generators saved by :func:`save_checkpoint`."""
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
-    np_state = states["numpy"]
-    np.random.set_state(
-        (np_state["kind"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
-         np_state["has_gauss"], np_state["cached_gaussian"])
-    )
-
 
 # ----------------------------------------------------------------------------------------------
 # model and optimizer state <-> flat tensor dicts
@@ -171,19 +129,6 @@ def _write_file(path: Path, data: bytes) -> None:
     write_and_sync(path, data)
 
 
-def swap_into_place(staging: Path, final: Path) -> None:
-    """Make ``staging`` the checkpoint: current -> .old, staging -> current, drop .old."""
-    old = final.with_name(final.name + _OLD_SUFFIX)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-        fsync_dir(final.parent)
-    os.rename(staging, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -207,7 +152,7 @@ def save_checkpoint(
         "rng.safetensors": save_safetensors(rng_tensors()),
     }
     state = {
-        "format_version": _FORMAT_VERSION,
+        "format_version": SAFETENSORS_FORMAT_VERSION,
         "step": int(step),
         "counters": counters or {},
         "configs": configs or {},
@@ -237,24 +182,6 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The run's complete checkpoint directory, or None if it has none.
-
-    ``checkpoint/`` when it has its ``state.json``; otherwise ``checkpoint.old/`` (left complete
-    by a process killed between the two renames of :func:`save_checkpoint`).
-    """
-    run_dir = Path(run_dir)
-    current = run_dir / CHECKPOINT_DIRNAME
-    if (current / STATE_FILE).is_file():
-        return current
-    previous = run_dir / (CHECKPOINT_DIRNAME + _OLD_SUFFIX)
-    if (previous / STATE_FILE).is_file():
-        return previous
-    if current.is_dir():
-        raise CheckpointError(f"checkpoint {current} is incomplete: it has no {STATE_FILE}")
-    return None
-
-
 def _read_verified(directory: Path, name: str, expected: dict[str, str]) -> dict[str, torch.Tensor]:
     path = directory / name
     if name not in expected:
@@ -269,47 +196,6 @@ def _read_verified(directory: Path, name: str, expected: dict[str, str]) -> dict
         return load_safetensors(data)
     except Exception as err:  # noqa: BLE001 - any parse failure means a corrupt file
         raise CheckpointError(f"checkpoint file {path} is corrupt: {err}") from None
-
-
-def read_state_json(directory: Path) -> dict[str, Any]:
-    path = directory / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {err}") from None
-    versions = (_FORMAT_VERSION, DCP_FORMAT_VERSION)
-    if not isinstance(state, dict) or state.get("format_version") not in versions:
-        raise CheckpointError(
-            f"checkpoint file {path} is corrupt or has an unsupported format "
-            f"(expected format_version in {list(versions)})"
-        )
-    required = ("step", "sha256", "world_size") if state["format_version"] == DCP_FORMAT_VERSION else (
-        "step", "sha256", "optimizer", "rng")
-    for key in required:
-        if key not in state:
-            raise CheckpointError(f"checkpoint file {path} is corrupt: missing {key!r}")
-    return state
-
-
-def read_checkpoint_state(directory: str | os.PathLike[str]) -> CheckpointState:
-    """Step, counters and configs of a checkpoint, without loading any tensors."""
-    directory = Path(directory)
-    state = read_state_json(directory)
-    return CheckpointState(int(state["step"]), state.get("counters", {}), state.get("configs", {}), directory)
-
-
-@torch.no_grad()
-def restore_buffers(model: torch.nn.Module, saved: dict[str, Any]) -> None:
-    """Put saved buffers back verbatim after ``load_state_dict``.
-
-    Post-load hooks may recompute buffers from the weights (BHyT's c_l is refreshed on load); a
-    resumed run must continue with the values the uninterrupted run had at this step (c_l from
-    the last K-step refresh).
-    """
-    for name, buffer in model.named_buffers():
-        value = saved.get(name)
-        if isinstance(value, torch.Tensor) and value.shape == buffer.shape:
-            buffer.copy_(value)
 
 
 def load_checkpoint(
@@ -328,8 +214,6 @@ def load_checkpoint(
     directory = Path(directory)
     state = read_state_json(directory)
     if state["format_version"] == DCP_FORMAT_VERSION:
-        from steadylm.train.dcp import load_dcp_checkpoint
-
         state = load_dcp_checkpoint(directory, model, optimizer, restore_rng=restore_rng)
         return CheckpointState(int(state["step"]), state.get("counters", {}), state.get("configs", {}), directory)
     checksums = state["sha256"]

@@ -10,7 +10,7 @@ Layout of ``<run>/checkpoint/`` (``format_version`` 2)::
     state.json                     step, data position, trainer counters, the run's configs, the
                                    world size, and the SHA-256 of every file above; written last
 
-Atomicity is the one :mod:`steadylm.train.checkpoint` uses, across ranks: every rank writes into one
+Atomicity is the one of :mod:`steadylm.train.checkpoint_layout`, across ranks: every rank writes into one
 staging directory; only after all ranks have written does rank 0 write ``state.json`` and swap the
 staging directory in by renames. A rank killed mid-write leaves ``checkpoint/`` (the last good one)
 untouched; the staging leftover is removed by the next save.
@@ -40,7 +40,7 @@ from torch import nn
 from steadylm.distributed.env import DistEnv, all_gather_object, broadcast_object
 from steadylm.errors import CheckpointError, SteadyLMError
 from steadylm.train.atomic import fsync_dir, write_and_sync
-from steadylm.train.checkpoint import (
+from steadylm.train.checkpoint_layout import (
     CHECKPOINT_DIRNAME,
     DCP_FORMAT_VERSION,
     STAGING_PREFIX,

@@ -245,7 +245,8 @@ class Trainer:
     ``after_optimizer_step(step, total_steps)`` and ``num_params()``.
     ``parallel`` applies data parallelism (DDP or FSDP2) when a process group is initialised
     (``torchrun``; see :func:`steadylm.distributed.env.init_distributed`); every rank constructs
-    the same Trainer and calls :meth:`run`.
+    the same Trainer and calls :meth:`run`. ``env``: this process's rank layout (default
+    :meth:`DistEnv.current`).
     After :meth:`run`, ``trainer.model`` is the trained model (last state, or the state at the
     diverged step's forward).
     """
@@ -262,6 +263,7 @@ class Trainer:
         model_factory: Callable[[Any], nn.Module] | None = None,
         parallel: ParallelConfig | None = None,
         extra_configs: dict[str, Any] | None = None,
+        env: DistEnv | None = None,
     ) -> None:
         if not isinstance(train_config, TrainConfig):
             raise ConfigError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
@@ -277,7 +279,7 @@ class Trainer:
         self.extra_configs = dict(extra_configs or {})
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.env = DistEnv.current()
+        self.env = env or DistEnv.current()
         self._preemption = Preemption()
         self._check_data_fits_model()
         self._check_batch_split()

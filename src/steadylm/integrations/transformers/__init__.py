@@ -61,7 +61,7 @@ def _check_transformers() -> None:
 
 _check_transformers()
 
-from steadylm.integrations.hf_format import import_hf, load_hf_model  # noqa: E402
+from steadylm.models.hf_format import import_hf, load_hf_model  # noqa: E402
 from steadylm.integrations.transformers.convert import export_model, export_run  # noqa: E402
 from steadylm.integrations.transformers.modeling import SteadyLMConfig, SteadyLMForCausalLM  # noqa: E402
 from steadylm.integrations.transformers.patch import (  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steadylm.errors import CheckpointError, ConfigError
-from steadylm.integrations.hf_format import hf_name, plain_hf_architecture
+from steadylm.models.hf_format import hf_name, plain_hf_architecture
 from steadylm.models import ModelConfig, Transformer, build_model
 
 __all__ = ["export_model", "export_run", "exported_architecture"]
@@ -134,38 +134,32 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     ``tokenizer.json`` the run spec names (``data.tokenizer``), else the cached tokenizer the run's
     data was encoded with (by its corpus fingerprint).
     """
-    from steadylm.data.tokenizer import EOS_TOKEN, cached_tokenizer, load_tokenizer_file
-    from steadylm.train.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
+    from steadylm.data.tokenizer import EOS_TOKEN, load_tokenizer_file
+    from steadylm.train.checkpoint import find_checkpoint
+    from steadylm.train.model_dir import is_hf_dir, load_model_dir
 
     run = Path(run_dir).expanduser()
-    checkpoint = find_checkpoint(run)
-    if checkpoint is None:
+    if is_hf_dir(run) or find_checkpoint(run) is None:
         raise CheckpointError(f"{run} has no checkpoint to export (train with checkpoints, or pass a run directory)")
-    configs = read_checkpoint_state(checkpoint).configs
-    if "model" not in configs:
-        raise CheckpointError(f"{checkpoint}: state.json records no model config")
-    model = build_model(ModelConfig.from_dict(configs["model"]))
-    load_checkpoint(checkpoint, model, restore_rng=False)
+    loaded = load_model_dir(run)
+    model = loaded.build()
 
-    tokenizer, eos_token = None, None
-    candidate = Path(tokenizer_file).expanduser() if tokenizer_file else run / "tokenizer.json"
-    spec_tokenizer = ((configs.get("run_spec") or {}).get("data") or {}).get("tokenizer")
-    if not tokenizer_file and not candidate.is_file() and spec_tokenizer:
-        candidate = Path(spec_tokenizer).expanduser()
-    if candidate.is_file():
+    if tokenizer_file:
+        candidate = Path(tokenizer_file).expanduser()
+        if not candidate.is_file():
+            raise ConfigError(f"--tokenizer {candidate} not found")
+    else:
+        candidate = loaded.tokenizer_file
+    if candidate is not None:
         tokenizer, eos_id = load_tokenizer_file(candidate)
         eos_token = tokenizer.id_to_token(eos_id)
-    elif tokenizer_file:
-        raise ConfigError(f"--tokenizer {candidate} not found")
     else:
-        fingerprint = (configs.get("data") or {}).get("fingerprint")
-        tokenizer = cached_tokenizer(fingerprint) if fingerprint else None
+        tokenizer, eos_token = loaded.tokenizer(), EOS_TOKEN
         if tokenizer is None:
             raise CheckpointError(
                 f"no tokenizer for {run}: not in the run directory and not in the tokenizer cache "
-                f"(fingerprint {fingerprint}); pass --tokenizer FILE"
+                f"(fingerprint {loaded.tokenizer_fingerprint}); pass --tokenizer FILE"
             )
-        eos_token = EOS_TOKEN
     return export_model(model, out_dir, tokenizer=tokenizer, eos_token=eos_token)
 
 

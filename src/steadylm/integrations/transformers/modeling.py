@@ -2,7 +2,7 @@
 
 :class:`SteadyLMForCausalLM` builds steadylm's own :class:`~steadylm.models.Transformer` (so the
 math is steadylm's, block for block) and presents its modules under the Hugging Face layout
-(:data:`~steadylm.integrations.hf_format.SEGMENTS`): ``model.embed_tokens``,
+(:data:`~steadylm.models.hf_format.SEGMENTS`): ``model.embed_tokens``,
 ``model.layers.i.self_attn.q_proj`` ... ``lm_head``. The steadylm attribute names stay readable as
 aliases, so the steadylm forward code runs unchanged.
 
@@ -21,7 +21,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from steadylm.errors import ConfigError
-from steadylm.integrations.hf_format import SEGMENTS
+from steadylm.models.hf_format import SEGMENTS
 from steadylm.models import ModelConfig, MoE, RotaryEmbedding, Transformer
 
 __all__ = ["SteadyLMConfig", "SteadyLMForCausalLM", "to_hf_module_tree"]

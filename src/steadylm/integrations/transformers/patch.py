@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from steadylm import functional
 from steadylm.errors import ConfigError
-from steadylm.integrations.hf_format import HIDDEN_ACTS, activation_kwargs_from_config
+from steadylm.models.hf_format import HIDDEN_ACTS, activation_kwargs_from_config
 from steadylm.models import default_refresh_interval
 from steadylm.nn import ACTIVATIONS, Activation, BHyT, BHyTPair, DyT, RMSNorm
 
