@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from steadylm.kernels.ops import (
     bhyt,
+    bhyt_and_mean_square,
     compile_enabled,
     dyt,
     mean_square,
@@ -22,6 +23,7 @@ from steadylm.kernels.ops import (
 
 __all__ = [
     "bhyt",
+    "bhyt_and_mean_square",
     "compile_enabled",
     "dyt",
     "mean_square",

@@ -420,3 +420,68 @@ def bhyt_bwd(
     d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
     d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam, d_variance
+
+
+# --------------------------------------------------------------------------------------------
+# the BHyT block's first site: statistic and output in one kernel
+# --------------------------------------------------------------------------------------------
+
+
+def bhyt_ms_fwd(
+    x: Tensor, weight: Tensor, lam: Tensor, *, kappa: float, eps: float, has_weight: bool
+) -> tuple[Tensor, Tensor]:
+    """``(γ ⊙ tanh(λ x/(κ √(v + ε))), v)`` with ``v = mean(x²)`` computed in the same row loop.
+
+    Exactly the composition the block's reference path runs — ``v = mean_square(x)`` (the
+    rescaled one-pass statistic, tiny rows always rescued: v has no ε) and then BHyT with the
+    given variance (fp32 ``rsqrt(v + ε)``, S = 1) — so fused and reference agree row by row,
+    including rows whose mean square overflows fp32 (v = inf, output 0). Inductor turns it into one
+    kernel: per row one reduction over x, then the elementwise output from the row still in cache.
+    """
+    v = mean_square_fwd(x, allow_upscale=True)
+    out = bhyt_fwd(
+        x, weight, lam, v, kappa=kappa, eps=eps, has_weight=has_weight, use_variance=True, allow_upscale=False
+    )
+    return out, v
+
+
+def bhyt_ms_bwd(
+    x: Tensor,
+    weight: Tensor,
+    lam: Tensor,
+    dy: Tensor,
+    dv: Tensor,
+    *,
+    kappa: float,
+    eps: float,
+    has_weight: bool,
+    need_weight_grad: bool,
+    need_lam_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradient of :func:`bhyt_ms_fwd` given ``dy`` (for the output) and ``dv`` (for v).
+
+    ``dv`` is everything else the block sends into v — the second site's variance gradient — so the
+    whole statistic's backward is this one pass: with r = (v + ε)^-½, x̂ = x·r, arg = c·x̂ (c = λ/κ)
+    and h = dL/d(arg),
+
+        dv_total = dv − ½·c·r·(r·Σ h·x̂),    dx = c·r·h + dv_total · 2x/d.
+
+    Rows whose v overflowed fp32 have r = 0, x̂ = 0: their site term and dv contribution are 0,
+    not 0·inf.
+    """
+    ct = _compute_dtype(x)
+    xc, d = x.to(ct), dy.to(ct)
+    c = lam.to(ct) / kappa
+    v = mean_square_fwd(xc, allow_upscale=True)
+    inv = torch.rsqrt(v + eps)
+    x_hat = xc * inv
+    arg = c * x_hat
+    t = _tanh(arg)
+    g = d * weight.to(ct) if has_weight else d
+    h = g * _sech2(arg)
+    row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
+    dv_total = dv.to(ct) + (-0.5 * c) * inv * (inv * row_hx)
+    dx = (h * c) * inv + (dv_total * (2.0 / x.shape[-1])) * xc
+    d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
+    d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
+    return dx.to(x.dtype), d_weight, d_lam

@@ -14,9 +14,16 @@ Design
   instead of recompiling.
 * RMSNorm's and BHyT's backward on CUDA (eager) are hand-written Triton kernels that also accumulate
   the γ gradient in the row loop (:mod:`.triton_norms`: 3 tensor passes instead of Inductor's 5).
-* Inside a model that is itself ``torch.compile``'d, Dynamo traces through the
-  ``autograd.Function`` (and inlines the inner compiled functions), so the outer graph gets the same
-  recompute-in-backward math and Inductor may fuse it further with its neighbours.
+* Every op is also a ``torch.library`` custom op (:mod:`.library`: ``steadylm::<op>`` and
+  ``steadylm::<op>_backward``, with fake implementations and ``register_autograd``). Eager calls
+  go through them; inside a model that is itself ``torch.compile``'d each op is chosen per device
+  (:data:`COMPILED_INLINE`): either the custom op, opaque to Dynamo, so the compiled model runs the
+  same fused forward and backward kernels as eager (and the Triton backward on CUDA), or the
+  ``autograd.Function`` below, which Dynamo traces through so that Inductor re-derives the kernels
+  from the same math and may fuse them with their neighbours. Both give 0 graph breaks.
+* The BHyT block's first site is one op, :func:`bhyt_and_mean_square`: the site's output and the
+  block statistic v from one kernel, and one backward pass that also takes the gradient flowing
+  into v from the second site.
 
 Set the environment variable ``STEADYLM_COMPILE_KERNELS=0`` (or call :func:`set_compile`) to run
 the very same math eagerly, e.g. where no C++ compiler is available.
@@ -32,10 +39,12 @@ import torch
 from torch import Tensor
 
 from steadylm import functional as F_ref
-from steadylm.kernels import _math, triton_norms
+from steadylm.kernels import _math, library, triton_norms
 
 __all__ = [
+    "COMPILED_INLINE",
     "bhyt",
+    "bhyt_and_mean_square",
     "compile_enabled",
     "dyt",
     "mean_square",
@@ -87,6 +96,18 @@ def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
     for t in tensors:
         if t is not None and t.dim() >= 1:
             torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+#: device type -> the ops that a ``torch.compile``'d model traces through (Inductor fuses their math
+#: with the neighbours) instead of calling the opaque custom op. Chosen per op by measurement inside a
+#: compiled model (BENCHMARKS.md, "Fused ops inside compiled models"); devices not listed use the
+#: custom ops everywhere (on CUDA they keep the hand-written Triton backward of the norms).
+COMPILED_INLINE: dict[str, frozenset[str]] = {"cpu": frozenset()}
+
+
+def _inline(name: str, like: Tensor) -> bool:
+    """Whether op ``name`` is traced through here (only while an outer ``torch.compile`` traces)."""
+    return torch.compiler.is_compiling() and name in COMPILED_INLINE.get(like.device.type, frozenset())
 
 
 def _allow_upscale(eps: float) -> bool:
@@ -142,30 +163,29 @@ class _GatedActivation(torch.autograd.Function):
         return d_gate, d_up, None, None, None
 
 
-def _gated(gate: Tensor, up: Tensor, fwd: Callable, bwd: Callable, hparams: tuple) -> Tensor:
+def _gated(name: str, gate: Tensor, up: Tensor, kernels: str, hparams: tuple, op_args: tuple) -> Tensor:
+    """Flatten, then the custom op ``name`` (``op_args``) or, inlined under compile, the traced
+    ``_math.<kernels>_fwd/_bwd`` (``hparams``; looked up by name at call time)."""
     _check_same_shape(gate, up)
     shape = gate.shape
     g, u = gate.reshape(-1), up.reshape(-1)
-    _mark_rows_dynamic(g, u)
-    return _GatedActivation.apply(g, u, fwd, bwd, hparams).reshape(shape)
+    if _inline(name, g):
+        fwd, bwd = getattr(_math, kernels + "_fwd"), getattr(_math, kernels + "_bwd")
+        return _GatedActivation.apply(g, u, fwd, bwd, hparams).reshape(shape)
+    return library.OPS[name][0](g.contiguous(), u.contiguous(), *op_args).reshape(shape)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """Fused SwiGLU ``silu(gate) · up``; same semantics as :func:`steadylm.functional.swiglu`."""
-    return _gated(gate, up, _math.swiglu_fwd, _math.swiglu_bwd, ())
+    return _gated("swiglu", gate, up, "swiglu", (), ())
 
 
 def powlu_glu(gate: Tensor, up: Tensor, m: float = 3.0) -> Tensor:
     """Fused gated PowLU ``f_m(gate) · up``; same semantics as :func:`steadylm.functional.powlu_glu`."""
     m = F_ref.validate_powlu_m(m)
-    return _gated(gate, up, _math.powlu_glu_fwd, _math.powlu_glu_bwd, (m,))
+    return _gated("powlu_glu", gate, up, "powlu_glu", (m,), (m,))
 
 
-_CLIP_KERNELS: dict[str, tuple[Callable, Callable]] = {
-    "gptoss": (_math.swiglu_clip_gptoss_fwd, _math.swiglu_clip_gptoss_bwd),
-    "step": (_math.swiglu_clip_step_fwd, _math.swiglu_clip_step_bwd),
-    "clamp": (_math.swiglu_clip_clamp_fwd, _math.swiglu_clip_clamp_bwd),
-}
 
 
 def swiglu_clip(
@@ -177,9 +197,8 @@ def swiglu_clip(
 ) -> Tensor:
     """Fused SwiGLU-Clip; same semantics as :func:`steadylm.functional.swiglu_clip`."""
     limit, variant, alpha = F_ref.validate_swiglu_clip(limit, variant, alpha)
-    fwd, bwd = _CLIP_KERNELS[variant]
     hparams = (limit, alpha) if variant == "gptoss" else (limit,)
-    return _gated(gate, up, fwd, bwd, hparams)
+    return _gated("swiglu_clip", gate, up, f"swiglu_clip_{variant}", hparams, (limit, variant, alpha))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +249,9 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     _check_weight(weight, d)
     x2 = x.reshape(-1, d)
     w = weight if weight is not None else _placeholder(x)
-    _mark_rows_dynamic(x2)
-    return _RMSNorm.apply(x2, w, eps, weight is not None).reshape(x.shape)
+    if _inline("rms_norm", x2):
+        return _RMSNorm.apply(x2, w, eps, weight is not None).reshape(x.shape)
+    return library.rms_norm(x2.contiguous(), w, eps, weight is not None).reshape(x.shape)
 
 
 class _MeanSquare(torch.autograd.Function):
@@ -253,9 +273,11 @@ def mean_square(x: Tensor) -> Tensor:
     block's shared statistic)."""
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
-    _mark_rows_dynamic(x2)
-    # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
-    return _MeanSquare.apply(x2, True).reshape(tuple(x.shape[:-1]) + (1,))
+    shape = tuple(x.shape[:-1]) + (1,)
+    if _inline("mean_square", x2):
+        # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
+        return _MeanSquare.apply(x2, True).reshape(shape)
+    return library.mean_square(x2.contiguous()).reshape(shape)
 
 
 class _DyT(torch.autograd.Function):
@@ -298,8 +320,9 @@ def dyt(x: Tensor, weight: Tensor | None, alpha: Tensor | float, bias: Tensor | 
     alpha_t = _scalar_param(alpha, x, "alpha")
     w = weight if weight is not None else _placeholder(x)
     b = bias if bias is not None else _placeholder(x)
-    _mark_rows_dynamic(x2)
-    return _DyT.apply(x2, w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
+    if _inline("dyt", x2):
+        return _DyT.apply(x2, w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
+    return library.dyt(x2.contiguous(), w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
 
 
 class _BHyT(torch.autograd.Function):
@@ -400,6 +423,64 @@ def bhyt(
         v = _placeholder(x)
     lam_t = _scalar_param(lam, x, "lam")
     w = weight if weight is not None else _placeholder(x)
-    _mark_rows_dynamic(x2, v if variance is not None else None)
-    out = _BHyT.apply(x2, w, lam_t, v, kappa, eps, weight is not None, variance is not None)
+    if _inline("bhyt", x2):
+        out = _BHyT.apply(x2, w, lam_t, v, kappa, eps, weight is not None, variance is not None)
+    else:
+        out = library.bhyt(x2.contiguous(), w, lam_t, v.contiguous(), kappa, eps, weight is not None, variance is not None)
     return out.reshape(x.shape)
+
+
+class _BHyTMeanSquare(torch.autograd.Function):
+    """The traced (inlined) form of ``steadylm::bhyt_and_mean_square``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, lam: Tensor, kappa: float, eps: float, has_weight: bool
+    ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x, weight, lam)
+        ctx.kappa, ctx.eps, ctx.has_weight = kappa, eps, has_weight
+        return _run(_math.bhyt_ms_fwd, x, weight, lam, kappa=kappa, eps=eps, has_weight=has_weight)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, dv: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, lam = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _mark_rows_dynamic(x, dy, dv)
+        dx, dw, dl = _run(
+            _math.bhyt_ms_bwd,
+            x,
+            weight,
+            lam,
+            dy.contiguous(),
+            dv.contiguous(),
+            kappa=ctx.kappa,
+            eps=ctx.eps,
+            has_weight=ctx.has_weight,
+            need_weight_grad=ctx.has_weight and need[1],
+            need_lam_grad=need[2],
+        )
+        return dx, dw, dl, None, None, None
+
+
+def bhyt_and_mean_square(
+    x: Tensor, weight: Tensor | None, lam: Tensor | float, kappa: float = 10.0, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """The BHyT block's first site and statistic from one kernel: ``(bhyt(x, …, variance=v), v)``
+    with ``v = mean_square(x)`` (fp32, shape ``x.shape[:-1] + (1,)``).
+
+    Same values as ``v = functional.mean_square(x); functional.bhyt(x, weight, lam, kappa, eps,
+    variance=v)``. The backward is one pass too: the gradient reaching ``v`` from elsewhere (the
+    second site's ``variance = v + shift``) folds into ``dx`` as ``dv · 2x/d``.
+    """
+    kappa = F_ref.validate_kappa(kappa)
+    eps = F_ref.validate_eps(eps)
+    d = x.shape[-1]
+    _check_weight(weight, d)
+    x2 = x.reshape(-1, d)
+    lam_t = _scalar_param(lam, x, "lam")
+    w = weight if weight is not None else _placeholder(x)
+    if _inline("bhyt_and_mean_square", x2):
+        out, v = _BHyTMeanSquare.apply(x2, w, lam_t, kappa, eps, weight is not None)
+    else:
+        out, v = library.bhyt_and_mean_square(x2.contiguous(), w, lam_t, kappa, eps, weight is not None)
+    return out.reshape(x.shape), v.reshape(tuple(x.shape[:-1]) + (1,))

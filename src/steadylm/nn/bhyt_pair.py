@@ -161,21 +161,34 @@ class BHyTPair:
     # forward pieces
     # ------------------------------------------------------------------------------------------
 
-    def bhyt_attn_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The attention input ``γ₁ ⊙ tanh(λ₁ x / (κ √(v + ε)))`` and v = mean(x²) (fp32)."""
-        v = functional.mean_square(x)
-        attn_norm = self.bhyt_sites[0]
-        return (attn_norm(x) if self.bhyt_exact else attn_norm(x, variance=v)), v
+    def bhyt_attn_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The attention input ``γ₁ ⊙ tanh(λ₁ x / (κ √(v + ε)))`` and v = mean(x²) (fp32).
 
-    def bhyt_ffn_input(self, h: Tensor, v: Tensor) -> Tensor:
+        The block form takes both from one op (one reduction over x; fused: one kernel, whose
+        backward also carries the second site's gradient into x). BHyT* (exact) needs v only for
+        the recorded statistics: it is computed (without gradient) only while ``record_stats`` is
+        on, else ``None``.
+        """
+        attn_norm = self.bhyt_sites[0]
+        if not self.bhyt_exact:
+            return attn_norm.forward_with_mean_square(x)
+        v = None
+        if self.record_stats:
+            with torch.no_grad():
+                v = functional.mean_square(x)
+        return attn_norm(x), v
+
+    def bhyt_ffn_input(self, h: Tensor, v: Tensor | None) -> Tensor:
         """The FFN input from the block's mid-point ``h`` and the first site's ``v``."""
         ffn_norm = self.bhyt_sites[1]
         if self.bhyt_exact:
             out = ffn_norm(h)
-            if self.record_stats:
+            if self.record_stats and v is not None:
                 with torch.no_grad():
                     self._store_stats(v + self.variance_shift(), h)
             return out
+        if v is None:  # pragma: no cover - programming error
+            raise ValueError("the BHyT block form needs the first site's statistic v")
         v_approx = v + self.variance_shift()
         if self.record_stats:
             self._store_stats(v_approx, h)

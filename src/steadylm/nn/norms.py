@@ -174,6 +174,21 @@ class BHyT(nn.Module):
     def forward(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
         return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
 
+    def forward_with_mean_square(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(self(x, variance=v), v)`` with ``v = mean(x²)`` (fp32, ``x.shape[:-1] + (1,)``): the
+        BHyT block's first site, which also hands v on to the second site.
+
+        Fused: one op computes both (one reduction over x) and its backward folds the gradient
+        reaching v from elsewhere into the same pass. Reference: ``functional.mean_square`` then
+        this site with ``variance=v`` (the same values, unfused).
+        """
+        if self.impl == "fused":
+            from steadylm import kernels
+
+            return kernels.bhyt_and_mean_square(x, self.weight, self.lam, self.kappa, self.eps)
+        v = functional.mean_square(x)
+        return self(x, variance=v), v
+
     @torch.no_grad()
     def saturation(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
         """Fraction of elements with ``|tanh(λ r x)| > 0.95`` at this site."""
