@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from hypothesis import settings
+
+# Triton's kernels (kernels/triton_norms.py) run on CPU through Triton's interpreter, which must be
+# switched on before Triton is imported (its @triton.jit reads TRITON_INTERPRET at decoration time,
+# and its lazy imports read it later too, so it stays set; child processes inherit it harmlessly:
+# steadylm only routes CPU tensors to the interpreted kernels while `triton_norms.cpu_interpreter`
+# is on, see the `triton_on_cpu` fixture). Importing torch does not import Triton. With a CUDA
+# device the real compiled kernels are tested instead, so the variable is left alone.
+CUDA_AVAILABLE = torch.cuda.is_available()
+if not CUDA_AVAILABLE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("steadylm", derandomize=True, database=None, deadline=None, max_examples=60)
 settings.register_profile("thorough", derandomize=False, database=None, deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("STEADYLM_HYPOTHESIS_PROFILE", "steadylm"))
-
-CUDA_AVAILABLE = torch.cuda.is_available()
 
 #: The values of the ``device`` parametrization, CUDA skipped (not dropped) without a device.
 DEVICES = [
@@ -52,3 +61,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if "device" in names:
             return
     metafunc.parametrize("device", DEVICES)
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Let the public ops' CPU backward take the Triton kernels (interpreted) for one test.
+
+    Returns whether they can run here at all: Triton installed and, on CPU, interpreted.
+    """
+    from steadylm.kernels import triton_norms
+
+    monkeypatch.setattr(triton_norms, "cpu_interpreter", True)
+    return triton_norms.available() and triton_norms._INTERPRET
