@@ -5,7 +5,7 @@ Why custom ops: a ``torch.autograd.Function`` is traced *through* by Dynamo, so 
 backward for a norm is a 5-pass schedule, and the hand-written CUDA backward
 (:mod:`.triton_norms`) is lost. A custom op is opaque to Dynamo: the compiled model calls the very
 same forward and backward kernels as eager (one generated kernel per pass, compiled once by
-:func:`steadylm.kernels.ops._run`), with 0 graph breaks because each op has a fake (shape)
+:func:`steadylm.kernels._compile._run`), with 0 graph breaks because each op has a fake (shape)
 implementation. Each forward op's autograd (``register_autograd``) saves only the inputs and
 calls the matching ``*_backward`` op, itself a custom op, so the fused backward survives
 compilation too.
@@ -25,22 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steadylm.kernels import _math, triton_norms
+from steadylm.kernels import _compile, _math, triton_norms
 
 __all__ = ["OPS"]
 
 
 def _run(fn_name: str, *args: Any, **kwargs: Any) -> Any:
-    # Late imports by name: ops imports this module, and tests monkeypatch _math functions.
-    from steadylm.kernels import ops
-
-    return ops._run(getattr(_math, fn_name), *args, **kwargs)
+    # By name at call time: tests monkeypatch _math functions.
+    return _compile._run(getattr(_math, fn_name), *args, **kwargs)
 
 
 def _mark(*tensors: Tensor | None) -> None:
-    from steadylm.kernels import ops
-
-    ops._mark_rows_dynamic(*tensors)
+    _compile._mark_rows_dynamic(*tensors)
 
 
 def _allow_upscale(eps: float) -> bool:

@@ -31,8 +31,6 @@ the very same math eagerly, e.g. where no C++ compiler is available.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any, Callable
 
 import torch
@@ -40,6 +38,7 @@ from torch import Tensor
 
 from steadylm import functional as F_ref
 from steadylm.kernels import _math, library, triton_norms
+from steadylm.kernels._compile import _mark_rows_dynamic, _run, compile_enabled, set_compile
 
 __all__ = [
     "COMPILED_INLINE",
@@ -54,49 +53,6 @@ __all__ = [
     "swiglu",
     "swiglu_clip",
 ]
-
-_compile_enabled: bool = os.environ.get("STEADYLM_COMPILE_KERNELS", "1").strip() not in ("0", "false", "no")
-
-
-def set_compile(enabled: bool) -> None:
-    """Turn compilation of the fused kernels on (default) or off (same math, run eagerly)."""
-    global _compile_enabled
-    _compile_enabled = bool(enabled)
-
-
-def compile_enabled() -> bool:
-    """Whether the fused kernels are currently compiled with ``torch.compile``."""
-    return _compile_enabled
-
-
-@functools.cache
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # Not fullgraph: with fullgraph=True, Dynamo turns its recompile limit (8 specialisations per
-    # function: dtypes × hidden sizes × optional-argument flags) into a hard error; without it, the
-    # ninth specialisation runs the same math eagerly. Graph-break freedom is tested separately
-    # (tests/test_kernels.py compiles a module using every op with fullgraph=True).
-    return torch.compile(fn)
-
-
-def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the compiled version of ``fn`` (or ``fn`` itself when compilation is off).
-
-    Under an outer ``torch.compile`` the plain function is called: Dynamo is already tracing and
-    would inline the inner compiled wrapper anyway.
-    """
-    if not _compile_enabled or torch.compiler.is_compiling():
-        return fn(*args, **kwargs)
-    return _compiled(fn)(*args, **kwargs)
-
-
-def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
-    """Mark dim 0 (tokens / elements) dynamic so that new batch shapes reuse the kernel."""
-    if torch.compiler.is_compiling() or not _compile_enabled:
-        return
-    for t in tensors:
-        if t is not None and t.dim() >= 1:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-
 
 #: device type -> the ops that a ``torch.compile``'d model traces through (Inductor fuses their math
 #: with the neighbours) instead of calling the opaque custom op. Chosen per op by measurement inside a
