@@ -28,7 +28,7 @@ from steadylm.data import (
     split_stream,
 )
 from steadylm.data import corpus as corpus_module
-from steadylm.data import dataset as dataset_module
+from steadylm.data import packing as packing_module
 from steadylm.data import prepare as prepare_module
 from steadylm.data import tokenizer as tokenizer_module
 from steadylm.data.shards import verify_prepared
@@ -105,7 +105,7 @@ def test_large_corpora_use_the_keyed_permutation_and_still_visit_every_sequence(
 ) -> None:
     data = _toy_data(num_tokens=8 * 100 + 1)  # 100 sequences
     stored = torch.cat([data.train_batch_indices(i, 10, seed=3) for i in range(10)])
-    monkeypatch.setattr(dataset_module, "EXACT_PERMUTATION_LIMIT", 50)
+    monkeypatch.setattr(packing_module, "EXACT_PERMUTATION_LIMIT", 50)
     keyed = torch.cat([data.train_batch_indices(i, 10, seed=3) for i in range(10)])
     assert sorted(keyed.tolist()) == list(range(100)) and not torch.equal(keyed, stored)
     assert not data._permutations or all(p.numel() == 100 for p in data._permutations.values())

@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its command runs, so ``steadylm --help``
-stays fast and one broken optional dependency cannot take down every command.
+stays fast and one broken optional dependency cannot take down every command. Every command takes
+``--plugin MODULE`` (and ``$STEADYLM_PLUGINS``): :mod:`steadylm.plugins`, loaded before parsing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from steadylm.errors import SteadyLMError
+from steadylm.plugins import ENV_VAR, load_plugins, plugins_from_argv
 
 # command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +37,10 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_path, help_text) in COMMANDS.items():
         cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        cmd_parser.add_argument(
+            "--plugin", action="append", default=[], metavar="MODULE",
+            help=f"import MODULE first: its norms, activations and block forms become choices "
+            f"(repeatable; also ${ENV_VAR}=mod1,mod2)")
         if name == command:
             importlib.import_module(module_path).add_arguments(cmd_parser)
     return parser
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
+    try:
+        load_plugins(plugins_from_argv(argv))  # before the parser: registrations shape its choices
+    except SteadyLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     parser = _build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:

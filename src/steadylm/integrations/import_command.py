@@ -20,7 +20,7 @@ __all__ = ["add_arguments", "run", "import_to_run_dir"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from steadylm.models import BLOCK_NORMS
+    from steadylm.models.forms import block_form_names
     from steadylm.nn import ACTIVATIONS
 
     parser.add_argument("hf_dir", metavar="HF_DIR", help="a local Hugging Face model directory")
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: the checkpoint's max_position_embeddings")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None,
                         help="switch the FFN activation (weights kept)")
-    parser.add_argument("--norm", choices=list(BLOCK_NORMS), default=None,
+    parser.add_argument("--norm", choices=list(block_form_names()), default=None,
                         help="switch the block form (gains kept where the parameter exists)")
 
 

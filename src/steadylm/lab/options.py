@@ -257,7 +257,7 @@ def resolve_variants(
 ) -> list[Variant]:
     """The variants to train (``--variants``, or ``--activations`` × ``--norms`` with the first of
     ``default`` filling an unset side, or ``default``), validated against the registries."""
-    from steadylm.models import BLOCK_NORMS
+    from steadylm.models.forms import block_form_names
     from steadylm.nn import ACTIVATIONS
 
     if lab.variants:
@@ -274,8 +274,8 @@ def resolve_variants(
         if v.activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {v.activation!r} in variant {v.name!r}; "
                               f"choose from {sorted(ACTIVATIONS)}")
-        if v.norm not in BLOCK_NORMS:
-            raise ConfigError(f"unknown norm {v.norm!r} in variant {v.name!r}; choose from {list(BLOCK_NORMS)}")
+        if v.norm not in block_form_names():
+            raise ConfigError(f"unknown norm {v.norm!r} in variant {v.name!r}; choose from {list(block_form_names())}")
     names = [v.name for v in chosen]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

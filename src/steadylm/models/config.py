@@ -20,14 +20,24 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from steadylm.errors import ConfigError
-from steadylm.models.forms import BLOCK_FORMS, FINAL_NORM_CHOICES, BlockForm, get_block_form, norm_param_count
-from steadylm.nn import ACTIVATIONS, get_activation
+from steadylm.models.forms import (
+    BLOCK_FORMS,
+    FINAL_NORM_CHOICES,
+    BlockForm,
+    block_form_names,
+    final_norm_names,
+    get_block_form,
+    norm_param_count,
+)
+from steadylm.nn import ACTIVATIONS, NORM_SPECS, get_activation
 from steadylm.nn import IMPLS as NN_IMPLS
+from steadylm.plugins import load_plugins
 
 __all__ = [
     "BLOCK_NORMS",
     "FINAL_NORMS",
     "IMPLS",
+    "PLUGINS_KEY",
     "PRESETS",
     "ModelConfig",
     "ParamCount",
@@ -35,10 +45,13 @@ __all__ = [
     "default_refresh_interval",
 ]
 
-#: Block norm forms (SPEC §2) built in: the keys of :data:`steadylm.models.forms.BLOCK_FORMS`.
+#: Block norm forms (SPEC §2) built in: the keys of :data:`steadylm.models.forms.BLOCK_FORMS` at
+#: import. With plug-ins, :func:`steadylm.models.forms.block_form_names` is the current list.
 BLOCK_NORMS: tuple[str, ...] = tuple(BLOCK_FORMS)
-#: Norms allowed after the last block.
+#: Built-in norms allowed after the last block (plug-ins: :func:`~steadylm.models.forms.final_norm_names`).
 FINAL_NORMS: tuple[str, ...] = FINAL_NORM_CHOICES
+#: Key of :meth:`ModelConfig.to_dict` that lists the plug-in modules the config's names come from.
+PLUGINS_KEY = "plugins"
 #: Implementations of the nn modules: the fused kernels or the float64-checkable reference math.
 IMPLS: tuple[str, ...] = NN_IMPLS
 
@@ -193,9 +206,9 @@ class ModelConfig:
         _check_bool("qkv_bias", self.qkv_bias)
         _check_choice("impl", self.impl, IMPLS)
 
-        _check_choice("norm", self.norm, tuple(BLOCK_FORMS))
+        _check_choice("norm", self.norm, block_form_names())
         if self.final_norm is not None:
-            _check_choice("final_norm", self.final_norm, FINAL_NORMS)
+            _check_choice("final_norm", self.final_norm, final_norm_names())
         _check_real("norm_eps", self.norm_eps, low=0.0)
         _check_real("bhyt_kappa", self.bhyt_kappa, low=0.0, low_open=True)
         _check_real("bhyt_lambda_attn", self.bhyt_lambda_attn, low=0.0, low_open=True)
@@ -293,14 +306,32 @@ class ModelConfig:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
+    def plugin_modules(self) -> list[str]:
+        """The plug-in modules that define this config's activation and norms (empty for
+        steadylm's own), so that loading the config can import them first."""
+        modules = {ACTIVATIONS[self.activation].module}
+        for norm in (self.block_form.norm, self.final_norm_type):
+            if norm in NORM_SPECS:
+                modules.add(NORM_SPECS[norm].module)
+        return sorted(m for m in modules if m != "steadylm" and not m.startswith("steadylm."))
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible dict (what checkpoints store)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-compatible dict (what checkpoints store); with ``"plugins"`` only when the
+        config uses a plug-in's names."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        plugins = self.plugin_modules()
+        if plugins:
+            out[PLUGINS_KEY] = plugins
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of a :meth:`to_dict` dict (its plug-in modules imported first)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a ModelConfig dict is required, got {type(data).__name__}")
+        if PLUGINS_KEY in data:
+            data = dict(data)
+            load_plugins(data.pop(PLUGINS_KEY) or ())
         unknown = sorted(set(data) - _field_names())
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}")

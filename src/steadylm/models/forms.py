@@ -6,61 +6,41 @@ which arguments each site gets from the config, which block class assembles them
 :class:`~steadylm.models.DecoderBlock`; ``"bhyt"``: :class:`~steadylm.models.BHyTBlock`, the
 once-per-block statistics), the final norm it implies, and how many norm parameters a block has.
 Adding a block form is one :func:`register_block_form` call (plus a block class if neither
-existing one fits).
+existing one fits); a norm registered with :func:`steadylm.nn.register_norm` alone is already the
+pre-norm form of its name. What a norm needs at each site and its parameter count come from its
+:class:`~steadylm.nn.NormSpec`; nothing here names a norm.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from steadylm.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from steadylm.models.config import ModelConfig
+from steadylm.nn.norms import NORM_SPECS, NORMS, Site, get_norm_spec
 
 __all__ = [
     "BLOCK_FORMS",
     "FINAL_NORM_CHOICES",
     "BlockForm",
+    "block_form_names",
+    "final_norm_names",
     "get_block_form",
     "norm_kwargs",
     "norm_param_count",
     "register_block_form",
 ]
 
-Site = Literal["attn", "ffn", "final"]
-
 
 def norm_param_count(norm: str, dim: int) -> int:
-    """Parameters of one per-token norm of width ``dim`` (closed form, independent of the modules)."""
-    counts = {
-        "rmsnorm": dim,
-        "layernorm": 2 * dim,  # gain + bias
-        "dyt": dim + 1,  # gain + α
-        "bhyt": dim + 1,  # gain + λ
-        "bhyt_star": dim + 1,
-    }
-    try:
-        return counts[norm]
-    except KeyError:
-        raise ConfigError(f"no parameter count for norm {norm!r}; known: {sorted(counts)}") from None
+    """Parameters of one per-token norm of width ``dim`` (its :class:`~steadylm.nn.NormSpec`)."""
+    return get_norm_spec(norm).param_count(dim)
 
 
-def norm_kwargs(norm: str, config: ModelConfig, site: Site) -> dict[str, Any]:
-    """Constructor arguments of the per-token norm ``norm`` at ``site`` of a model built from ``config``.
-
-    DyT: α0 = ``dyt_alpha_attn`` before attention, ``dyt_alpha_other`` elsewhere (LLM recipe).
-    BHyT: λ0 = ``bhyt_lambda_attn`` before attention, ``bhyt_lambda_ffn`` elsewhere, κ, ε.
-    """
-    if norm in ("rmsnorm", "layernorm"):
-        return {"eps": config.norm_eps}
-    if norm == "dyt":
-        return {"alpha_init": config.dyt_alpha_attn if site == "attn" else config.dyt_alpha_other}
-    if norm in ("bhyt", "bhyt_star"):
-        lam = config.bhyt_lambda_attn if site == "attn" else config.bhyt_lambda_ffn
-        return {"lam_init": lam, "kappa": config.bhyt_kappa, "eps": config.norm_eps}
-    raise ConfigError(f"no site arguments for norm {norm!r}")
+def norm_kwargs(norm: str, config: Any, site: Site) -> dict[str, Any]:
+    """Constructor arguments of the per-token norm ``norm`` at ``site`` of a model built from
+    ``config`` (a ``ModelConfig``), as its registration says (:func:`steadylm.nn.register_norm`)."""
+    return get_norm_spec(norm).site_kwargs(config, site)
 
 
 @dataclass(frozen=True)
@@ -87,7 +67,7 @@ class BlockForm:
     exact: bool = False
     embed_scale: bool = False
 
-    def site_kwargs(self, config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    def site_kwargs(self, config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Arguments of the (pre-attention, pre-FFN) norms."""
         return norm_kwargs(self.norm, config, "attn"), norm_kwargs(self.norm, config, "ffn")
 
@@ -104,26 +84,44 @@ class BlockForm:
 #: name -> :class:`BlockForm`; ``ModelConfig.norm`` must be one of these.
 BLOCK_FORMS: dict[str, BlockForm] = {}
 
-#: Norms allowed after the last block.
+#: Built-in norms allowed after the last block (``bhyt`` needs the block's statistics; its
+#: per-module form is ``bhyt_star``). Norms registered by plug-ins are allowed too
+#: (:func:`final_norm_names`).
 FINAL_NORM_CHOICES: tuple[str, ...] = ("rmsnorm", "layernorm", "dyt", "bhyt_star")
+_BUILTIN_NORMS: frozenset[str] = frozenset(NORMS)
+
+
+def final_norm_names() -> tuple[str, ...]:
+    """Norms allowed after the last block: the built-in choices, then norms registered since."""
+    return FINAL_NORM_CHOICES + tuple(n for n in NORM_SPECS if n not in _BUILTIN_NORMS)
 
 
 def register_block_form(form: BlockForm) -> BlockForm:
     """Add a block form to :data:`BLOCK_FORMS`."""
     if form.block not in ("prenorm", "bhyt"):
         raise ConfigError(f"BlockForm.block must be 'prenorm' or 'bhyt', got {form.block!r}")
-    if form.final_norm not in FINAL_NORM_CHOICES:
-        raise ConfigError(f"BlockForm.final_norm must be one of {list(FINAL_NORM_CHOICES)}, got {form.final_norm!r}")
+    if form.final_norm not in final_norm_names():
+        raise ConfigError(f"BlockForm.final_norm must be one of {list(final_norm_names())}, got {form.final_norm!r}")
+    get_norm_spec(form.norm)
     BLOCK_FORMS[form.name] = form
     return form
 
 
+def block_form_names() -> tuple[str, ...]:
+    """Every value ``ModelConfig.norm`` may take: the registered block forms, then each norm
+    registered without a form of its own (a pre-norm block with it at both sites)."""
+    return tuple(BLOCK_FORMS) + tuple(n for n in NORM_SPECS if n not in BLOCK_FORMS)
+
+
 def get_block_form(name: str) -> BlockForm:
-    """The registered form ``name``; unknown names raise ``ConfigError`` listing the known ones."""
-    try:
-        return BLOCK_FORMS[name]
-    except KeyError:
-        raise ConfigError(f"ModelConfig.norm must be one of {list(BLOCK_FORMS)}, got {name!r}") from None
+    """The form ``name``: a registered one, or the pre-norm form of a norm registered with
+    :func:`steadylm.nn.register_norm` alone. Unknown names raise ``ConfigError`` listing the known ones."""
+    form = BLOCK_FORMS.get(name)
+    if form is not None:
+        return form
+    if name in NORM_SPECS:
+        return BlockForm(name, name)
+    raise ConfigError(f"ModelConfig.norm must be one of {list(block_form_names())}, got {name!r}")
 
 
 register_block_form(BlockForm("rmsnorm", "rmsnorm"))

@@ -29,12 +29,29 @@ class ActivationSpec:
         op: function name, identical in ``steadylm.functional`` and ``steadylm.kernels``.
         defaults: keyword arguments the op accepts, with their defaults.
         validate: called with the merged keyword arguments; raises ``ValueError`` on bad values.
+        reference: for an activation outside steadylm (a plug-in): ``act(gate, up, **kwargs)``
+            itself, used for ``impl="reference"`` (and for ``"fused"`` when ``fused`` is None);
+            ``op`` is then only its name.
+        fused: a plug-in's fast path with the same signature (optional).
     """
 
     name: str
     op: str
     defaults: dict[str, Any] = field(default_factory=dict)
     validate: Callable[..., Any] = lambda **_: None
+    reference: Callable[..., Tensor] | None = None
+    fused: Callable[..., Tensor] | None = None
+
+    def resolve(self, impl: str) -> Callable[..., Tensor]:
+        """The op for ``impl``: a plug-in's own functions, or ``op`` in kernels / functional."""
+        if self.reference is None:
+            return resolve_op(impl, self.op)
+        return self.fused if (impl == "fused" and self.fused is not None) else self.reference
+
+    @property
+    def module(self) -> str:
+        """The Python module that defines the activation (a plug-in's, for a third-party one)."""
+        return self.reference.__module__ if self.reference is not None else "steadylm.functional"
 
 
 ACTIVATIONS: dict[str, ActivationSpec] = {}
@@ -93,7 +110,7 @@ def get_activation(name: str, impl: str = "fused", **kwargs: Any) -> Callable[[T
     """
     spec = _spec(name)
     merged = _merged_kwargs(spec, kwargs)
-    return functools.partial(resolve_op(check_impl(impl), spec.op), **merged)
+    return functools.partial(spec.resolve(check_impl(impl)), **merged)
 
 
 class Activation(nn.Module):

@@ -7,7 +7,9 @@ variance) is assembled by the models, which pass ``variance=`` to :class:`BHyT`.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,14 @@ from steadylm.nn._impl import check_impl, resolve_op
 
 __all__ = [
     "NORMS",
+    "NORM_SPECS",
+    "NormSpec",
     "BHyT",
     "DyT",
     "LayerNorm",
     "RMSNorm",
     "build_norm",
+    "get_norm_spec",
     "register_norm",
     "scalar_parameter",
     "upgrade_scalar_entries",
@@ -199,29 +204,106 @@ class BHyT(nn.Module):
         return f"{self.weight.shape[0]}, kappa={self.kappa}, eps={self.eps}, impl={self.impl}"
 
 
+Site = Literal["attn", "ffn", "final"]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Everything a model needs to know about one per-token norm.
+
+    Attributes:
+        name: registry key (a ``BlockForm.norm`` / ``ModelConfig.final_norm`` value).
+        cls: the module class, constructed as ``cls(dim, impl=..., **site_kwargs(config, site))``.
+        param_count: parameters of one norm of width ``dim`` (closed form, so ``steadylm params``
+            and the models' parameter counts never build a module).
+        site_kwargs: constructor arguments at ``site`` ("attn": before attention, "ffn": before the
+            FFN, "final": after the last block) of a model built from ``config`` (a
+            ``ModelConfig``; read by attribute, so this layer does not import models).
+    """
+
+    name: str
+    cls: type[nn.Module]
+    param_count: Callable[[int], int]
+    site_kwargs: Callable[[Any, Site], dict[str, Any]]
+
+    @property
+    def module(self) -> str:
+        """The Python module that defines the norm (a plug-in's, for a third-party norm)."""
+        return self.cls.__module__
+
+
 #: name -> module class. ``bhyt_star`` is the per-module (exact statistics) BHyT.
 NORMS: dict[str, type[nn.Module]] = {}
+#: name -> :class:`NormSpec` (the same keys as :data:`NORMS`).
+NORM_SPECS: dict[str, NormSpec] = {}
 
 
-def register_norm(name: str, cls: type[nn.Module]) -> type[nn.Module]:
-    """Add a norm to :data:`NORMS` (the only step a new per-token norm needs)."""
+def _no_site_kwargs(config: Any, site: Site) -> dict[str, Any]:
+    return {}
+
+
+def _counted_on_meta(cls: type[nn.Module]) -> Callable[[int], int]:
+    def count(dim: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(dim).parameters())
+
+    return count
+
+
+def register_norm(
+    name: str,
+    cls: type[nn.Module],
+    *,
+    param_count: Callable[[int], int] | None = None,
+    site_kwargs: Callable[[Any, Site], dict[str, Any]] | None = None,
+) -> type[nn.Module]:
+    """Add a per-token norm: the only step a new norm needs (see :class:`NormSpec`).
+
+    ``param_count`` defaults to counting the parameters of ``cls(dim)`` built on the meta device;
+    ``site_kwargs`` to no arguments. A registered norm is also a block form of the same name (a
+    pre-norm block with it at both sites, :func:`steadylm.models.forms.get_block_form`), so
+    ``--norm NAME`` works at once.
+    """
+    if not isinstance(name, str) or not name or not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ConfigError(f"register_norm needs a name and an nn.Module class, got {name!r}, {cls!r}")
     NORMS[name] = cls
+    NORM_SPECS[name] = NormSpec(name, cls, param_count or _counted_on_meta(cls), site_kwargs or _no_site_kwargs)
     return cls
 
 
-register_norm("rmsnorm", RMSNorm)
-register_norm("layernorm", LayerNorm)
-register_norm("dyt", DyT)
-register_norm("bhyt", BHyT)
-register_norm("bhyt_star", BHyT)
+def _eps(config: Any, site: Site) -> dict[str, Any]:
+    return {"eps": config.norm_eps}
+
+
+def _dyt_kwargs(config: Any, site: Site) -> dict[str, Any]:
+    # α0 = dyt_alpha_attn before attention, dyt_alpha_other elsewhere (the LLM recipe)
+    return {"alpha_init": config.dyt_alpha_attn if site == "attn" else config.dyt_alpha_other}
+
+
+def _bhyt_kwargs(config: Any, site: Site) -> dict[str, Any]:
+    # λ0 = bhyt_lambda_attn before attention, bhyt_lambda_ffn elsewhere; κ and ε from the config
+    lam = config.bhyt_lambda_attn if site == "attn" else config.bhyt_lambda_ffn
+    return {"lam_init": lam, "kappa": config.bhyt_kappa, "eps": config.norm_eps}
+
+
+register_norm("rmsnorm", RMSNorm, param_count=lambda d: d, site_kwargs=_eps)
+register_norm("layernorm", LayerNorm, param_count=lambda d: 2 * d, site_kwargs=_eps)  # gain + bias
+register_norm("dyt", DyT, param_count=lambda d: d + 1, site_kwargs=_dyt_kwargs)  # gain + α
+register_norm("bhyt", BHyT, param_count=lambda d: d + 1, site_kwargs=_bhyt_kwargs)  # gain + λ
+register_norm("bhyt_star", BHyT, param_count=lambda d: d + 1, site_kwargs=_bhyt_kwargs)
+
+
+def get_norm_spec(name: str) -> NormSpec:
+    """The :class:`NormSpec` of ``name``; unknown names raise ``ConfigError`` listing the known ones."""
+    try:
+        return NORM_SPECS[name]
+    except KeyError:
+        raise ConfigError(f"norm must be one of {sorted(NORMS)}, got {name!r}") from None
 
 
 def build_norm(name: str, dim: int, **kwargs: Any) -> nn.Module:
     """Instantiate a registered norm; unknown names raise ``ConfigError`` listing the known ones."""
-    try:
-        cls = NORMS[name]
-    except KeyError:
-        raise ConfigError(f"norm must be one of {sorted(NORMS)}, got {name!r}") from None
+    cls = get_norm_spec(name).cls
     try:
         return cls(dim, **kwargs)
     except TypeError as err:

@@ -71,9 +71,9 @@ def _activations() -> Sequence[str]:
 
 
 def _norms() -> Sequence[str]:
-    from steadylm.models import BLOCK_NORMS
+    from steadylm.models.forms import block_form_names
 
-    return list(BLOCK_NORMS)
+    return list(block_form_names())
 
 
 def _impls() -> Sequence[str]:
