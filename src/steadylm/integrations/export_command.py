@@ -1,7 +1,8 @@
 """``steadylm export RUN_DIR OUT_DIR``: a training run as a Hugging Face model directory.
 
 Writes ``config.json``, ``model.safetensors`` (HF names), ``generation_config.json`` and the
-tokenizer (``tokenizer.json`` + ``tokenizer_config.json``). A swiglu + rmsnorm dense model becomes
+tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) when the run has one (an imported
+checkpoint may not: the model is written and the command says it has none). A swiglu + rmsnorm dense model becomes
 a plain ``LlamaForCausalLM``; every other variant is the ``steadylm`` model type (load it with
 ``trust_remote_code=True`` where steadylm is installed). Needs ``pip install steadylm[hf]``.
 """
@@ -9,6 +10,7 @@ a plain ``LlamaForCausalLM``; every other variant is the ``steadylm`` model type
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["add_arguments", "run"]
 
@@ -24,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from steadylm.integrations.transformers import export_run
-    from steadylm.integrations.transformers.convert import exported_architecture
+    from steadylm.integrations.transformers.convert import exported_architecture, has_tokenizer
 
     out = export_run(args.run_dir, args.out_dir, tokenizer_file=args.tokenizer)
     print(f"{out}: {exported_architecture(out)}")
+    if not has_tokenizer(out):
+        print(f"{out}: no tokenizer (none in {args.run_dir}, its run spec or the tokenizer cache); "
+              "the model loads without one; pass --tokenizer FILE to ship one", file=sys.stderr)
     return 0

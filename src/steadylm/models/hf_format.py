@@ -23,6 +23,7 @@ exported ``steadylm`` one) into a :class:`ModelConfig` and a steadylm state dict
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,34 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+_REQUIRED = object()
+
+
+def _field(cfg: dict[str, Any], name: str, kind: type, default: Any = _REQUIRED, *, minimum: float | None = None,
+           positive: bool = False) -> Any:
+    """``config.json`` field ``name`` as ``kind`` (int, float, bool or str): a missing required
+    field or a value of the wrong type or range is one :class:`ConfigError` naming the field."""
+    value = cfg.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json has no {name!r} (required to build the model)")
+        return default
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"config.json field {name!r} must be {expected}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config.json field {name!r} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"config.json field {name!r} must be > 0, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"config.json field {name!r} must be >= {minimum}, got {value!r}")
+    return kind(value)
+
+
 _ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -137,10 +166,15 @@ _ROPE_SCALING_KEYS = {
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, ModelConfig.rope_scaling)`` of a ``config.json`` (v5 ``rope_parameters`` or the
     older ``rope_theta`` + ``rope_scaling``)."""
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
+    params: dict[str, Any] = {}
+    for name in ("rope_scaling", "rope_parameters"):
+        section = cfg.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"config.json field {name!r} must be an object, got {section!r}")
+        params.update(section)
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _field({"rope_theta": params.get("rope_theta", cfg.get("rope_theta"))}, "rope_theta", float,
+                   10000.0, positive=True)
     if rope_type == "default":
         return theta, None
     if rope_type not in _ROPE_SCALING_KEYS:
@@ -161,16 +195,20 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
             steadylm does not have (named).
     """
     architectures = cfg.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ConfigError(f"config.json field 'architectures' must be a list, got {architectures!r}")
     arch = architectures[0] if architectures else None
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
             f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     family = SUPPORTED_ARCHITECTURES[arch]
     if family == "steadylm":
+        if not isinstance(cfg.get("steadylm"), dict):
+            raise ConfigError("config.json of a SteadyLMForCausalLM has no 'steadylm' object (the model config)")
         mc = ModelConfig.from_dict(cfg["steadylm"])
         return mc if max_seq_len is None else mc.replace(max_seq_len=max_seq_len)
-    act_name = cfg.get("hidden_act", "silu")
+    act_name = _field(cfg, "hidden_act", str, "silu")
     if act_name not in _SILU_ACTS and act_name not in HIDDEN_ACTS:
         raise ConfigError(f"config.json hidden_act {act_name!r} is not supported; "
                           f"supported: {sorted(_SILU_ACTS + tuple(HIDDEN_ACTS))}")
@@ -178,11 +216,11 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         raise ConfigError("config.json mlp_bias=true is not supported (steadylm FFNs have no biases)")
     if family in ("llama", "mistral", "qwen3") and cfg.get("attention_bias"):
         raise ConfigError(f"config.json attention_bias=true ({arch}) is not supported")
-    dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or dim // n_heads
-    seq = int(max_seq_len if max_seq_len is not None else cfg.get("max_position_embeddings", 2048))
-    window = cfg.get("sliding_window")
-    uses_window = family == "mistral" or cfg.get("use_sliding_window", False)
+    dim, n_heads = _field(cfg, "hidden_size", int, minimum=1), _field(cfg, "num_attention_heads", int, minimum=1)
+    head_dim = _field(cfg, "head_dim", int, 0, minimum=0) or dim // n_heads
+    seq = int(max_seq_len if max_seq_len is not None else _field(cfg, "max_position_embeddings", int, 2048, minimum=1))
+    window = _field(cfg, "sliding_window", int, None, minimum=1)
+    uses_window = family == "mistral" or _field(cfg, "use_sliding_window", bool, False)
     if uses_window and window is not None and int(window) < seq:
         raise ConfigError(
             f"config.json sliding_window ({window}) is shorter than max_seq_len ({seq}); steadylm has "
@@ -192,12 +230,12 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
     activation, fixed = HIDDEN_ACTS.get(act_name, ("swiglu", {}))
     activation_kwargs = {**fixed, **activation_kwargs_from_config(activation, cfg)}
     return ModelConfig(
-        vocab_size=int(cfg["vocab_size"]),
+        vocab_size=_field(cfg, "vocab_size", int, minimum=1),
         dim=dim,
-        n_layers=int(cfg["num_hidden_layers"]),
+        n_layers=_field(cfg, "num_hidden_layers", int, minimum=1),
         n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        ffn_dim=int(cfg["intermediate_size"]),
+        n_kv_heads=_field(cfg, "num_key_value_heads", int, n_heads, minimum=1),
+        ffn_dim=_field(cfg, "intermediate_size", int, minimum=1),
         max_seq_len=seq,
         head_size=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=family == "qwen2",
@@ -205,11 +243,11 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         activation=activation,
         activation_kwargs=activation_kwargs,
         norm="rmsnorm",
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6, positive=True),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=float(cfg.get("initializer_range", 0.02)),
+        tie_embeddings=_field(cfg, "tie_word_embeddings", bool, False),
+        init_std=_field(cfg, "initializer_range", float, 0.02, positive=True),
     )
 
 
@@ -248,7 +286,10 @@ def import_hf(
     ``max_position_embeddings``).
     """
     directory = Path(hf_dir).expanduser()
-    config = hf_config_to_model_config(_read_json(directory / "config.json"), max_seq_len=max_seq_len)
+    try:
+        config = hf_config_to_model_config(_read_json(directory / "config.json"), max_seq_len=max_seq_len)
+    except ConfigError as err:
+        raise ConfigError(f"{directory}: {err}") from None
     state = {steadylm_name(k): v for k, v in _read_weights(directory).items() if "rotary_emb" not in k}
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("embed.weight"))  # type: ignore[arg-type]

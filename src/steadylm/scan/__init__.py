@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no tokenizer for {args.model_dir}: pass --tokenizer FILE")
     seq_len = min(args.seq_len, model.config.max_seq_len)
     tokens = tokenize_text(args.data, tokenizer, seq_len, args.max_tokens)
+    if int(tokens.max()) >= model.config.vocab_size:
+        raise DataError(f"the tokenizer gives token id {int(tokens.max())} but the model's vocabulary has "
+                        f"{model.config.vocab_size} ids: pass the model's own tokenizer (--tokenizer FILE)")
     result = scan(model, tokens, args.batch_size)
     result["source"] = description
     result["data"] = str(Path(args.data).expanduser())

@@ -19,7 +19,7 @@ from steadylm.errors import CheckpointError, ConfigError
 from steadylm.models.hf_format import hf_name, plain_hf_architecture
 from steadylm.models import ModelConfig, Transformer, build_model
 
-__all__ = ["export_model", "export_run", "exported_architecture"]
+__all__ = ["export_model", "export_run", "exported_architecture", "has_tokenizer"]
 
 
 def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
@@ -111,6 +111,9 @@ def export_model(
     hf_model.save_pretrained(out)
     if tokenizer is not None:
         _write_tokenizer(out, tokenizer, eos_token, config.max_seq_len)
+    else:  # a tokenizer left by an earlier export into out_dir would not belong to this model
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -132,7 +135,8 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     The tokenizer is ``tokenizer_file`` if given, else ``RUN_DIR/tokenizer.json``, else the
     ``tokenizer.json`` the run spec names (``data.tokenizer``), else the cached tokenizer the run's
-    data was encoded with (by its corpus fingerprint).
+    data was encoded with (by its corpus fingerprint); with none of these the model is written
+    without a tokenizer (:func:`has_tokenizer` tells).
     """
     from steadylm.data.tokenizer import EOS_TOKEN, load_tokenizer_file
     from steadylm.train.checkpoint import find_checkpoint
@@ -154,13 +158,16 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         tokenizer, eos_id = load_tokenizer_file(candidate)
         eos_token = tokenizer.id_to_token(eos_id)
     else:
-        tokenizer, eos_token = loaded.tokenizer(), EOS_TOKEN
-        if tokenizer is None:
-            raise CheckpointError(
-                f"no tokenizer for {run}: not in the run directory and not in the tokenizer cache "
-                f"(fingerprint {loaded.tokenizer_fingerprint}); pass --tokenizer FILE"
-            )
+        # None anywhere (e.g. an imported checkpoint that shipped no tokenizer): the weights are
+        # still a complete model, written without one (`steadylm export` says so: has_tokenizer).
+        tokenizer = loaded.tokenizer()
+        eos_token = EOS_TOKEN if tokenizer is not None else None
     return export_model(model, out_dir, tokenizer=tokenizer, eos_token=eos_token)
+
+
+def has_tokenizer(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether an exported directory ships a tokenizer (``tokenizer.json``)."""
+    return (Path(out_dir) / "tokenizer.json").is_file()
 
 
 def exported_architecture(out_dir: str | os.PathLike[str]) -> str:
