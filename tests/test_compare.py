@@ -154,7 +154,10 @@ def test_default_grid_and_cross_products() -> None:
 
 
 # Summary numbers of the tiny run above written by the lab before its rebuild (commit 41e94c0,
-# same corpus slice and flags in that version's syntax): the rebuild must reproduce them exactly.
+# same corpus slice and flags in that version's syntax), recorded on another machine. They are a
+# golden from elsewhere, so they are compared within a tolerance, not bit for bit (SPEC §6): the
+# last bits of fp32 matmuls and reductions depend on the CPU's vector width (the summation order),
+# and 6 AdamW steps carry such ulps forward.
 RECORDED_BEFORE_REBUILD = {
     "swiglu+rmsnorm": {"final_train_loss": 5.682663917541504, "final_val_loss": 5.65092658996582,
                        "down_in_amax_last": 0.05402728170156479, "down_in_amax_peak": 0.05851314961910248,
@@ -175,11 +178,25 @@ RECORDED_BEFORE_REBUILD = {
 }
 
 
-def test_summary_numbers_are_bit_identical_to_the_lab_before_its_rebuild(tiny_run: Path) -> None:
+# Tolerance for RECORDED_BEFORE_REBUILD. Measured on one AVX-512 machine (torch 2.13.0 CPU) under
+# ATEN_CPU_CAPABILITY=default, avx2 and avx512: the worst relative difference of any recorded number
+# was 4.3e-7, 5.4e-7 and 5.4e-7 (down_in_p99_last of powlu+bhyt; ~9 fp32 ulps, 2^-24 = 6e-8);
+# 1e-5 leaves a margin of ~18x for other CPUs and BLAS builds. What the test is for — the rebuilt lab
+# computing the same run — still shows: measured, a 3% change of the learning rate (3.1e-3 instead
+# of 3e-3) moves 23 of the 26 non-count numbers by more than 1e-5 (median 4e-3), another seed moves
+# the losses by up to 1e-3. Counts (spikes) and exact zeros (no tanh saturation) are compared exactly.
+RECORDED_REL_TOL = 1e-5
+
+
+def test_summary_numbers_match_the_lab_before_its_rebuild_within_cross_cpu_rounding(tiny_run: Path) -> None:
     summary = {v["variant"]: v for v in json.loads((tiny_run / "summary.json").read_text())["variants"]}
     for name, recorded in RECORDED_BEFORE_REBUILD.items():
         for key, value in recorded.items():
-            assert summary[name][key] == value, (name, key, summary[name][key], value)
+            got = summary[name][key]
+            if isinstance(value, int) or value == 0.0:
+                assert got == value, (name, key, got, value)
+            else:
+                assert got == pytest.approx(value, rel=RECORDED_REL_TOL, abs=0.0), (name, key, got, value)
 
 
 # ---------------------------------------------------------------------------------------------
