@@ -187,11 +187,16 @@ def test_fused_block_takes_its_statistic_from_the_one_op(eager_kernels, monkeypa
                 calls["bwd"] += 1
             return func(*args, **(kwargs or {}))
 
+    seen = []  # forward hooks (probes, profiler labels) must still see both sites of every block
+    for block in model.layers:
+        for site in block.bhyt_sites:
+            site.register_forward_hook(lambda mod, args, out: seen.append(mod))
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with Count():
         model(tokens).float().square().mean().backward()
     assert calls == {"fwd": 2, "bwd": 2}, calls
     assert fwd is not None and bwd is not None
+    assert len(seen) == 4 and len({id(m) for m in seen}) == 4
 
 
 def test_fused_block_model_equals_the_reference_block_model(eager_kernels):

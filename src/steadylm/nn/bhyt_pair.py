@@ -171,7 +171,7 @@ class BHyTPair:
         """
         attn_norm = self.bhyt_sites[0]
         if not self.bhyt_exact:
-            return attn_norm.forward_with_mean_square(x)
+            return attn_norm(x, with_mean_square=True)
         v = None
         if self.record_stats:
             with torch.no_grad():

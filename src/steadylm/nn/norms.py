@@ -176,23 +176,28 @@ class BHyT(nn.Module):
         self._op = resolve_op(self.impl, "bhyt")
         self.register_load_state_dict_pre_hook(_upgrade_hook(("lam",)))
 
-    def forward(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
-        return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
+    def forward(
+        self, x: Tensor, variance: Tensor | None = None, *, with_mean_square: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The site's output; with ``with_mean_square=True`` the pair ``(output, v)`` where
+        ``v = mean(x²)`` (fp32, ``x.shape[:-1] + (1,)``) is this site's statistic — the BHyT
+        block's first site, which hands v on to the second site (``variance`` must then be None).
 
-    def forward_with_mean_square(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(self(x, variance=v), v)`` with ``v = mean(x²)`` (fp32, ``x.shape[:-1] + (1,)``): the
-        BHyT block's first site, which also hands v on to the second site.
-
-        Fused: one op computes both (one reduction over x) and its backward folds the gradient
-        reaching v from elsewhere into the same pass. Reference: ``functional.mean_square`` then
-        this site with ``variance=v`` (the same values, unfused).
+        Fused, one op computes both (one reduction over x) and its backward folds the gradient
+        reaching v from elsewhere into the same pass; reference, ``functional.mean_square`` and
+        then this site with ``variance=v`` (the same values, unfused). Called through the module
+        (not a helper method) so that forward hooks — probes, profiler labels — see both sites.
         """
+        if not with_mean_square:
+            return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
+        if variance is not None:
+            raise ConfigError("BHyT: with_mean_square computes v itself; pass variance=None")
         if self.impl == "fused":
             from steadylm import kernels
 
             return kernels.bhyt_and_mean_square(x, self.weight, self.lam, self.kappa, self.eps)
         v = functional.mean_square(x)
-        return self(x, variance=v), v
+        return self._op(x, self.weight, self.lam, self.kappa, self.eps, v), v
 
     @torch.no_grad()
     def saturation(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
