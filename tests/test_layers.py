@@ -10,7 +10,8 @@ Rules checked:
 1. Layers (:data:`LAYERS`): a module of layer ``L`` imports from layer ``L`` itself or below.
    Packages that share a rank are siblings and must not import each other (``data`` and
    ``distributed``; ``integrations``, ``scan`` and ``bench``, which may use ``lab``).
-   ``errors`` and ``config_fields`` are importable from anywhere and import nothing of steadylm.
+   ``errors``, ``config_fields`` and the package ``__init__`` import nothing of steadylm;
+   ``plugins`` (the plug-in loader) imports only ``errors``; all of them are importable anywhere.
 2. No cycles: the graph "module A imports module B" over all of ``src/steadylm`` (a package's
    ``__init__`` counts as the module ``steadylm.x``) has no strongly connected component of more
    than one module, and no module imports itself. ``from steadylm.x import y`` where ``y`` is a
@@ -31,22 +32,23 @@ PACKAGE = SRC / "steadylm"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "config_fields": 0,
-    "functional": 1,
-    "kernels": 2,
-    "nn": 3,
-    "models": 4,
-    "precision": 5,
-    "probes": 6,
-    "data": 7,
-    "distributed": 7,
-    "train": 8,
-    "lab": 9,
-    "integrations": 10,
-    "scan": 10,
-    "bench": 10,
-    "cli": 11,
-    "__main__": 12,
     "__init__": 0,  # steadylm/__init__.py holds only __version__ (importable anywhere, imports nothing)
+    "plugins": 1,  # the plug-in loader: imports errors only, importable from any layer above
+    "functional": 2,
+    "kernels": 3,
+    "nn": 4,
+    "models": 5,
+    "precision": 6,
+    "probes": 7,
+    "data": 8,
+    "distributed": 8,
+    "train": 9,
+    "lab": 10,
+    "integrations": 11,
+    "scan": 11,
+    "bench": 11,
+    "cli": 12,
+    "__main__": 13,
 }
 
 

@@ -39,7 +39,7 @@ from steadylm.lab.runner import RunResult, load_data, output_lock, run_variant, 
 from steadylm.lab.seeds import SPREAD_RULE, SeedOptions, seed_stats, seed_table, validate_seeds
 from steadylm.lab.summary import RunSummary, pick_lr, status
 from steadylm.probes import keys as K
-from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
+from steadylm.probes.spikes import DIVERGENCE_RULE
 from steadylm.train import TrainConfig
 from steadylm.train.spec import DataSpec, ModelSpec, ProbeSpec, RunSpec
 
@@ -378,8 +378,7 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
             ["probes sampled every", f"{t.probe_every} steps"],
             ["loss-spike detector", f"rolling z-score over the preceding {spec.probes.spike_window} steps > "
                                     f"{spec.probes.spike_threshold:g}"],
-            ["divergence", "a non-finite loss or gradient (the trainer stops the run), or a run that *ends* "
-                           f"(mean of its last 10 losses) above its first loss + {DEFAULT_DIVERGENCE_MARGIN}"],
+            ["divergence", DIVERGENCE_RULE],
             ["dead", "vanishing gradients (a layer's gate/up gradients all below 1e-12, or a global "
                      "gradient norm below 1e-8) or a saturated tanh site (> 50 % of |tanh| > 0.95)"],
             ["wall time", f"data {timings.get('data_s', 0):.0f} s, training {timings.get('train_s', 0):.0f} s"],

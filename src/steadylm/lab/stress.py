@@ -31,7 +31,7 @@ from steadylm.config_fields import spec_field
 from steadylm.lab.options import LabOptions, lab_options, lab_spec, options_from_args
 from steadylm.lab.runner import output_lock
 from steadylm.lab.report import markdown_table
-from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
+from steadylm.probes.spikes import DIVERGENCE_RULE, EXCURSION_RULE
 from steadylm.train import TrainConfig
 from steadylm.train.spec import DataSpec, ModelSpec, ProbeSpec, RunSpec
 
@@ -153,9 +153,7 @@ def intro(protocol: str, spec: RunSpec, opts: StressOptions, variants: Sequence[
         ["seed", str(t.seed)],
         ["loss-spike detector", f"rolling z-score over the preceding {spec.probes.spike_window} steps > "
                                 f"{spec.probes.spike_threshold:g}"],
-        ["divergence", "a non-finite loss or gradient (the trainer stops the run), or a run that *ends* "
-                       f"(mean of its last 10 losses) above its first loss + {DEFAULT_DIVERGENCE_MARGIN}; a "
-                       "transient climb above the first loss that training recovers from is reported as an excursion"],
+        ["divergence", f"{DIVERGENCE_RULE}; {EXCURSION_RULE}"],
         *extra,
     ]
     note = "" if opts.stable else f"\n\n{STRESS_NOTE}"

@@ -5,11 +5,9 @@ findings and ``summary.json`` read these fields, so each verdict has one definit
 
 * **spike** — a step whose loss has a rolling z-score above ``probes.spike_threshold`` against the
   preceding ``probes.spike_window`` losses (:func:`steadylm.probes.detect_spikes`).
-* **divergence** — the trainer stopped the run on a non-finite loss or gradient norm (its reason is
-  kept), or the run *ended* (mean of its last 10 losses) above its first loss +
-  :data:`~steadylm.probes.spikes.DEFAULT_DIVERGENCE_MARGIN`.
-* **excursion** — a run that did not diverge but climbed above its first loss + the margin on the
-  way (the first such step): a transient instability it recovered from.
+* **divergence** and **excursion** — :func:`steadylm.probes.spikes.classify_run`, the one rule
+  (:data:`~steadylm.probes.spikes.DIVERGENCE_RULE`, :data:`~steadylm.probes.spikes.EXCURSION_RULE`);
+  a run the trainer stopped on a non-finite loss or gradient norm keeps the trainer's reason.
 * **dead** — the variant does not train, for a reason a bad learning rate or recipe produces and a
   loss curve alone hides: its gradients vanish (the largest gate/up-projection gradient of some
   layer at the last probe is below :data:`DEAD_GRAD_AMAX`, or the global gradient norm of the last
@@ -28,9 +26,9 @@ from typing import Any
 
 import torch
 
-from steadylm.probes import detect_divergence, detect_spikes, pearson_r
+from steadylm.probes import detect_spikes, pearson_r
 from steadylm.probes import keys as K
-from steadylm.probes.spikes import DEFAULT_DIVERGENCE_MARGIN
+from steadylm.probes.spikes import ENDING_WINDOW, classify_run
 
 __all__ = [
     "DEAD_GRAD_AMAX",
@@ -50,8 +48,8 @@ DEAD_GRAD_AMAX = 1e-12
 DEAD_GRAD_NORM = 1e-8
 #: Share of |tanh| > 0.95 at one site beyond which the norm has become a sign function.
 DEAD_SATURATION = 0.5
-#: Losses averaged for the final loss.
-TAIL = 10
+#: Losses averaged for the final loss (the window the divergence rule reads).
+TAIL = ENDING_WINDOW
 
 
 @dataclass
@@ -188,16 +186,15 @@ def summarize(
     s.spikes = len(spikes)
     s.spike_steps = [int(train[p.index][K.STEP]) for p in spikes]
     s.peak_above_start = max(0.0, max(finite) - s.start_loss) if finite else math.nan
-    first_above = detect_divergence(losses)
+    verdict = classify_run(losses)
     if stopped is not None:
         s.divergence = {"step": stopped[0], "reason": stopped[1]}
-    elif first_above is not None and first_above.reason == "non-finite":
-        s.divergence = {"step": int(train[first_above.index][K.STEP]), "reason": "non-finite loss"}
-    elif s.final_train_loss > s.start_loss + DEFAULT_DIVERGENCE_MARGIN:
-        step = int(train[first_above.index][K.STEP]) if first_above is not None else None
-        s.divergence = {"step": step, "reason": "ended above its starting loss"}
-    elif first_above is not None:
-        s.excursion = int(train[first_above.index][K.STEP])
+    elif verdict.diverged:
+        index = verdict.divergence_index
+        s.divergence = {"step": None if index is None else int(train[index][K.STEP]),
+                        "reason": verdict.divergence_reason}
+    elif verdict.excursion_index is not None:
+        s.excursion = int(train[verdict.excursion_index][K.STEP])
     s.dead = dead_reason(rows)
 
     probe_row = _last_with(rows, K.DOWN_IN)

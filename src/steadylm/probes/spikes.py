@@ -1,7 +1,17 @@
-"""Loss-spike and divergence detection on a logged loss series.
+"""Loss-spike and divergence detection on a logged loss series, and the one definition of
+"diverged" and "rose above the start loss" that the trainer, the lab's summaries and every report use.
 
-Both work on plain sequences of floats (one value per logged step), so the lab, the stress
-protocols and a user's notebook can apply them to any ``metrics.jsonl`` after the fact.
+The detectors work on plain sequences of floats (one value per logged step), so the lab, the stress
+protocols and a user's notebook can apply them to any ``metrics.jsonl`` after the fact. The rule
+(:func:`above_start`, :func:`classify_run`) and its wording (:data:`DIVERGENCE_RULE`,
+:data:`EXCURSION_RULE`) live here and nowhere else:
+
+* **above the start**: a loss above the run's first finite loss + :data:`DEFAULT_DIVERGENCE_MARGIN`
+  (the margin keeps step-to-step noise right after initialisation from counting);
+* **diverged**: a non-finite loss or gradient (the trainer stops the run there), or a run that
+  *ends* (mean of its last :data:`ENDING_WINDOW` losses) above the start;
+* **excursion**: a run that did not diverge but was above the start on the way (the first such
+  step): a transient instability it recovered from.
 """
 
 from __future__ import annotations
@@ -16,6 +26,24 @@ DEFAULT_THRESHOLD = 4.0
 #: Loss units a run may sit above its start before it counts as diverged: step-to-step noise
 #: in the first few steps after initialisation must not count.
 DEFAULT_DIVERGENCE_MARGIN = 0.1
+#: Losses averaged for "where the run ended" (the divergence verdict and the final train loss).
+ENDING_WINDOW = 10
+
+#: The divergence rule in words, quoted by every report.
+DIVERGENCE_RULE = (
+    "a non-finite loss or gradient (the trainer stops the run), or a run that *ends* "
+    f"(mean of its last {ENDING_WINDOW} losses) above its first loss + {DEFAULT_DIVERGENCE_MARGIN}"
+)
+#: The excursion rule in words, quoted by every report.
+EXCURSION_RULE = (
+    f"a run that does not diverge but climbs above its first loss + {DEFAULT_DIVERGENCE_MARGIN} on the "
+    "way (a transient instability it recovers from) is reported with an excursion at that step"
+)
+
+
+def above_start(loss: float, start: float, margin: float = DEFAULT_DIVERGENCE_MARGIN) -> bool:
+    """Whether ``loss`` counts as above the run's starting loss ``start`` (the one rule)."""
+    return loss > start + margin
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,30 @@ def detect_divergence(
         if ref is None:
             ref = v
             continue
-        if v > ref + margin:
+        if above_start(v, ref, margin):
             return Divergence(index=i, loss=v, reason="above-start")
     return None
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """:func:`classify_run`'s answer: positions in the loss series (None: not at all)."""
+
+    diverged: bool
+    divergence_index: int | None  # first non-finite position, or the first position above the start
+    divergence_reason: str | None  # "non-finite loss" / "ended above its starting loss"
+    excursion_index: int | None  # a run that did not diverge: its first position above the start
+
+
+def classify_run(losses: Sequence[float], margin: float = DEFAULT_DIVERGENCE_MARGIN) -> RunVerdict:
+    """Diverged / excursion / neither for a loss series, by :data:`DIVERGENCE_RULE` and
+    :data:`EXCURSION_RULE` (a run the trainer stopped is diverged whatever this says)."""
+    first = detect_divergence(losses, margin)
+    if first is not None and first.reason == "non-finite":
+        return RunVerdict(True, first.index, "non-finite loss", None)
+    finite = [float(v) for v in losses if math.isfinite(float(v))]
+    tail = [float(v) for v in losses[-ENDING_WINDOW:] if math.isfinite(float(v))]
+    # the same mean as RunSummary.final_train_loss (plain sum, so the verdict matches the table)
+    if finite and tail and above_start(sum(tail) / len(tail), finite[0], margin):
+        return RunVerdict(True, first.index if first is not None else None, "ended above its starting loss", None)
+    return RunVerdict(False, None, None, first.index if first is not None else None)

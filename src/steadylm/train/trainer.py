@@ -28,8 +28,9 @@ directory.
 Divergence guard: a non-finite training loss or gradient norm (or validation loss) stops the run
 before the optimizer applies the poisoned update; no checkpoint is written after it, so the last
 good checkpoint stays in place. The step is in :attr:`TrainResult.diverged_at` (the caller decides
-whether that is an error: :meth:`TrainResult.raise_if_diverged`). Separately, the first step after
-warm-up whose loss is above the first step's loss is reported as ``loss_above_start_at``.
+whether that is an error: :meth:`TrainResult.raise_if_diverged`). Separately, the first step whose
+loss is above the start (:func:`steadylm.probes.spikes.above_start`: the first step's loss + the
+margin, the rule of every report) is reported as ``loss_above_start_at``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from steadylm.errors import (
     RunInterrupted,
     SteadyLMError,
 )
+from steadylm.probes.spikes import above_start
 from steadylm.train.atomic import atomic_write_text
 from steadylm.train.checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -114,7 +116,7 @@ class TrainResult:
     best_val_loss: float | None
     diverged_at: int | None  # step whose loss/grad norm was non-finite, None if none
     divergence_reason: str | None
-    loss_above_start_at: int | None  # first step after warm-up with loss > the first step's loss
+    loss_above_start_at: int | None  # first step whose loss is above the start (probes.spikes.above_start)
     start_loss: float | None
     tokens_seen: int
     tokens_per_s: float  # training tokens / training compute time (evaluation excluded)
@@ -203,7 +205,7 @@ class _RunState:
             if name in counters:
                 setattr(self, name, counters[name])
 
-    def record_train_step(self, step: int, loss: float, tokens: int, seconds: float, warmup_steps: int) -> None:
+    def record_train_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
         self.step = step
         self.tokens_seen += tokens
         self.train_time_s += seconds
@@ -212,7 +214,7 @@ class _RunState:
         self.window_time += seconds
         if self.start_loss is None:
             self.start_loss = loss
-        elif self.loss_above_start_at is None and step > warmup_steps and loss > self.start_loss:
+        elif self.loss_above_start_at is None and above_start(loss, self.start_loss):
             self.loss_above_start_at = step
 
     def record_val_loss(self, step: int, val_loss: float) -> None:
@@ -621,7 +623,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if hasattr(self.model, "after_optimizer_step"):
                     self.model.after_optimizer_step(step, cfg.steps)
-                state.record_train_step(step, out.loss, tokens_per_step, time.perf_counter() - t0, cfg.warmup_steps)
+                state.record_train_step(step, out.loss, tokens_per_step, time.perf_counter() - t0)
 
                 is_last = step == cfg.steps
                 val_loss = None
