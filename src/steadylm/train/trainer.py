@@ -104,6 +104,10 @@ class TrainCallback(Protocol):
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
+    def on_train_start(self, step: int, configs: dict[str, Any]) -> None: ...  # step: resumed from (0: fresh)
+
+    def on_train_end(self) -> None: ...  # also when the run stops on an error
+
 
 @dataclass
 class TrainResult:
@@ -613,6 +617,7 @@ class Trainer:
         self.model.train()
         progress = _Progress(cfg, state.step, enabled=self.env.is_main)
         try:
+            self._emit("on_train_start", state.step, self._configs())
             for step in range(state.step + 1, last_step + 1):
                 t0 = time.perf_counter()
                 out = self._train_step(step, device)
@@ -650,6 +655,7 @@ class Trainer:
             if metrics is not None:
                 metrics.sync()
                 metrics.close()
+            self._emit("on_train_end")
 
         if state.diverged_at is not None:
             progress.note(f"diverged at step {state.diverged_at}: {state.divergence_reason}; last good "
