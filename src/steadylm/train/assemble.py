@@ -17,8 +17,9 @@ are decided here and nowhere else:
   FP8 precision on the steadylm backend; every ``train.probe_every`` steps);
 * the model: the preset + overrides of ``spec.model`` for the tokenizer's vocabulary, or the
   imported config and weights of ``model.init_from`` (:mod:`steadylm.train.init_from`);
-* the Trainer: ``spec.train``, ``spec.parallel``, the caller's callbacks (experiment trackers,
-  ...), and the whole spec in ``config.json`` (``run_spec``), so ``--resume`` can reuse it.
+* the Trainer: ``spec.train``, ``spec.parallel``, the caller's callbacks and the experiment
+  trackers of ``train.trackers`` (:mod:`steadylm.train.trackers`), and the whole spec in
+  ``config.json`` (``run_spec``), so ``--resume`` can reuse it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from steadylm.distributed.env import DistEnv
 from steadylm.train.spec import RunSpec
+from steadylm.train.trackers import tracker_callback
 from steadylm.train.trainer import Trainer
 
 __all__ = ["RUN_SPEC_KEY", "build_data", "build_probes", "build_run", "init_weights", "stability_probe",
@@ -133,8 +135,10 @@ def build_run(
     model_config = spec.model_config(data.vocab_size) if init is None else init.config
     if model_factory is None and init is not None:
         model_factory = init.factory
+    tracker = tracker_callback(spec.train.trackers, out)  # train.trackers (--tracker); None without
     return Trainer(
         model_config, spec.train, data, out, [*build_probes(spec, fp8_per_module=fp8_per_module), *extra_probes],
-        callbacks=callbacks, parallel=spec.parallel, extra_configs={RUN_SPEC_KEY: spec.to_dict()},
+        callbacks=[*callbacks, *([tracker] if tracker is not None else [])], parallel=spec.parallel,
+        extra_configs={RUN_SPEC_KEY: spec.to_dict()},
         model_factory=model_factory, env=env,
     )

@@ -13,6 +13,7 @@ from steadylm.precision.apply import SCOPES as _FP8_SCOPES
 from steadylm.precision.backends import FP8_BACKENDS
 from steadylm.precision.backends import TORCHAO_RECIPES as FP8_RECIPES
 from steadylm.precision.linear import SCALINGS as _FP8_SCALINGS
+from steadylm.train.trackers import check_trackers, tracker_names
 
 __all__ = ["FP8_BACKENDS", "FP8_RECIPES", "PRECISIONS", "TrainConfig", "lr_at"]
 
@@ -59,6 +60,7 @@ class TrainConfig:
       evaluation steps, at the last step, and whenever a probe returns metrics).
     * ``probe_every``: the sampling interval for the run's probes. Probes are called every step
       and decide themselves whether to sample (the contract); the lab builds them with this value.
+    * ``trackers``: experiment trackers (:mod:`steadylm.train.trackers`) fed every metrics row.
     * ``device``: ``"auto"`` picks CUDA when available. ``threads``: torch intra-op threads, None
       leaves torch's default. ``progress``: rich progress bar; None shows it only on a terminal.
     """
@@ -99,6 +101,11 @@ class TrainConfig:
     threads: int | None = spec_field(None, help="torch intra-op threads (default: torch's; under "
                                      "torchrun on CPU: cores / local world size)")
     progress: bool | None = spec_field(None, help="progress bar (default: on a terminal only)")
+    trackers: list[str] = spec_field(default_factory=list, help="experiment trackers rank 0 logs every "
+                                     "metrics row and the run spec to, comma-separated: tensorboard "
+                                     "(RUN_DIR/tensorboard), wandb (WANDB_MODE=offline: no network); a "
+                                     "resume continues the same tracker run", flag="--tracker",
+                                     choices=tracker_names)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +145,9 @@ class TrainConfig:
             _check_int("threads", self.threads, 1)
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ConfigError(f"TrainConfig.progress must be True, False or None, got {self.progress!r}")
+        if not isinstance(self.trackers, (list, tuple)) or not all(isinstance(t, str) for t in self.trackers):
+            raise ConfigError(f"TrainConfig.trackers must be a list of tracker names, got {self.trackers!r}")
+        check_trackers(self.trackers, installed=False)  # names only: a saved spec reads without the packages
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A validated copy with ``changes`` applied."""
