@@ -10,8 +10,9 @@ Rules checked:
 1. Layers (:data:`LAYERS`): a module of layer ``L`` imports from layer ``L`` itself or below.
    Packages that share a rank are siblings and must not import each other (``data`` and
    ``distributed``; ``integrations``, ``scan`` and ``bench``, which may use ``lab``).
-   ``errors``, ``config_fields`` and the package ``__init__`` import nothing of steadylm;
-   ``plugins`` (the plug-in loader) imports only ``errors``; all of them are importable anywhere.
+   ``errors`` and the package ``__init__`` import nothing of steadylm; ``config_fields`` (the
+   flag generator) and ``plugins`` (the plug-in loader) import only ``errors``; all of them are
+   importable from every layer.
 2. No cycles: the graph "module A imports module B" over all of ``src/steadylm`` (a package's
    ``__init__`` counts as the module ``steadylm.x``) has no strongly connected component of more
    than one module, and no module imports itself. ``from steadylm.x import y`` where ``y`` is a
@@ -31,9 +32,9 @@ PACKAGE = SRC / "steadylm"
 #: top-level module or package -> rank (lower = more basic). Equal ranks are siblings.
 LAYERS: dict[str, int] = {
     "errors": 0,
-    "config_fields": 0,
     "__init__": 0,  # steadylm/__init__.py holds only __version__ (importable anywhere, imports nothing)
-    "plugins": 1,  # the plug-in loader: imports errors only, importable from any layer above
+    "config_fields": 1,  # spec_field and the flag generator: imports errors only
+    "plugins": 1,  # the plug-in loader: imports errors only
     "functional": 2,
     "kernels": 3,
     "nn": 4,

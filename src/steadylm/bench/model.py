@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import steadylm
+from steadylm.bench.timing import quantile, synchronize, time_call
+from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
 
 __all__ = [
@@ -62,23 +63,24 @@ NORM_CHOICES = ("rmsnorm", "bhyt", "bhyt_star", "dyt")
 class ModelBenchConfig:
     """What to run (defaults: the issue's protocol; ``--quick`` in the CLI shrinks it)."""
 
-    presets: Sequence[str] = ("micro", "nano-moe")
-    activations: Sequence[str] = ACTIVATION_CHOICES
-    norms: Sequence[str] = NORM_CHOICES
-    modes: Sequence[str] = MODES
-    measures: Sequence[str] = MEASURES
-    batch: int = 8
-    seq: int = 256
-    gen_batches: Sequence[int] = (1, 8)
-    prompt: int = 16
-    new_tokens: int = 128
-    rounds: int = 5
-    warmup: int = 1
-    dtype: str = "fp32"  # "bf16": autocast bf16 (fp32 master weights)
-    hf: bool = True
-    moe_loop: bool = False  # MoE presets: add the row "swiglu+rmsnorm:loop" (per-expert loop dispatch)
-    profile: bool = True
-    device: str | None = None
+    presets: Sequence[str] = spec_field(("micro", "nano-moe"), help="model presets", flag="--presets")
+    activations: Sequence[str] = spec_field(ACTIVATION_CHOICES, help="activations", flag="--activations")
+    norms: Sequence[str] = spec_field(NORM_CHOICES, help="norms", flag="--norms")
+    modes: Sequence[str] = spec_field(MODES, help="eager,compiled", flag="--modes")
+    measures: Sequence[str] = spec_field(MEASURES, help="train,generate", flag="--measures")
+    batch: int = spec_field(8, help="training batch", flag="--batch")
+    seq: int = spec_field(256, help="training sequence length", flag="--seq")
+    gen_batches: Sequence[int] = spec_field((1, 8), help="generation batch sizes", flag="--gen-batches")
+    prompt: int = spec_field(16, help="prompt tokens", flag="--prompt")
+    new_tokens: int = spec_field(128, help="generated tokens", flag="--new-tokens")
+    rounds: int = spec_field(5, help="interleaved timed rounds", flag="--rounds")
+    warmup: int = spec_field(1, help="untimed calls per row after the first", flag="--warmup")
+    dtype: str = "fp32"  # "bf16": autocast bf16 (fp32 master weights); the CLI picks bf16 on CUDA
+    hf: bool = spec_field(True, help="add the Hugging Face LlamaForCausalLM row", flag="--hf")
+    moe_loop: bool = spec_field(False, help="MoE presets: add swiglu+rmsnorm:loop, the per-expert loop "
+                                "dispatch (graph breaks)", flag="--moe-loop")
+    profile: bool = spec_field(True, help="measure the profiler shares of norms and activations", flag="--profile")
+    device: str | None = spec_field(None, help="cpu or cuda (None: cuda when available)", flag="--device")
     seed: int = 0
 
     def validate(self) -> None:
@@ -129,18 +131,6 @@ class Row:
 
     def tokens_per_s(self) -> list[float]:
         return [self.tokens_per_call / t for t in self.times_s]
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
@@ -289,7 +279,7 @@ def profile_shares(model: nn.Module, step: Callable[[], None], device: torch.dev
         with profile(activities=activities) as prof:
             with record_function("steadylm.step"):
                 step()
-            _sync(device)
+            synchronize(device)
     use_device = device.type == "cuda"
     totals: dict[str, float] = {"norm": 0.0, "activation": 0.0, "step": 0.0}
     for event in prof.key_averages():
@@ -373,16 +363,12 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
             if row.preset == preset:
                 for _ in range(config.warmup + 1):  # the first call compiles
                     calls[row.key]()
-                _sync(device)
+                synchronize(device)
     say(f"timing {config.rounds} interleaved rounds of {len(rows)} rows")
     for r in range(config.rounds):
         shift = r % len(rows)
         for row in rows[shift:] + rows[:shift]:
-            _sync(device)
-            start = time.perf_counter()
-            calls[row.key]()
-            _sync(device)
-            row.times_s.append(time.perf_counter() - start)
+            row.times_s.append(time_call(calls[row.key], device))
     by_key = {row.key: row for row in rows}
     for row in rows:
         base_mode = row.mode if (row.preset, BASELINE, row.mode, row.measure) in by_key else "eager"

@@ -20,15 +20,10 @@ graph and keeps its intermediates, the compiled reference saves what its backwar
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,6 +32,8 @@ from torch import Tensor
 import steadylm
 from steadylm import functional as ref
 from steadylm import kernels as fused
+from steadylm.bench import timing
+from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
 
 __all__ = [
@@ -148,18 +145,19 @@ def _liger_ops() -> dict[str, Callable[..., Tensor]]:
 class BenchConfig:
     """What to run. ``repeats`` timed runs per provider after ``warmup`` untimed ones."""
 
-    ops: Sequence[str] = tuple(OPS)
-    dtypes: Sequence[str] = ("fp32", "bf16")
-    modes: Sequence[str] = MODES
-    providers: Sequence[str] = PROVIDERS
-    tokens: int = 8192
-    hidden: int = 4096
-    repeats: int = 10
-    warmup: int = 2
-    memory: bool = True
-    device: str | None = None
+    ops: Sequence[str] = spec_field(tuple(OPS), help="ops to time", flag="--ops")
+    dtypes: Sequence[str] = spec_field(("fp32", "bf16"), help="dtypes: fp32,bf16,fp16", flag="--dtypes")
+    modes: Sequence[str] = spec_field(MODES, help="forward,backward,forward+backward", flag="--modes")
+    providers: Sequence[str] = spec_field(PROVIDERS, help="eager,compile,fused", flag="--providers")
+    tokens: int = spec_field(8192, help="rows (tokens)", flag="--tokens")
+    hidden: int = spec_field(4096, help="hidden size", flag="--hidden")
+    repeats: int = spec_field(10, help="timed runs per provider", flag="--repeats")
+    warmup: int = spec_field(2, help="untimed runs before timing", flag="--warmup")
+    memory: bool = spec_field(True, help="measure peak memory", flag="--memory")
+    device: str | None = spec_field(None, help="cpu or cuda (None: cuda when available)", flag="--device")
     seed: int = 0
-    liger: bool = True  # add Liger-Kernel peer rows (provider "liger") on CUDA when it is installed
+    liger: bool = spec_field(True, help="add Liger-Kernel peer rows (provider 'liger', CUDA, when installed)",
+                             flag="--liger")
 
     def validate(self) -> None:
         def check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
@@ -198,12 +196,7 @@ class Measurement:
         return statistics.median(self.times_s)
 
     def quantile_s(self, q: float) -> float:
-        ordered = sorted(self.times_s)
-        if len(ordered) == 1:
-            return ordered[0]
-        pos = q * (len(ordered) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        return timing.quantile(self.times_s, q)
 
     def bandwidth_gbs(self, seconds: float) -> float:
         return self.traffic_bytes / seconds / 1e9
@@ -214,29 +207,14 @@ class Measurement:
 # --------------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    _synchronize(device)
-    elapsed = time.perf_counter() - start
-    del out
-    return elapsed
-
-
 def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak memory held during ``fn()`` above what was allocated before it (its result is dropped)."""
     if device.type == "cuda":
-        _synchronize(device)
+        timing.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        _synchronize(device)
+        timing.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return int(peak)
@@ -263,7 +241,7 @@ def _interleaved_times(
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_time_once(runners[name], device))
+            times[name].append(timing.time_call(runners[name], device))
     return times
 
 
@@ -349,7 +327,7 @@ def run_bench(
                 runners = {p: _make_runner(fns[p], args, mode, grad_out) for p in providers}
                 for _ in range(config.warmup + 1):  # the first call compiles
                     for fn in runners.values():
-                        _time_once(fn, device)
+                        timing.time_call(fn, device)
                 times = _interleaved_times(runners, config.repeats, device)
                 for provider in providers:
                     peak = _peak_bytes(runners[provider], device) if config.memory else None
@@ -420,23 +398,8 @@ def csv_rows(
 
 
 def append_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, str]]) -> None:
-    """Append rows to a CSV (header written when the file is new); the file is replaced atomically."""
-    from steadylm.train.atomic import atomic_write_text
-
-    target = Path(path)
-    existing = target.read_text(encoding="utf-8") if target.exists() else ""
-    if existing:
-        header = existing.splitlines()[0].split(",")
-        if tuple(header) != CSV_COLUMNS:
-            raise ConfigError(f"csv: {target} has columns {header}, expected {list(CSV_COLUMNS)}")
-        if not existing.endswith("\n"):
-            existing += "\n"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    if not existing:
-        writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(target, existing + buffer.getvalue())
+    """Append rows to a CSV of :data:`CSV_COLUMNS` (:func:`steadylm.bench.timing.append_csv`)."""
+    timing.append_csv(path, rows, CSV_COLUMNS)
 
 
 def _find(results: Sequence[Measurement], kernel: str, provider: str, mode: str, dtype: str) -> Measurement | None:

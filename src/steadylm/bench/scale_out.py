@@ -39,6 +39,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from steadylm.bench.timing import quantile
     from steadylm.distributed.env import broadcast_object, init_distributed, shutdown_distributed
     from steadylm.train.assemble import build_run
     from steadylm.train.metrics import read_metrics
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             "params": result.num_params["total"], **sizes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "step_s_median": statistics.median(times) if times else None,
-            "step_s_p20": statistics.quantiles(times, n=5)[0] if len(times) >= 5 else None,
-            "step_s_p80": statistics.quantiles(times, n=5)[-1] if len(times) >= 5 else None,
+            "step_s_p20": quantile(times, 0.2) if times else None,
+            "step_s_p80": quantile(times, 0.8) if times else None,
             "threads_per_rank": spec.train.threads or (env.cpu_threads() if env.world_size > 1 else torch.get_num_threads()),
         }
         print(json.dumps(report))

@@ -20,18 +20,15 @@ so the spec's ``parallel`` section is not offered, and the fields a protocol set
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from steadylm.config_fields import spec_field
+from steadylm.config_fields import add_field_flags, fields_from_args, spec_field
 from steadylm.errors import ConfigError
-from steadylm.train.spec import RunSpec, add_spec_arguments, parse_value, user_assignments
+from steadylm.train.spec import RunSpec, add_spec_arguments, user_assignments
 
 __all__ = [
     "LAB_EXCLUDED",
@@ -118,79 +115,25 @@ class TuneOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# flags from dataclass fields
+# flags from dataclass fields (the one generator: steadylm.config_fields)
 # ----------------------------------------------------------------------------------------------
-
-
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
-    return tp, False
 
 
 def _dest(cls: type, name: str) -> str:
     return f"lab__{cls.__name__}__{name}"
 
 
-def _item_parser(flag: str, item_type: Any, choices: Sequence[str] | None) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        try:
-            if typing.get_origin(item_type) is list:
-                (inner,) = typing.get_args(item_type)
-                values = [parse_value(flag, part.strip(), inner) for part in raw.split(",") if part.strip()]
-                if not values:
-                    raise ConfigError(f"{flag} needs at least one value, got {raw!r}")
-                return values
-            return parse_value(flag, raw, item_type)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
-
-
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, **defaults: Any) -> None:
     """A flag for every field of the dataclass ``cls`` that has ``spec_field(flag=...)``.
     ``defaults`` replace field defaults (shown in ``--help``; applied by :func:`options_from_args`)."""
-    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag")
-        if not flag:
-            continue
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        if isinstance(default, (list, tuple)):
-            shown = ",".join(str(v) for v in default)
-        else:
-            shown = repr(default)
-        kwargs: dict[str, Any] = {"dest": _dest(cls, f.name), "default": None,
-                                  "help": f"{f.metadata['help']} (default {shown})"}
-        base, _ = _unwrap(hints[f.name])
-        choices = f.metadata.get("choices")
-        if callable(choices):
-            choices = choices()
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif choices is not None and typing.get_origin(base) is not list:
-            kwargs["choices"] = list(choices)
-        else:
-            kwargs["type"] = _item_parser(flag, base, None)
-            kwargs["metavar"] = "A,B,..." if typing.get_origin(base) is list else (
-                base.__name__.upper() if isinstance(base, type) else "VALUE")
-        group.add_argument(flag, **kwargs)
+    add_field_flags(group, cls, dest=lambda name: _dest(cls, name), defaults=defaults)
 
 
 def options_from_args(args: argparse.Namespace, cls: type[T], **defaults: Any) -> T:
     """An instance of ``cls`` from the flags :func:`add_options` made (unset flags: ``defaults``,
     then the field defaults)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        given = getattr(args, _dest(cls, f.name), None)
-        if given is not None:
-            values[f.name] = given
-        elif f.name in defaults:
-            values[f.name] = defaults[f.name]
-    return cls(**values)
+    return cls(**fields_from_args(args, cls, dest=lambda name: _dest(cls, name), defaults=defaults))
 
 
 def add_lab_arguments(parser: argparse.ArgumentParser, *protocol_options: type, **defaults: Any) -> None:

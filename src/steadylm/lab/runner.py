@@ -13,10 +13,10 @@ import json
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from steadylm.distributed.env import DistEnv
 from steadylm.errors import RunPreempted
@@ -26,8 +26,8 @@ from steadylm.train.assemble import build_data, build_run, stability_probe
 from steadylm.train.atomic import atomic_write_text
 from steadylm.train.spec import RunSpec
 
-__all__ = ["RESULT_FILE", "SAMPLES_FILE", "RunResult", "is_finished", "load_data", "run_variant",
-           "variant_spec"]
+__all__ = ["RESULT_FILE", "SAMPLES_FILE", "RunResult", "SharedJob", "is_finished", "load_data", "run_shared",
+           "run_variant", "variant_spec"]
 
 RESULT_FILE = "result.json"
 SAMPLES_FILE = "bhyt_variance_samples.json"
@@ -139,6 +139,58 @@ def run_variant(
         atomic_write_text(run_dir / RESULT_FILE, json.dumps(
             {"spec": spec.to_dict(), **facts}, indent=1, default=str))
     return _result(spec, run_dir, variant, label, read_metrics(result.metrics_jsonl), facts, samples)
+
+
+class SharedJob(Protocol):
+    """What :func:`run_shared` needs of a job: its spec, its run directory and its report label."""
+
+    spec: RunSpec
+    run_dir: Path
+
+    @property
+    def label(self) -> str: ...
+
+
+def run_shared(
+    jobs: Sequence[SharedJob],
+    data: Any,
+    *,
+    resume: bool,
+    env: DistEnv,
+    extra_probes: Callable[[Any], Sequence[Any]] | None = None,
+    announce: Callable[[Any, bool], None] | None = None,
+    tag: str = "lab",
+    poll_s: float = 5.0,
+) -> dict[int, RunResult]:
+    """Ranks take whole runs: this rank (``env``: the launcher's layout, no process group) trains
+    jobs ``env.rank, env.rank + world, ...``, then waits until every job has its ``result.json``
+    and returns all results by job index (the other ranks' re-read from their directories).
+
+    ``extra_probes(job)``: probes besides the usual ones; ``announce(job, reused)``: called before
+    each of this rank's jobs (``reused``: finished and re-read under ``resume``).
+    """
+    results: dict[int, RunResult] = {}
+    for i, job in enumerate(jobs):
+        if i % env.world_size != env.rank:
+            continue
+        if announce is not None:
+            announce(job, resume and is_finished(job.run_dir, job.spec))
+        extra = list(extra_probes(job)) if extra_probes is not None else []
+        results[i] = run_variant(job.spec, job.run_dir, data, label=job.label, resume=resume, extra_probes=extra)
+    waiting = [i for i in range(len(jobs)) if i not in results]
+    last_note = time.monotonic()
+    while waiting:
+        waiting = [i for i in waiting if not is_finished(jobs[i].run_dir, jobs[i].spec)]
+        if waiting:
+            if time.monotonic() - last_note > 60:
+                print(f"{tag}[{env.rank}/{env.world_size}]: waiting for {len(waiting)} run(s) of other ranks",
+                      flush=True)
+                last_note = time.monotonic()
+            time.sleep(poll_s)
+    for i, job in enumerate(jobs):
+        if i not in results:
+            results[i] = run_variant(job.spec, job.run_dir, data, label=job.label, resume=True)
+    return results
 
 
 def _reread(spec: RunSpec, run_dir: Path, variant: Variant, label: str) -> RunResult:

@@ -27,14 +27,13 @@ import dataclasses
 import json
 import math
 import os
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steadylm.config_fields import spec_field
+from steadylm.config_fields import add_field_flags, parse_value, spec_field, type_name, unwrap_optional
 from steadylm.distributed.config import ParallelConfig
 from steadylm.errors import ConfigError
 from steadylm.train.config import TrainConfig
@@ -222,57 +221,8 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=namespace)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
-    return tp, False
-
-
-_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
-               dict: "a table", list: "a list"}
-
-
-def _type_name(tp: Any) -> str:
-    """``an integer``, ``a number or null``: what a value of type ``tp`` must be, in words."""
-    base, optional = _unwrap_optional(tp)
-    origin = typing.get_origin(base) or base
-    name = _TYPE_WORDS.get(origin, f"a {getattr(base, '__name__', str(base))}")
-    return f"{name} or null" if optional else name
-
-
-def parse_value(key: str, raw: str, tp: Any) -> Any:
-    """Parse the string ``raw`` (from ``--set`` or a flag) as the type ``tp`` of field ``key``."""
-    base, optional = _unwrap_optional(tp)
-    text = raw.strip()
-    if optional and text.lower() in ("null", "none", ""):
-        return None
-    try:
-        if base is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            return int(text)
-        if base is float:
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
-        if base is str:
-            return raw
-        value = json.loads(text)  # dicts, lists, unions of several types
-        return value
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"{key} must be {_type_name(tp)}, got {raw!r}") from None
-
-
 def _matches(value: Any, tp: Any) -> bool:
-    base, optional = _unwrap_optional(tp)
+    base, optional = unwrap_optional(tp)
     if value is None:
         return optional
     if base is bool:
@@ -296,7 +246,7 @@ def _check_types(section: str, obj: Any, exclude: Sequence[str] = ()) -> None:
             continue
         value = getattr(obj, f.name)
         if not _matches(value, hints[f.name]):
-            raise ConfigError(f"{section}.{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+            raise ConfigError(f"{section}.{f.name} must be {type_name(hints[f.name])}, got {value!r}")
 
 
 def _build_section(name: str, values: Mapping[str, Any]) -> Any:
@@ -311,7 +261,7 @@ def _build_section(name: str, values: Mapping[str, Any]) -> Any:
     hints = _hints(cls)
     for key, value in values.items():
         if not _matches(value, hints[key]):
-            raise ConfigError(f"{name}.{key} must be {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"{name}.{key} must be {type_name(hints[key])}, got {value!r}")
     try:
         obj = cls(**values)
     except ConfigError as err:
@@ -438,41 +388,16 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str
         if section in exclude:
             continue
         group = parser.add_argument_group(section, _first_sentence(cls.__doc__ or ""))
-        for f in dataclasses.fields(cls):
-            flag = f.metadata.get("flag")
-            if not flag or f"{section}.{f.name}" in exclude:
-                continue
-            tp = _hints(cls)[f.name]
-            choices = f.metadata.get("choices")
-            if callable(choices):
-                choices = choices()
-            default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = f"{f.metadata['help']} [{section}.{f.name}; default {default!r}]"
-            kwargs: dict[str, Any] = {"dest": _dest(section, f.name), "default": None, "help": help_text}
-            base, _ = _unwrap_optional(tp)
-            if choices is not None:
-                kwargs["choices"] = list(choices)
-            elif base is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["metavar"] = base.__name__.upper() if isinstance(base, type) else "VALUE"
-                kwargs["type"] = _flag_parser(f"{section}.{f.name}", tp)
-            group.add_argument(flag, **kwargs)
+        add_field_flags(
+            group, cls, hints=_hints(cls), dest=lambda name, section=section: _dest(section, name),
+            help_text=lambda f, default, section=section: f"{f.metadata['help']} [{section}.{f.name}; default {default!r}]",
+            exclude=[key.partition(".")[2] for key in exclude if key.startswith(section + ".")],
+        )
 
 
 def _first_sentence(doc: str) -> str:
     paragraph = " ".join(doc.strip().split("\n\n")[0].split())
     return paragraph.split(". ")[0].rstrip(".") + "." if paragraph else ""
-
-
-def _flag_parser(key: str, tp: Any) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        try:
-            return parse_value(key, raw, tp)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:

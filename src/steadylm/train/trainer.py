@@ -35,17 +35,12 @@ margin, the rule of every report) is reported as ``loss_above_start_at``.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,23 +59,22 @@ from steadylm.errors import (
     DivergenceError,
     OutputError,
     RunDirectoryInUse,
-    RunInterrupted,
     SteadyLMError,
 )
 from steadylm.probes.spikes import above_start
-from steadylm.train.atomic import atomic_write_text
 from steadylm.train.checkpoint import (
-    CHECKPOINT_DIRNAME,
     DCP_FORMAT_VERSION,
-    find_checkpoint,
     load_checkpoint,
-    read_checkpoint_state,
     read_state_json,
 )
 from steadylm.train.dcp import save_dcp_checkpoint
 from steadylm.train.lock import RunDirLock
 from steadylm.train.config import TrainConfig, lr_at
 from steadylm.train.metrics import MetricsLog
+from steadylm.train.preemption import Preemption
+from steadylm.train.run_dir import config_dict as _config_dict
+from steadylm.train.run_dir import prepare_run_dir
+from steadylm.train.progress import ProgressBar
 
 __all__ = ["Preemption", "Probe", "TrainCallback", "TrainResult", "Trainer"]
 
@@ -149,14 +143,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    if is_dataclass(config):
-        return json.loads(json.dumps(asdict(config), default=str))
-    raise ConfigError(f"model_config must be a ModelConfig (with to_dict), got {type(config).__name__}")
 
 
 def _default_model_factory(model_config: Any) -> nn.Module:
@@ -514,49 +500,8 @@ class Trainer:
 
     def _prepare_out_dir(self, resume: bool | str, metrics: MetricsLog) -> Path | None:
         """Set up ``out_dir`` (rank 0); returns the checkpoint to resume from (None for a fresh run)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        configs = self._configs()
-        if resume == "auto":
-            resume = find_checkpoint(self.out_dir) is not None
-        if not resume:
-            for name in (CHECKPOINT_DIRNAME, CHECKPOINT_DIRNAME + ".old"):
-                shutil.rmtree(self.out_dir / name, ignore_errors=True)
-            metrics.reset()
-            atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
-            return None
-        checkpoint = find_checkpoint(self.out_dir)
-        if checkpoint is None:
-            raise CheckpointError(f"cannot resume: no checkpoint in {self.out_dir}")
-        saved = read_checkpoint_state(checkpoint).configs
-        saved_model = self._normalized_model_dict(saved.get("model", {}))
-        problems = []
-        differing = sorted(
-            k for k in set(saved_model) | set(configs["model"]) if saved_model.get(k) != configs["model"].get(k)
-        )
-        if differing:
-            problems.append(f"model config differs in {differing}")
-        if saved.get("train", {}).get("seed") != self.config.seed:
-            problems.append(f"seed differs (checkpoint {saved.get('train', {}).get('seed')}, now {self.config.seed})")
-        saved_fp = saved.get("data", {}).get("fingerprint")
-        if saved_fp and saved_fp != configs["data"].get("fingerprint"):
-            problems.append("the data (corpus, tokenizer or split) differs")
-        if saved.get("train", {}).get("precision") != self.config.precision:
-            problems.append("precision differs")
-        if problems:
-            raise CheckpointError(f"cannot resume from {checkpoint}: " + "; ".join(problems))
-        atomic_write_text(self.out_dir / "config.json", json.dumps(configs, indent=2, default=str))
-        return checkpoint
-
-    def _normalized_model_dict(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """A saved model config as this version writes it: fields added since (with their
-        defaults) do not make an older run look like another model."""
-        from_dict = getattr(type(self.model_config), "from_dict", None)
-        if from_dict is None or not saved:
-            return saved
-        try:
-            return _config_dict(from_dict(saved))
-        except (SteadyLMError, TypeError, ValueError):
-            return saved  # reported field by field below
+        return prepare_run_dir(self.out_dir, self._configs(), resume, metrics, model_config=self.model_config,
+                               seed=self.config.seed, precision=self.config.precision)
 
     def run(self, resume: bool | str = False, *, stop_after: int | None = None) -> TrainResult:
         """Train (or continue from ``out_dir``'s checkpoint when ``resume``) to ``steps``.
@@ -615,7 +560,7 @@ class Trainer:
         val_batches = self.data.val_batches(cfg.eval_batches, cfg.batch_size, device=device, **self._shard())
         tokens_per_step = cfg.batch_size * self.data.seq_len
         self.model.train()
-        progress = _Progress(cfg, state.step, enabled=self.env.is_main)
+        progress = ProgressBar(cfg, state.step, enabled=self.env.is_main)
         try:
             self._emit("on_train_start", state.step, self._configs())
             for step in range(state.step + 1, last_step + 1):
@@ -711,82 +656,3 @@ class Trainer:
             preempted_at=state.preempted_at,
             preempt_signal=self._preemption.requested if state.preempted_at else None,
         )
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 during a run: finish the step, checkpoint, stop (context manager).
-
-    Schedulers send SIGTERM before SIGKILL when they preempt a job (SLURM can be told to send
-    SIGUSR1 earlier, ``--signal=USR1@120``). The first signal only sets :attr:`requested`; the
-    trainer checks it once per step. A second signal while that checkpoint is being written raises
-    :class:`~steadylm.errors.RunInterrupted` at once: the save is abandoned and the previous
-    checkpoint stays valid. Handlers are installed only in the main thread and restored on exit.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self.checkpointing = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None and self.checkpointing:
-            raise RunInterrupted(f"second {name} while writing the preemption checkpoint: aborted; "
-                                 "the previous checkpoint is intact")
-        self.requested = self.requested or name
-
-    def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                signum = getattr(signal, name, None)
-                if signum is not None:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-
-class _Progress:
-    """A rich progress bar on stderr, shown only on a terminal unless forced by the config."""
-
-    def __init__(self, config: TrainConfig, start_step: int, *, enabled: bool = True) -> None:
-        enabled = enabled and (config.progress if config.progress is not None else sys.stderr.isatty())
-        self._progress = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=config.steps, completed=start_step, info="")
-
-    def update(self, step: int, loss: float, lr: float, state: _RunState, val_loss: float | None) -> None:
-        if self._progress is None:
-            return
-        rate = state.tokens_seen / state.train_time_s if state.train_time_s else 0.0
-        info = f"loss {loss:.3f}  lr {lr:.2e}  {rate:,.0f} tok/s"
-        if state.final_val_loss is not None:
-            info += f"  val {state.final_val_loss:.3f}"
-        self._progress.update(self._task, completed=step, info=info)
-
-    def note(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(f"[yellow]{message}")
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()

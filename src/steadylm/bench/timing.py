@@ -1,0 +1,76 @@
+"""What every benchmark shares: timing one call, the quantiles reported (median, p20, p80) and the
+CSV the results are appended to.
+
+One definition each, so ``steadylm bench ops``, ``steadylm bench model`` and the scale-out bench
+(:mod:`steadylm.bench.scale_out`) report comparable numbers: a quantile is the linear
+interpolation between order statistics (numpy's default "linear" method), p20/p80 bracket the
+median, and a CSV keeps its header (a file with other columns is refused, never rewritten).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steadylm.errors import ConfigError
+
+__all__ = ["append_csv", "quantile", "spread", "synchronize", "time_call"]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0 ≤ q ≤ 1) of ``values``: linear interpolation between order statistics."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(p20, median, p80)``: what every benchmark table reports."""
+    return quantile(values, 0.2), statistics.median(values), quantile(values, 0.8)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a timer brackets the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one ``fn()`` on ``device`` (synchronised before and after; its result dropped)."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
+
+
+def append_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, str]], columns: Sequence[str]) -> None:
+    """Append ``rows`` to a CSV with ``columns`` (header written when the file is new); the file is
+    replaced atomically. A file with other columns raises :class:`ConfigError`."""
+    from steadylm.train.atomic import atomic_write_text
+
+    target = Path(path)
+    existing = target.read_text(encoding="utf-8") if target.exists() else ""
+    if existing:
+        header = existing.splitlines()[0].split(",")
+        if tuple(header) != tuple(columns):
+            raise ConfigError(f"csv: {target} has columns {header}, expected {list(columns)}")
+        if not existing.endswith("\n"):
+            existing += "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    if not existing:
+        writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(target, existing + buffer.getvalue())
