@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -284,26 +284,42 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _store_entry(root: Path, entry: Path, tokenizer: Tokenizer, tokens: np.ndarray, meta: dict) -> None:
+def _commit_entry(root: Path, entry: Path, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write a cache entry atomically: each ``files[name](path)`` writes one file into a staging
+    directory, every file is fsynced, and the directory is renamed into place (an entry another
+    process stored first is equivalent, and kept)."""
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
     try:
-        tokenizer.save(str(staging / "tokenizer.json"))
-        with open(staging / "tokens.npy", "wb") as handle:
-            np.save(handle, tokens, allow_pickle=False)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for name in ("tokenizer.json", "tokens.npy", "meta.json"):
+        for name, write in files.items():
+            write(staging / name)
+        for name in files:
             fsync_path(staging / name)
         try:
             os.rename(staging, entry)
         except OSError:
-            # Another process stored the same entry first; theirs is equivalent.
             if not entry.is_dir():
                 raise
         else:
             fsync_path(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_npy(tokens: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, tokens, allow_pickle=False)
+
+    return write
+
+
+def _store_entry(root: Path, entry: Path, tokenizer: Tokenizer, tokens: np.ndarray, meta: dict) -> None:
+    _commit_entry(root, entry, {
+        "tokenizer.json": lambda path: tokenizer.save(str(path)),
+        "tokens.npy": _save_npy(tokens),
+        "meta.json": lambda path: path.write_text(json.dumps(meta, indent=2, sort_keys=True)),
+    })
 
 
 def cached_tokenizer(fingerprint: str) -> Tokenizer | None:
@@ -326,22 +342,11 @@ def store_tokenizer(fingerprint: str, tokenizer: Tokenizer, meta: dict[str, Any]
     root = cache_root() / "tokenizers"
     entry = root / fingerprint[:32]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=root))
-        try:
-            tokenizer.save(str(staging / "tokenizer.json"))
-            (staging / "meta.json").write_text(
-                json.dumps({**meta, "fingerprint": fingerprint}, indent=2, sort_keys=True)
-            )
-            for name in ("tokenizer.json", "meta.json"):
-                fsync_path(staging / name)
-            try:
-                os.rename(staging, entry)
-            except OSError:
-                if not entry.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _commit_entry(root, entry, {
+            "tokenizer.json": lambda path: tokenizer.save(str(path)),
+            "meta.json": lambda path: path.write_text(json.dumps({**meta, "fingerprint": fingerprint},
+                                                                 indent=2, sort_keys=True)),
+        })
     except OSError as err:
         import warnings
 

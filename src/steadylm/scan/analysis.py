@@ -49,6 +49,18 @@ def batches(tokens: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield tokens[start : start + batch_size]
 
 
+def _forward_with_hooks(model: nn.Module, tokens: Tensor, batch_size: int, handles: list[Any]) -> None:
+    """Run the text through ``model`` (eval mode, in batches) once, then remove ``handles``
+    (the hooks that took the measurement), also when the forward fails."""
+    model.eval()
+    try:
+        for batch in batches(tokens, batch_size):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def probe_metrics(model: Transformer, tokens: Tensor, batch_size: int = 4) -> dict[str, float]:
     """The :class:`StabilityProbe` readings over every window of ``tokens`` (one pooled sample)."""
@@ -89,13 +101,7 @@ def outlier_channels(model: Transformer, tokens: Tensor, batch_size: int = 4) ->
 
     handles = [m.register_forward_hook(track(("ffn_down_in", i, part))) for i, part, m in _down_inputs(model)]
     handles += [b.register_forward_hook(track(("hidden", i, ""))) for i, b in enumerate(model.layers)]
-    model.eval()
-    try:
-        for batch in batches(tokens, batch_size):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, tokens, batch_size, handles)
     rows = []
     for (family, layer, part), values in sorted(amax.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
         top = int(values.argmax())
@@ -129,13 +135,7 @@ def attention_max_logits(model: Transformer, tokens: Tensor, batch_size: int = 4
         return hook
 
     handles = [block.attn.register_forward_hook(track(i)) for i, block in enumerate(model.layers)]
-    model.eval()
-    try:
-        for batch in batches(tokens, batch_size):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, tokens, batch_size, handles)
     return dict(sorted(result.items()))
 
 
@@ -153,13 +153,7 @@ def fp8_risk(model: Transformer, tokens: Tensor, batch_size: int = 4) -> list[di
 
     handles = [m.register_forward_pre_hook(track(name)) for name, m in model.named_modules()
                if isinstance(m, nn.Linear)]
-    model.eval()
-    try:
-        for batch in batches(tokens, batch_size):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, tokens, batch_size, handles)
     rows = []
     for name, r in counters.items():
         numel = float(r[Col.NUMEL])
