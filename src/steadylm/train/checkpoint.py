@@ -36,38 +36,12 @@ from safetensors.torch import save as save_safetensors
 
 from steadylm.errors import CheckpointError
 from steadylm.train.atomic import fsync_dir, write_and_sync
-from steadylm.train.checkpoint_layout import (
-    CHECKPOINT_DIRNAME,
-    DCP_FORMAT_VERSION,
-    SAFETENSORS_FORMAT_VERSION,
-    STAGING_PREFIX,
-    STATE_FILE,
-    CheckpointState,
-    find_checkpoint,
-    read_checkpoint_state,
-    read_state_json,
-    restore_buffers,
-    restore_rng_state,
-    rng_json,
-    rng_tensors,
-    swap_into_place,
-)
+# The directory layout is re-exported: callers find, read and load checkpoints of either format here.
+from steadylm.train.checkpoint_layout import *  # noqa: F403
+from steadylm.train.checkpoint_layout import __all__ as _LAYOUT_NAMES
 from steadylm.train.dcp import load_dcp_checkpoint
 
-# The layout names are re-exported: callers load and find checkpoints of either format from here.
-__all__ = [
-    "CHECKPOINT_DIRNAME",
-    "DCP_FORMAT_VERSION",
-    "STATE_FILE",
-    "CheckpointState",
-    "find_checkpoint",
-    "load_checkpoint",
-    "read_checkpoint_state",
-    "read_state_json",
-    "restore_buffers",
-    "restore_rng_state",
-    "save_checkpoint",
-]
+__all__ = [*_LAYOUT_NAMES, "load_checkpoint", "save_checkpoint"]
 
 # ----------------------------------------------------------------------------------------------
 # model and optimizer state <-> flat tensor dicts
