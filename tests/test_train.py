@@ -201,6 +201,46 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_seed(data: TokenData, t
     assert longer.resumed_from == 4 and longer.steps_done == 6
 
 
+def _default_impl_model(data: TokenData, preset: str) -> ModelConfig:
+    """A tiny model of ``preset`` with the *default* implementation (no ``impl=`` given)."""
+    if preset == "nano-moe":
+        return ModelConfig.from_preset("nano-moe", vocab_size=data.vocab_size, dim=32, n_layers=2, n_heads=2,
+                                       n_kv_heads=2, ffn_dim=64, expert_ffn_dim=32, n_experts=4, moe_top_k=2,
+                                       max_seq_len=data.seq_len, activation="powlu", norm="bhyt",
+                                       bhyt_refresh_every=3)
+    return ModelConfig.from_preset("nano", vocab_size=data.vocab_size, dim=32, n_layers=2, n_heads=2,
+                                   n_kv_heads=2, ffn_dim=64, max_seq_len=data.seq_len, activation="powlu",
+                                   norm="bhyt", bhyt_refresh_every=3)
+
+
+@pytest.mark.parametrize("preset", ["nano", "nano-moe"])
+def test_default_fused_impl_repeats_and_resumes_bit_exact(data: TokenData, tmp_path: Path, preset: str) -> None:
+    """What users run by default (the fused kernels, compiled) repeats and resumes bit for bit on
+    one machine, dense and MoE (router-bias balancing), like the reference math above."""
+    config = _default_impl_model(data, preset)
+    assert config.impl == "fused"  # the default this test is about
+    train = quick_config(steps=8, ckpt_every=4, eval_every=4)
+    first = Trainer(config, train, data, tmp_path / "a")
+    first_result = first.run()
+    second = Trainer(config, train, data, tmp_path / "b")
+    second.run()
+    rows = deterministic_part(read_metrics(first_result.metrics_jsonl))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows == deterministic_part(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash at step 6"):
+        Trainer(config, train, data, crashed, callbacks=[CrashAt(6)]).run()
+    resumed = Trainer(config, train, data, crashed)
+    assert resumed.run(resume=True).resumed_from == 4
+    assert deterministic_part(read_metrics(crashed / "metrics.jsonl")) == rows
+    states = [t.model.state_dict() for t in (first, second, resumed)]
+    if preset == "nano-moe":
+        assert any(name.endswith("expert_bias") for name in states[0])
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]) and torch.equal(tensor, states[2][name]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # divergence guard
 # ----------------------------------------------------------------------------------------------
