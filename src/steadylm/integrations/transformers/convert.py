@@ -106,7 +106,7 @@ def export_model(
         hf_model.steadylm_after_load()
     eos_id = tokenizer.token_to_id(eos_token) if (tokenizer is not None and eos_token) else None
     hf_model.generation_config = GenerationConfig(
-        eos_token_id=eos_id, pad_token_id=eos_id, use_cache=arch is not None,
+        eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
     )
     hf_model.save_pretrained(out)
     if tokenizer is not None:
@@ -123,6 +123,8 @@ def _write_tokenizer(out: Path, tokenizer: Any, eos_token: str | None, max_len: 
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
+        # decoder-only generation pads on the left (generate / pipeline batches of prompts)
+        "padding_side": "left",
     }
     if eos_token:
         settings.update(eos_token=eos_token, pad_token=eos_token)
