@@ -8,7 +8,9 @@ For each preset × variant (activation + norm) × mode (``eager`` / ``compiled``
   greedy tokens (``decode="eager"``: the eager loop over a growing cache; ``"compiled"``: the
   compiled one-token step over the static cache, :mod:`steadylm.models.generate`);
 * with transformers installed, the same-shape Hugging Face ``LlamaForCausalLM`` as the row
-  ``hf-llama`` (train step eager and ``torch.compile``'d; ``generate`` eager, HF's default path);
+  ``hf-llama`` (train step eager and ``torch.compile``'d; ``generate`` eager, HF's default path),
+  and HF ``generate`` of the ``steadylm`` model type (rows ``hf-steadylm:VARIANT``,
+  :mod:`steadylm.bench.hf_generate`);
 * **profile** (eager, once per variant): the share of the training step spent in the norms and in
   the activations, from ``torch.profiler`` — forward via ``record_function`` ranges around each
   norm / activation module, backward from the autograd nodes of the fused ops. It is the ceiling of
@@ -340,6 +342,12 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
             hf = build_hf_llama(preset, device, config.seed)
             if hf is not None:
                 entries.append((HF_VARIANT, hf))
+                from steadylm.bench.hf_generate import HF_STEADYLM, build_hf_steadylm, hf_steadylm_variants
+
+                for v in hf_steadylm_variants(config.variants(), BASELINE):  # the steadylm HF type
+                    hf_steadylm = build_hf_steadylm(preset, v, device, config.seed)
+                    if hf_steadylm is not None:
+                        entries.append((f"{HF_STEADYLM}:{v}", hf_steadylm))
         for variant, hf_model in entries:
             for mode in config.modes:
                 # Separate model instances per mode: compiling one must not change the other.
@@ -348,7 +356,7 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                 say(f"[{preset}] {variant} {mode}: building and warming up")
                 train_key = (preset, variant, mode, "train")
                 train_step = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
-                if "train" in config.measures:
+                if "train" in config.measures and not variant.startswith("hf-steadylm:"):  # generation rows
                     calls[train_key] = train_step
                     rows.append(Row(*train_key, tokens_per_call=config.batch * config.seq))
                 if "generate" in config.measures and (hf_model is None or mode == "eager"):
@@ -405,7 +413,9 @@ def comparisons(result: ModelBenchResult) -> list[tuple[str, list[float]]]:
                     r = paired_ratio(result, (preset, variant, mode, m), (preset, BASELINE, mode, m))
                     if r:
                         out.append((f"[{preset}] {m} {mode}: {variant} / {BASELINE}", r))
-    return out
+    from steadylm.bench.hf_generate import hf_generate_comparisons
+
+    return out + hf_generate_comparisons(result, paired_ratio, HF_VARIANT)
 
 
 # --------------------------------------------------------------------------------------------
