@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("steadylm.integrations.export_command", "export RUN_DIR OUT_DIR: a run as a Hugging Face model directory"),
     "import": ("steadylm.integrations.import_command", "import HF_DIR OUT_DIR: a Llama/Mistral/Qwen2/Qwen3 checkpoint as a steadylm model"),
     "scan": ("steadylm.scan", "scan MODEL_DIR --data FILE --out DIR: outliers, variance, FP8 risk and a PowLU/Clip what-if"),
+    "report": ("steadylm.lab.run_report", "report RUN_DIR [RUN_DIR ...] --out DIR: the lab's report for any train runs, side by side"),
 }
 
 
