@@ -107,6 +107,25 @@ def test_second_run_on_a_directory_refuses_and_sigterm_checkpoints(env: dict[str
     assert losses(run) == reference  # bit-exact on CPU
 
 
+def test_sigusr1_is_handled_like_sigterm(env: dict[str, str], tmp_path: Path, reference: list[float]) -> None:
+    # SLURM's early warning (--signal=USR1@120): checkpoint at the step reached, exit 75, resume
+    # finishes with the uninterrupted run's losses.
+    run = tmp_path / "run"
+    first = steadylm(train_args(run), env)
+    wait_for_rows(run, 5, first)
+    first.send_signal(signal.SIGUSR1)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preempted by SIGUSR1 at step" in err.strip().splitlines()[-1], err[-2000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert 5 <= state["step"] < 300
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, state["step"] + 1))
+    resumed = steadylm(train_args(run, 300, "--resume"), env)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert losses(run) == reference  # bit-exact on CPU
+
+
 def test_lock_of_a_killed_run_does_not_block_resume(env: dict[str, str], tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = steadylm(train_args(run, 300, "--ckpt-every", "2"), env)
