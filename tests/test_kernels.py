@@ -31,6 +31,7 @@ from torch import Tensor
 from _tolerance import assert_within
 from steadylm import functional as F
 from steadylm import kernels as K
+from steadylm.nn import BHyTPair
 
 # --- error counts of fp32 primitives, in units of U32 = 2^-24 (one rounding = 1) -----------------
 # exp / log: ≤ 2 ulp (≤ 4·U32) — Sleef's u10 functions on CPU (1 ulp), CUDA's libdevice / approximate
@@ -44,6 +45,12 @@ SQRT, RSQRT = 1, 2
 # (test_fast_tanh_and_sech2_accuracy_over_the_fp32_range pins 5e-7 = 8.4·U32), +1 for rounding its
 # argument (tanh's relative condition number |a|·sech²(a)/|tanh(a)| is ≤ 1).
 TANH = 9
+
+# The float64 reference differentiates tanh as 1 − tanh²: beyond |a| ≈ 19 that is exactly 0 while
+# sech²(a) is not, i.e. the reference's own absolute error on sech² is ≤ 3·2^-53 (t's rounding, twice,
+# and the subtraction) — in U32 units 3·2^-29, times what multiplies sech². (The kernels compute
+# sech² = 4e/(1+e)² and are accurate there; the bound must not hold them to the reference's zero.)
+REF_SECH2 = 3 * 2.0**-29
 
 #: The final cast of every result to its dtype: round to nearest, half an ulp of that dtype.
 OUT_ULPS = 0.5
@@ -228,12 +235,12 @@ def _norm_bounds(op: str, hp: dict, acts: list[Tensor], params: list[Tensor], dy
         sech2_rel = 2 * a.abs() + EXP + 3
         h = dy2 * gamma * sech2
         # dx = dy·γ·sech²·α: + 3 products. Underflow: sech² subnormal for |a| > 44 (4e: 2 spacings).
-        dx = ((sech2_rel + 3) * (h * alpha).abs()).reshape(shape)
+        dx = ((sech2_rel + 3) * (h * alpha).abs() + REF_SECH2 * (dy2 * gamma * alpha).abs()).reshape(shape)
         dx_uf = (2 * (dy2 * gamma * alpha).abs()).reshape(shape)
         # dγ = Σ_tokens dy·tanh: TANH + 1 per term, tokens − 1 additions.
         d_gamma = (tokens + TANH + 1) * (dy2 * t).abs().sum(0)
         # dα = Σ_tokens Σ_d h·x: each term sech2_rel + 3, then d − 1 and tokens − 1 additions.
-        d_alpha = ((sech2_rel + 3 + d + tokens) * (h * x2).abs()).sum()
+        d_alpha = ((sech2_rel + 3 + d + tokens) * (h * x2).abs() + REF_SECH2 * (dy2 * gamma * x2).abs()).sum()
         d_alpha_uf = (2 * (dy2 * gamma * x2).abs()).sum()
         # Subnormal rows: α·x, and its product with γ, may each round in the subnormal range.
         out_uf = (2 * (1 + gamma.abs())).expand(x2.shape).reshape(shape)
@@ -276,7 +283,7 @@ def _bhyt_bounds(hp: dict, x2: Tensor, params: list[Tensor], dy2: Tensor, shape:
     grads: list[Bound]
     if use_variance:
         # dx = (h·c)·r: + 2 products and r's error.
-        dx = ((h_rel + rr + 2) * (h * c * r).abs()).reshape(shape)
+        dx = ((h_rel + rr + 2) * (h * c * r).abs() + REF_SECH2 * (g * c * r).abs()).reshape(shape)
         dx_uf = (2 * (g * c * r).abs()).reshape(shape)
         grads = [(out, out_uf), (dx, dx_uf)]
     else:
@@ -284,19 +291,19 @@ def _bhyt_bounds(hp: dict, x2: Tensor, params: list[Tensor], dy2: Tensor, shape:
         # its row maximum on the mean) in place of g, + c.
         mag = c.abs() * r * (h.abs() + x_hat.abs() * (h * x_hat).abs().mean(-1, keepdim=True))
         h_rel_row = h_rel.amax(-1, keepdim=True)
-        dx = ((3 * rr + d + 7 + h_rel_row) * mag).reshape(shape)
         mag_uf = 2 * c.abs() * r * (g.abs() + x_hat.abs() * (g * x_hat).abs().mean(-1, keepdim=True))
+        dx = ((3 * rr + d + 7 + h_rel_row) * mag + REF_SECH2 * mag_uf).reshape(shape)
         grads = [(out, out_uf), (dx, mag_uf.reshape(shape))]
     # dγ = Σ_tokens dy·tanh(arg): per term arg_rel + TANH + 1, then tokens − 1 additions.
     grads.append(((tokens + arg_rel + TANH + 1) * (dy2 * t).abs().sum(0), 0.0))
     # dλ = Σ_tokens Σ_d h·x̂ / κ: per term h_rel + rr + 2, then d − 1 + tokens − 1 additions, /κ.
     hx = (h * x_hat).abs()
-    d_lam = ((h_rel + rr + 3 + d + tokens) * hx).sum() / kappa
+    d_lam = ((h_rel + rr + 3 + d + tokens) * hx + REF_SECH2 * (g * x_hat).abs()).sum() / kappa
     d_lam_uf = (2 * (g * x_hat).abs()).sum() / kappa
     grads.append((d_lam, d_lam_uf))
     if use_variance:
         # dv = −½·c·r·(r·Σ_d h·x̂): per term h_rel + rr + 2, d − 1 additions, then r twice and c.
-        d_v = 0.5 * c.abs() * r * r * ((h_rel + 3 * rr + d + 5) * hx).sum(-1, keepdim=True)
+        d_v = 0.5 * c.abs() * r * r * ((h_rel + 3 * rr + d + 5) * hx + REF_SECH2 * (g * x_hat).abs()).sum(-1, keepdim=True)
         d_v_uf = 0.5 * c.abs() * r * r * (2 * (g * x_hat).abs()).sum(-1, keepdim=True)
         grads.append((d_v.reshape(params[2].shape), d_v_uf.reshape(params[2].shape)))
     return grads
@@ -366,6 +373,8 @@ CASES: list[Case] = [
     Case("dyt", "dyt", lambda s, dt, g: (_x(s, dt, g), _norm_params(s[-1], g, 0.7))),
     Case("dyt_bias", "dyt",
          lambda s, dt, g: (_x(s, dt, g), _norm_params(s[-1], g, 0.3) + [0.1 * torch.randn(s[-1], generator=g)])),
+    # α = 3: |αx| reaches 6…12, where sech² (1e-5…1e-10) is far below tanh's rounding near ±1.
+    Case("dyt_saturating", "dyt", lambda s, dt, g: (_x(s, dt, g), _norm_params(s[-1], g, 3.0))),
     Case("bhyt", "bhyt", lambda s, dt, g: (_x(s, dt, g), _norm_params(s[-1], g, 2.0))),
     Case("bhyt_large_lambda", "bhyt", lambda s, dt, g: (_x(s, dt, g), _norm_params(s[-1], g, 25.0)),
          {"kappa": 4.0, "eps": 1e-3}),
@@ -514,25 +523,35 @@ def test_powlu_gate_gradient_sign_and_value_for_huge_gates(m, compiled, device):
     previous = K.compile_enabled()
     K.set_compile(compiled)
     try:
-        gate = torch.logspace(0, 30, 121, dtype=torch.float32)
-        up = torch.linspace(0.5, 2.0, 121)
-        for dy_scale in (1.0, 1e20):
-            dy = torch.full_like(gate, dy_scale)
-            g = gate.to(device, copy=True).requires_grad_(True)
-            K.powlu_glu(g, up.to(device), m=m).backward(dy.to(device))
-            g64 = gate.double().requires_grad_(True)
-            F.powlu_glu(g64, up.double(), m=m).backward(dy.double())
-            ref = g64.grad
-            got = g.grad.cpu().double()
-            # CUDA kernels may flush subnormal results to zero (FTZ): there a 0 is allowed for a
-            # reference below the smallest normal fp32 number, and only there.
-            flushed = (got == 0) & (ref.abs() < torch.finfo(torch.float32).tiny) & (device == "cuda")
-            assert torch.equal(torch.sign(got)[~flushed], torch.sign(ref)[~flushed]), (m, dy_scale)
-            bound, underflow = _powlu_bounds(m, gate.double(), up.double(), dy.double())[1]
-            assert_within(torch.where(flushed, ref, got), ref, f"powlu d(gate) m={m} dy={dy_scale:g}",
-                          ulps=OUT_ULPS, bound=bound, underflow=underflow, dtype=torch.float32)  # fmt: skip
+        check_powlu_huge_gates(m, device, torch.float32)
+        check_powlu_huge_gates(m, device, torch.bfloat16)
     finally:
         K.set_compile(previous)
+
+
+def check_powlu_huge_gates(m: float, device: str, dtype: torch.dtype) -> None:
+    """PowLU's d(gate) for gates 1 … 1e30 (in ``dtype``) against float64, sign and value."""
+    gate = torch.logspace(0, 30, 121, dtype=torch.float32).to(dtype)
+    up = torch.linspace(0.5, 2.0, 121).to(dtype)
+    for dy_scale in (1.0, 1e20):
+        dy = torch.full_like(gate, dy_scale)
+        g = gate.to(device, copy=True).requires_grad_(True)
+        K.powlu_glu(g, up.to(device), m=m).backward(dy.to(device))
+        g64 = gate.double().requires_grad_(True)
+        F.powlu_glu(g64, up.double(), m=m).backward(dy.double())
+        ref = g64.grad
+        got = g.grad.cpu().double()
+        # CUDA kernels may flush subnormal results to zero (FTZ): there a 0 is allowed for a
+        # reference below the smallest normal fp32 number, and only there.
+        flushed = (got == 0) & (ref.abs() < torch.finfo(torch.float32).tiny) & (device == "cuda")
+        what = f"powlu d(gate) m={m} dy={dy_scale:g} [{str(dtype).replace('torch.', '')}]"
+        # (The sign is checked where the reference does not round to 0 in ``dtype``: bf16's
+        # smallest subnormal is 2^-133, above f'(1e30) at dy = 1.)
+        signed = ~flushed & (ref.to(dtype) != 0)
+        assert torch.equal(torch.sign(got)[signed], torch.sign(ref)[signed]), f"{what}: wrong sign"
+        bound, underflow = _powlu_bounds(m, gate.double(), up.double(), dy.double())[1]
+        assert_within(torch.where(flushed, ref, got).to(dtype), ref, what, ulps=OUT_ULPS, bound=bound,
+                      underflow=underflow)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -844,11 +863,12 @@ def test_fused_mean_square_matches_float64_reference(dtype, compiled, device):
         K.set_compile(previous)
 
 
-def check_mean_square(dtype: torch.dtype, device: str, gen: torch.Generator, impl: Any = K) -> None:
+def check_mean_square(dtype: torch.dtype, device: str, gen: torch.Generator, impl: Any = K,
+                      which: tuple[str, ...] = ("ordinary", "extreme")) -> None:  # fmt: skip
     """``impl.mean_square`` forward and backward against float64 (raises AssertionError)."""
     case = CASE_BY_NAME["rms_norm"]
-    rows = [case.make((9, 64), dtype, gen)[0][0], extreme_inputs(case, dtype, gen)[0][0]]
-    for x in rows:
+    makers = {"ordinary": lambda: case.make((9, 64), dtype, gen), "extreme": lambda: extreme_inputs(case, dtype, gen)}
+    for x in (makers[w]()[0][0] for w in which):
         d = x.shape[-1]
         xk = x.to(device, copy=True).requires_grad_(True)
         out = impl.mean_square(xk)
@@ -864,3 +884,116 @@ def check_mean_square(dtype: torch.dtype, device: str, gen: torch.Generator, imp
         # dx = dv·(2/d)·x: the constant 2/d in fp32 and two products.
         assert_within(xk.grad, x64.grad, f"mean_square backward [{dtype}]", ulps=OUT_ULPS,
                       bound=3 * x64.grad.abs())  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# the BHyT block: first site + statistic in one op, and the second site's statistic
+# --------------------------------------------------------------------------------------------
+
+
+def check_bhyt_and_mean_square(dtype: torch.dtype, device: str, gen: torch.Generator, impl: Any = K,
+                               which: tuple[str, ...] = ("ordinary", "extreme", "small")) -> None:  # fmt: skip
+    """``bhyt_and_mean_square`` (output and v from one kernel; one backward carrying the gradient
+    that reaches v from elsewhere) against ``F.mean_square`` + ``F.bhyt(variance=v)`` in float64,
+    ordinary, extreme and small rows; the loss is Σ out·dy + Σ v·dv, so dx carries both."""
+    case = CASE_BY_NAME["bhyt"]
+    kappa, eps = 10.0, 1e-6
+    makers = {"ordinary": lambda: case.make((6, 40), dtype, gen), "extreme": lambda: extreme_inputs(case, dtype, gen),
+              "small": lambda: small_rows(case, dtype, gen)}  # fmt: skip
+    for acts, params in (makers[w]() for w in which):
+        x, gamma, lam = acts[0], params[0], params[1]
+        leaves = [t.to(device, copy=True).requires_grad_(True) for t in (x, gamma, lam)]
+        out, v = impl.bhyt_and_mean_square(*leaves, kappa=kappa, eps=eps)
+        leaves64 = [t.detach().double().requires_grad_(True) for t in (x, gamma, lam)]
+        v64 = F.mean_square(leaves64[0])
+        # The block's statistic is fp32 by definition (SPEC §2: v in fp32, the op's output): the
+        # site uses v rounded to fp32 — inf for rows whose mean square exceeds fp32 (output 0) —
+        # with the gradient passing the rounding unchanged.
+        v_fp32 = v64 + (v64.detach().float().double() - v64.detach())
+        out64 = F.bhyt(leaves64[0], leaves64[1], leaves64[2], kappa=kappa, eps=eps, variance=v_fp32)
+        dy = torch.randn(out64.shape, generator=gen).to(dtype).double()
+        dv = torch.randn(v64.shape, generator=gen).double()
+        ((out * dy.to(device, out.dtype)).sum() + (v * dv.to(device, v.dtype)).sum()).backward()
+        ((out64 * dy).sum() + (v64 * dv).sum()).backward()
+        # out: BHyT with the statistic computed (R = _rms_rel(d), as for BHyT*); v: mean_square's.
+        x64, gamma64, lam64 = (t.detach() for t in leaves64)
+        b = _bhyt_bounds({"kappa": kappa, "eps": eps}, x64, [gamma64, lam64], dy, x64.shape)
+        d = x.shape[-1]
+        tag = f"[{str(dtype).replace('torch.', '')}]"
+        assert_within(out, out64, f"bhyt_and_mean_square forward {tag}", ulps=OUT_ULPS, bound=b[0][0],
+                      underflow=b[0][1])  # fmt: skip
+        assert_within(v, v64, f"bhyt_and_mean_square forward v {tag}", ulps=OUT_ULPS,
+                      bound=(d + 1) * v64.detach().abs())  # fmt: skip
+        # dx = c·r·h + dv_total·2x/d, dv_total = dv − ½·c·r²·Σ h·x̂ (kernels._math.bhyt_ms_bwd): BHyT's
+        # count for the first term (r's error 3 times, h's, the row sum) on the magnitude of all
+        # terms, which cancel: c·r·|h| + (2|x|/d)·(|dv| + ½·c·r²·Σ|h·x̂|).
+        c = (lam64 / kappa).abs()
+        v_true = x64.square().mean(-1, keepdim=True)
+        r = torch.rsqrt(v_true + eps)
+        x_hat = x64 * r
+        arg = c * x_hat
+        h = dy * gamma64 / torch.cosh(arg) ** 2
+        rr = _rms_rel(d)
+        h_rel = (2 * arg.abs() * (rr + 3) + EXP + 5).amax(-1, keepdim=True)
+        mag = c * r * h.abs() + (2 * x64.abs() / d) * (dv.abs() + 0.5 * c * r * r * (h * x_hat).abs().sum(-1, keepdim=True))
+        assert_within(leaves[0].grad, leaves64[0].grad, f"bhyt_and_mean_square backward d(input 0) {tag}",
+                      ulps=OUT_ULPS, bound=(3 * rr + d + 10 + h_rel) * mag, underflow=b[1][1])  # fmt: skip
+        assert_within(leaves[1].grad, leaves64[1].grad, f"bhyt_and_mean_square backward d(param 0) {tag}",
+                      ulps=OUT_ULPS, bound=b[2][0])  # fmt: skip
+        assert_within(leaves[2].grad, leaves64[2].grad, f"bhyt_and_mean_square backward d(param 1) {tag}",
+                      ulps=OUT_ULPS, bound=b[3][0], underflow=b[3][1])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bhyt_and_mean_square_matches_float64_reference(dtype, device, eager_kernels):
+    check_bhyt_and_mean_square(dtype, device, torch.Generator().manual_seed(41))
+
+
+class _BHyTLayer(torch.nn.Module, BHyTPair):
+    """The smallest layer with the BHyT block form: value and output projections, two sites."""
+
+    def __init__(self, d: int = 16, heads: int = 4, kv_heads: int = 2, context: int = 32) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(43)
+        head_dim = d // heads
+        self.w_v = torch.nn.Parameter(0.3 * torch.randn(kv_heads * head_dim, d, generator=gen))
+        self.w_o = torch.nn.Parameter(0.3 * torch.randn(d, heads * head_dim, generator=gen))
+        self.heads, self.kv_heads = heads, kv_heads
+        self.init_bhyt_pair(d, lam_attn=2.0, lam_ffn=1.0, kappa=10.0, eps=1e-6, impl="fused", context_length=context)
+
+    def bhyt_projections(self) -> tuple[Tensor, Tensor, int, int]:
+        return self.w_v, self.w_o, self.heads, self.kv_heads
+
+
+def check_bhyt_second_site(dtype: torch.dtype) -> None:
+    """The FFN site's statistic v' = v + c_ℓ·λ₁²/κ² (SPEC §2 step 3) of a BHyT block layer against
+    the SPEC formula in float64 (c_ℓ = ‖W_O·W_V‖²/(T·d), value heads repeated for GQA)."""
+    layer = _BHyTLayer()
+    with torch.no_grad():
+        layer.bhyt_sites[0].lam.fill_(2.5)  # λ₁ ≠ λ₁²: the shift depends on which is used
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(47)).to(dtype)
+
+    def statistic(x: Tensor) -> Tensor:
+        _, v = layer.bhyt_attn_input(x)
+        return v + layer.variance_shift()
+
+    with torch.no_grad():
+        got = statistic(x)
+    w_v, w_o = layer.w_v.detach().double(), layer.w_o.detach().double()
+    d, head_dim = 16, 4
+    w_v_rep = w_v.reshape(2, head_dim, d).repeat_interleave(2, dim=0).reshape(-1, d)
+    c = (w_o @ w_v_rep).square().sum() / (32 * d)
+    lam1, kappa = 2.5, 10.0
+    shift = c * lam1**2 / kappa**2
+    v64 = x.double().square().mean(-1, keepdim=True)
+    expected = v64 + shift
+    # v: mean_square's d + 1; c_ℓ in fp32: the d×d product (d − 1 additions + 1 per entry), the
+    # squares and their d² − 1 additions, the division (d + d² + 2); ·λ², /κ²: 4; the final sum: 1.
+    bound = (d + 2) * v64 + (d + d * d + 7) * shift
+    assert_within(got, expected, f"BHyT second-site variance [{str(dtype).replace('torch.', '')}]",
+                  ulps=OUT_ULPS, bound=bound)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bhyt_second_site_statistic_matches_spec(dtype, eager_kernels):
+    check_bhyt_second_site(dtype)
