@@ -220,6 +220,75 @@ def test_disk_full_during_a_checkpoint(env: dict[str, str], tmp_path: Path, smal
     assert resumed.returncode == 0, err[-2000:]
 
 
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path: Path):
+    """A directory to fill, then make read-only with the returned function: a tmpfs remounted
+    read-only as root (where permission bits do not stop writes), ``chmod a-w`` otherwise."""
+    place = tmp_path / "ro"
+    place.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(place)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"running as root and cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted = True
+
+    def make_read_only() -> None:
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(place)], check=True)
+        else:
+            for path in [place, *place.rglob("*")]:
+                path.chmod(path.stat().st_mode & ~0o222)
+
+    yield place, make_read_only
+    if mounted:
+        subprocess.run(["umount", str(place)], capture_output=True)
+    else:
+        for path in [place, *place.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_read_only_and_missing_output_directories(env: dict[str, str], tmp_path: Path, read_only_dir,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from steadylm import cli
+
+    monkeypatch.setenv("STEADYLM_CACHE", env["STEADYLM_CACHE"])
+    place, make_read_only = read_only_dir
+    # missing parents are created: a run in a new nested directory trains
+    done = tmp_path / "new" / "nested" / "run"
+    assert cli.main(train_args(done, 2)) == 0
+    shutil.copytree(done, place / "run")
+    make_read_only()
+    before = _tree_bytes(place)
+    capsys.readouterr()
+
+    def one_line_error(*needles: str) -> None:
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err, err
+        for needle in needles:
+            assert needle in err, err
+
+    # a new run, a resumed run and a lab run in a read-only place: exit 2, one line naming the path
+    assert cli.main(train_args(place / "fresh", 2)) == 2
+    one_line_error(str(place / "fresh"), "Read-only file system" if os.geteuid() == 0 else "ermission")
+    assert cli.main(train_args(place / "run", 4, "--resume")) == 2
+    one_line_error(str(place / "run"))
+    assert cli.main(compare_args(place / "lab", 2)) == 2
+    one_line_error(str(place / "lab"))
+    assert _tree_bytes(place) == before  # nothing already written was lost or changed
+
+    # resuming a run directory that does not exist: one line, nothing created in its place
+    assert cli.main(train_args(tmp_path / "absent" / "run", 4, "--resume")) == 2
+    one_line_error("no checkpoint", str(tmp_path / "absent" / "run"))
+    assert not (tmp_path / "absent" / "run").exists()
+
+
 def _rank_pids(agent: subprocess.Popen[str], nproc: int, timeout: float = 120) -> dict[int, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
