@@ -7,13 +7,18 @@ Tolerances (per element: ``rtol·|ref| + atol·scale``), derived as in tests/tes
 * the output and the fp32 statistic v: fp32 math with a dozen roundings of ≤ 6e-8 each plus a row
   sum of ≤ 257 squares: rtol = atol = 1e-5 (FP32); bf16 outputs are rounded once at the end
   (≤ 2^-9 relative): rtol = 2^-8 (BF16), v stays fp32 (FP32).
-* dx = c·r·h + dv_total·2x/d is a sum of two terms of either sign; each carries fp32-level relative
-  error of *its own* magnitude, so the error is bounded relative to |c·r·h| + |dv_total·2x/d|
-  (computed in float64 from the reference), not to their possibly cancelling sum.
-* γ and λ gradients are fp32 column / whole sums: FP32 relative to the largest element.
+* dx = c·r·h + dv_total·2x/d is a sum of two terms of either sign, and dv_total = dv − ½·c·r³·Σh·x
+  is itself a row sum; each piece carries fp32-level relative error of *its own* magnitude, so the
+  error is bounded relative to |c·r·h| + (|dv| + ½·c·r³·Σ|h·x|)·2|x|/d (float64, from the
+  reference), not to the possibly cancelling result.
+* γ and λ gradients are fp32 sums (over tokens, resp. over every element) of terms of either sign;
+  a sum's rounding error is relative to the sum of the terms' magnitudes, not to the (possibly
+  cancelled) result: FP32 with scale Σ|d·t| per column for γ and Σ|h·x̂|/κ for λ (float64).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -66,8 +71,20 @@ def _dx_scale(x64: torch.Tensor, v: torch.Tensor, w, lam, dy, dv) -> torch.Tenso
     arg = c * x * r
     g = dy.double() * (w.double() if w is not None else 1.0)
     h = g * (1.0 - torch.tanh(arg) ** 2)
-    dv_site = -0.5 * c * r**3 * (h * x).sum(-1, keepdim=True)
-    return (c * r * h).abs() + ((dv.double() + dv_site) * 2.0 * x / x.shape[-1]).abs()
+    # dv_total = dv − ½·c·r³·Σ h·x is itself a cancelling sum: its error scales with the magnitudes.
+    dv_magnitude = dv.double().abs() + 0.5 * c * r**3 * (h * x).abs().sum(-1, keepdim=True)
+    return (c * r * h).abs() + dv_magnitude * 2.0 * x.abs() / x.shape[-1]
+
+
+def _param_grad_scales(x64: torch.Tensor, v: torch.Tensor, w, lam, dy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_tokens |dy·t| per column (γ) and Σ |h·x̂|/κ (λ), in float64 (see the module docstring)."""
+    x = x64.detach().reshape(-1, x64.shape[-1])
+    d = dy.double().reshape(x.shape)
+    r = torch.rsqrt(v.reshape(-1, 1) + EPS)
+    arg = (lam.double() / KAPPA) * x * r
+    t = torch.tanh(arg)
+    h = d * (w.double() if w is not None else 1.0) * (1.0 - t**2)
+    return (d * t).abs().sum(0), (h * x * r).abs().sum() / KAPPA
 
 
 def _run_fused(x, w, lam, dy, dv, device):
@@ -97,16 +114,17 @@ def _check(x, w, lam, dy, dv, dtype, device):
     _close(out, ref_out, tol, "output")
     _close(v, ref_v, FP32, "v")
     _close(dx, ref_dx, tol, "dx", scale=_dx_scale(x64, v64, w, lam, dy, dv))
+    w_scale, lam_scale = _param_grad_scales(x64, v64, w, lam, dy)
     if w is not None:
-        _close(dw, ref_dw, FP32, "dγ")
-    _close(dl, ref_dl.reshape(dl.shape), FP32, "dλ")
+        _close(dw, ref_dw, FP32, "dγ", scale=w_scale)
+    _close(dl, ref_dl.reshape(dl.shape), FP32, "dλ", scale=lam_scale)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 257), (2, 5, 64)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("has_weight", [True, False], ids=["weight", "no_weight"])
 def test_forward_and_backward_incl_the_v_path_match_float64(shape, dtype, has_weight, device, eager_kernels):
-    seed = hash((shape, str(dtype), has_weight)) % 2**31
+    seed = zlib.crc32(repr((shape, str(dtype), has_weight)).encode())  # stable across processes
     _check(*_inputs(shape, dtype, seed, has_weight), dtype, device)
 
 

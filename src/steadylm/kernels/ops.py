@@ -66,6 +66,15 @@ def _inline(name: str, like: Tensor) -> bool:
     return torch.compiler.is_compiling() and name in COMPILED_INLINE.get(like.device.type, frozenset())
 
 
+def _forward_only(*tensors: Tensor | None) -> bool:
+    """No gradient will be asked for (no grad mode, or no input requires one): then the op is its
+    forward kernel alone — eager, the compiled kernel without the autograd and dispatcher layers
+    (per-op overhead is most of a small decode step); under ``torch.compile``, the forward math
+    traced into the graph, where Inductor fuses it with its neighbours (the custom op's reason to
+    exist, the fused backward, does not apply)."""
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def _allow_upscale(eps: float) -> bool:
     # A Python bool, decided outside the compiled function so that it specialises the kernel
     # (a comparison on a traced float would add a guard per call site instead).
@@ -125,6 +134,9 @@ def _gated(name: str, gate: Tensor, up: Tensor, kernels: str, hparams: tuple, op
     _check_same_shape(gate, up)
     shape = gate.shape
     g, u = gate.reshape(-1), up.reshape(-1)
+    if _forward_only(g, u):
+        _mark_rows_dynamic(g, u)
+        return _run(getattr(_math, kernels + "_fwd"), g, u, *hparams).reshape(shape)
     if _inline(name, g):
         fwd, bwd = getattr(_math, kernels + "_fwd"), getattr(_math, kernels + "_bwd")
         return _GatedActivation.apply(g, u, fwd, bwd, hparams).reshape(shape)
@@ -205,6 +217,10 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     _check_weight(weight, d)
     x2 = x.reshape(-1, d)
     w = weight if weight is not None else _placeholder(x)
+    if _forward_only(x2, weight):
+        _mark_rows_dynamic(x2)
+        out = _run(_math.rms_norm_fwd, x2, w, eps=eps, has_weight=weight is not None, allow_upscale=_allow_upscale(eps))
+        return out.reshape(x.shape)
     if _inline("rms_norm", x2):
         return _RMSNorm.apply(x2, w, eps, weight is not None).reshape(x.shape)
     return library.rms_norm(x2.contiguous(), w, eps, weight is not None).reshape(x.shape)
@@ -230,6 +246,9 @@ def mean_square(x: Tensor) -> Tensor:
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     shape = tuple(x.shape[:-1]) + (1,)
+    if _forward_only(x2):
+        _mark_rows_dynamic(x2)
+        return _run(_math.mean_square_fwd, x2, allow_upscale=True).reshape(shape)
     if _inline("mean_square", x2):
         # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
         return _MeanSquare.apply(x2, True).reshape(shape)
@@ -276,6 +295,10 @@ def dyt(x: Tensor, weight: Tensor | None, alpha: Tensor | float, bias: Tensor | 
     alpha_t = _scalar_param(alpha, x, "alpha")
     w = weight if weight is not None else _placeholder(x)
     b = bias if bias is not None else _placeholder(x)
+    if _forward_only(x2, weight, alpha_t, bias):
+        _mark_rows_dynamic(x2)
+        out = _run(_math.dyt_fwd, x2, w, alpha_t, b, has_weight=weight is not None, has_bias=bias is not None)
+        return out.reshape(x.shape)
     if _inline("dyt", x2):
         return _DyT.apply(x2, w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
     return library.dyt(x2.contiguous(), w, alpha_t, b, weight is not None, bias is not None).reshape(x.shape)
@@ -379,6 +402,11 @@ def bhyt(
         v = _placeholder(x)
     lam_t = _scalar_param(lam, x, "lam")
     w = weight if weight is not None else _placeholder(x)
+    if _forward_only(x2, weight, lam_t, variance):
+        _mark_rows_dynamic(x2, v if variance is not None else None)
+        out = _run(_math.bhyt_fwd, x2, w, lam_t, v, kappa=kappa, eps=eps, has_weight=weight is not None,
+                   use_variance=variance is not None, allow_upscale=_allow_upscale(eps))  # fmt: skip
+        return out.reshape(x.shape)
     if _inline("bhyt", x2):
         out = _BHyT.apply(x2, w, lam_t, v, kappa, eps, weight is not None, variance is not None)
     else:
@@ -435,7 +463,10 @@ def bhyt_and_mean_square(
     x2 = x.reshape(-1, d)
     lam_t = _scalar_param(lam, x, "lam")
     w = weight if weight is not None else _placeholder(x)
-    if _inline("bhyt_and_mean_square", x2):
+    if _forward_only(x2, weight, lam_t):
+        _mark_rows_dynamic(x2)
+        out, v = _run(_math.bhyt_ms_fwd, x2, w, lam_t, kappa=kappa, eps=eps, has_weight=weight is not None)
+    elif _inline("bhyt_and_mean_square", x2):
         out, v = _BHyTMeanSquare.apply(x2, w, lam_t, kappa, eps, weight is not None)
     else:
         out, v = library.bhyt_and_mean_square(x2.contiguous(), w, lam_t, kappa, eps, weight is not None)
