@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-csv", action="store_true", help="do not write a CSV")
     model.add_argument("--markdown", default=None, help="also write the table and comparisons as markdown")
     model.add_argument("--quick", action="store_true", help=_quick_help(QUICK_MODEL))
+    model.add_argument("--claim", choices=("bhyt",), default=None,
+                       help="answer a published claim: bhyt = swiglu+bhyt / swiglu+rmsnorm training and generation "
+                       "throughput ratios (median, p20-p80) beside the BHyT paper's +1.6%% / +1.77%% "
+                       "(steadylm.bench.claim; shapes, rounds, modes, device from the other flags)")  # fmt: skip
 
 
 def _load_average() -> tuple[float, float, float] | None:
@@ -113,6 +117,15 @@ def _run_model(args: argparse.Namespace) -> int:
                      dtype=args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     config.validate()
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200, record=True)
+    if args.claim:
+        from steadylm.bench.claim import run_claim
+
+        command = "steadylm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"bench model --claim {args.claim}"
+        _, text = run_claim(config, args.claim, command, progress=lambda msg: console.print(msg, style="dim"))
+        console.print(text, markup=False)
+        if args.markdown:
+            _write_markdown(args.markdown, text)
+        return 0
     load_before = _load_average()
     console.print(
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -235,11 +235,16 @@ def _generate_call(model: nn.Module, mode: str, prompt: Tensor, new: int, device
 # profiler: share of the step in norms and activations
 # --------------------------------------------------------------------------------------------
 
-# Backward autograd nodes of the fused ops (the model's default impl), by category.
-_BACKWARD_NODES = {
-    "norm": ("_RMSNormBackward", "_DyTBackward", "_BHyTBackward", "NativeLayerNormBackward"),
-    "activation": ("_GatedActivationBackward",),
-}
+# Backward of the ops, by category: the fused ops' backward custom ops (steadylm::<op>_backward,
+# inside the autograd node's evaluate_function range, which is not counted) and LayerNorm's node.
+_BACKWARD_NODES = {"norm": ("NativeLayerNormBackward",), "activation": ()}
+
+
+def _backward_ops(category: str) -> set[str]:
+    from steadylm.bench.step_profile import OP_CATEGORY
+
+    cats = {"norm": ("norm", "statistic"), "activation": ("activation",)}[category]
+    return {f"steadylm::{op}_backward" for op, cat in OP_CATEGORY.items() if cat in cats}
 
 
 @contextlib.contextmanager
@@ -291,7 +296,7 @@ def profile_shares(model: nn.Module, step: Callable[[], None], device: torch.dev
             totals["step"] = value
         for category in ("norm", "activation"):
             # The engine's evaluate_function range encloses the node's own range: count it once.
-            if name == f"steadylm.{category}" or name in {
+            if name == f"steadylm.{category}" or name in _backward_ops(category) or name in {
                 f"autograd::engine::evaluate_function: {node}" for node in _BACKWARD_NODES[category]
             }:
                 totals[category] += value
