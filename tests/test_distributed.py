@@ -8,6 +8,8 @@ What SPEC §6 promises and how it is checked:
   the per-shard loss sums), a few fp32 ulps per step that the optimizer carries forward. FP8
   (with bf16 autocast) amplifies such ulps into rounding flips; its bound is its own measured
   noise floor when that is above 1e-5 (see the test).
+* FSDP2 with --compile follows one process within 1e-5; with --fsdp-bf16 within a bound derived
+  from bf16's unit roundoff (see FSDP_FLAG_REL).
 * Every parameter and buffer is identical on every rank after training (λ, c_ℓ, router biases,
   FP8 amax history and scales included) — exactly, because each is computed from reduced values.
 * DCP checkpoints: a 2-rank checkpoint resumes at 2 ranks bit-exact and at 1 rank within the
@@ -38,6 +40,15 @@ from steadylm.train.spec import RunSpec
 
 HERE = Path(__file__).resolve().parent
 REL = 1e-5  # see the module docstring
+# FSDP2 flags against the one-process fp32 eager run (test_fsdp_flags_follow_one_process):
+# * --compile: Inductor fuses and reorders fp32 ops — the same kind of difference as the ranks'
+#   reduction order, so REL (measured: 1.6e-7 over 20 steps).
+# * --fsdp-bf16: parameters and activations in bf16 for compute (fp32 master weights and gradient
+#   reduction). bf16's unit roundoff is 2^-9 = 2.0e-3; a token's loss passes ~4 bf16-rounded stages
+#   (cast parameters, attention, FFN, head), and the logged loss averages 8 x 32 = 256 tokens whose
+#   rounding errors have independent signs (÷ sqrt(256) = 16): 4 x 2^-9 / 16 = 4.9e-4. Measured
+#   1.6e-4 over 20 steps. It must also differ by more than REL, or the flag did nothing.
+FSDP_FLAG_REL = {"fsdp_bf16": 4.9e-4, "compile": REL}
 NPROC = 2
 ON_CUDA = torch.cuda.device_count() >= NPROC
 
@@ -114,6 +125,10 @@ def two_rank_runs(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         jobs.append({"name": "torchao-fsdp", "out": str(root / "torchao-fsdp"),
                      "spec": {**torchao_spec, "parallel": {"mode": "fsdp"}}})
     fsdp_bhyt = {**spec_dict("powlu_bhyt"), "parallel": {"mode": "fsdp"}}
+    # the advertised FSDP2 flags, each against the one-process fp32 eager run of the same spec
+    jobs += [{"name": f"powlu_bhyt-fsdp-{flag}", "out": str(root / f"powlu_bhyt-fsdp-{flag}"),
+              "spec": {**spec_dict("powlu_bhyt"), "parallel": {"mode": "fsdp", flag: True}}}
+             for flag in ("fsdp_bf16", "compile")]
     jobs += [
         {"name": "stop-at-10", "out": str(root / "two-to-two"), "spec": fsdp_bhyt, "stop_after": 10,
          "snapshot": str(root / "two-to-one")},
@@ -145,6 +160,19 @@ def test_two_ranks_follow_one_process(two_rank_runs: dict[str, Any], case: str, 
     single_val = [r["val_loss"] for r in read_metrics(two_rank_runs["single"][case] / "metrics.jsonl")
                   if "val_loss" in r][-1]
     assert_close([run["val_loss"]], [single_val], rel, f"{case} {mode} validation")
+
+
+@pytest.mark.parametrize("flag", ["fsdp_bf16", "compile"])
+def test_fsdp_flags_follow_one_process(two_rank_runs: dict[str, Any], flag: str) -> None:
+    run = two_rank_runs["results"][f"powlu_bhyt-fsdp-{flag}"]
+    want = losses(two_rank_runs["single"]["powlu_bhyt"])
+    got = run["losses"]
+    assert run["steps_done"] == 20
+    assert_close(got, want, FSDP_FLAG_REL[flag], f"fsdp --{flag}")
+    if flag == "fsdp_bf16":  # bf16 compute really ran: not the fp32 trajectory to reduction order
+        assert max(abs(g - w) / abs(w) for g, w in zip(got, want)) > REL
+    diffs = {n: d for n, d in run["rank_max_diff"].items() if d != 0.0}
+    assert not diffs, diffs  # still identical on every rank
 
 
 @pytest.mark.parametrize("case", list(CASES))
