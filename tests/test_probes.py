@@ -279,3 +279,57 @@ def test_probe_on_moe_keeps_routed_and_shared_experts_apart() -> None:
 def test_probe_every_is_validated() -> None:
     with pytest.raises(ValueError, match="every"):
         StabilityProbe(every=0)
+
+
+def test_bhyt_pearson_r_and_means_equal_a_direct_numpy_computation() -> None:
+    """The BHyT probe's v_approx / v_true means and their Pearson r against numpy, from the block
+    input x and mid-point h captured here: v_true = mean(h²), v_approx = mean(x²) + c_ℓ·λ₁²/κ²."""
+    model = _model(norm="bhyt")
+    with torch.no_grad():  # a c_ℓ that matters (at init it is ~1e-5 of mean(x²))
+        for block in model.layers:
+            block.attn.wv.weight.mul_(10.0)
+            block.attn.wo.weight.mul_(10.0)
+    model.refresh_bhyt_correction()
+    seen: dict[int, dict[str, np.ndarray]] = {}
+    for i, block in enumerate(model.layers):
+        def pre(m, args, i=i):
+            seen.setdefault(i, {})["x"] = args[0].detach().double().numpy()
+
+        def attn_out(m, args, out, i=i):
+            seen[i]["a"] = out.detach().double().numpy()
+
+        block.register_forward_pre_hook(pre)
+        block.attn.register_forward_hook(attn_out)
+    m = _step(StabilityProbe(every=1), model, 1)
+    for i, block in enumerate(model.layers):
+        x, h = seen[i]["x"], seen[i]["x"] + seen[i]["a"]
+        lam1, kappa = float(block.attn_norm.lam), block.bhyt_kappa
+        v_true = (h**2).mean(-1).reshape(-1)
+        v_approx = ((x**2).mean(-1) + float(block.bhyt_correction) * lam1**2 / kappa**2).reshape(-1)
+        # fp32 statistics over d = 32 against float64: a few fp32 ulps (2^-24 = 6e-8) relative
+        assert m[f"bhyt/layer{i}/v_true"] == pytest.approx(v_true.mean(), rel=1e-5)
+        assert m[f"bhyt/layer{i}/v_approx"] == pytest.approx(v_approx.mean(), rel=1e-5)
+        r = np.corrcoef(v_approx, v_true)[0, 1]
+        assert v_approx.std() > 0 and v_true.std() > 0 and abs(r) < 0.9999  # not degenerate, not trivially 1
+        # r from fp32 moments of 32 tokens: relative error ~ 32 x 6e-8 per sum, 1e-5 absolute
+        assert m[f"bhyt/layer{i}/pearson_r"] == pytest.approx(r, abs=1e-5)
+
+
+def test_block_cosine_equals_a_direct_numpy_computation() -> None:
+    from steadylm.probes.block_cosine import BlockCosineProbe
+
+    model = _model()
+    pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, block in enumerate(model.layers):
+        block.register_forward_hook(
+            lambda m, args, out, i=i: pairs.__setitem__(i, (args[0].detach().double().numpy(),
+                                                            out.detach().double().numpy())))
+    probe = BlockCosineProbe(every=2)
+    m = _step(probe, model, 1)  # type: ignore[arg-type]
+    assert set(m) == {"depth/layer0/cos", "depth/layer1/cos"}
+    for i, (x, y) in pairs.items():
+        cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+        assert 0.0 < cos.mean() < 0.9999
+        # fp32 dot products and norms over d = 32: ~32 x 2^-24 relative each, 1e-5 absolute
+        assert m[f"depth/layer{i}/cos"] == pytest.approx(cos.mean(), abs=1e-5)
+    assert _step(probe, model, 3) == {}  # not a sampled step  # type: ignore[arg-type]
