@@ -23,6 +23,28 @@ def _tiny(**overrides) -> bench_model.ModelBenchConfig:
     return bench_model.ModelBenchConfig(**{**base, **overrides})
 
 
+def test_bench_model_cli_end_to_end_tiny(tmp_path, capsys):
+    """The default-suite version of the slow test below: `steadylm bench model` through the CLI,
+    one preset, two variants (the baseline and BHyT), one timed round of 2 tokens per batch row:
+    every row measured, the CSV and markdown written, the comparison printed."""
+    csv_path, md_path = tmp_path / "m.csv", tmp_path / "m.md"
+    argv = ["bench", "model", "--presets", "nano", "--activations", "swiglu", "--norms", "rmsnorm,bhyt",
+            "--modes", "eager", "--batch", "2", "--seq", "8", "--gen-batches", "1", "--prompt", "2",
+            "--new-tokens", "2", "--rounds", "1", "--warmup", "0", "--no-hf", "--no-profile", "--device", "cpu",
+            "--csv", str(csv_path), "--markdown", str(md_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    with open(csv_path, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert tuple(read[0]) == CSV_COLUMNS
+    measured = {(r["kernel"], r["mode"]) for r in read if r["metric"] == "throughput"}
+    assert {("swiglu+rmsnorm", "train"), ("swiglu+bhyt", "train")} <= measured, measured
+    assert all(float(r["median"]) > 0 for r in read if r["metric"] == "throughput")
+    markdown = md_path.read_text()
+    assert "| nano | swiglu+bhyt | eager |" in markdown and "swiglu+bhyt / swiglu+rmsnorm" in markdown
+    assert "swiglu+bhyt" in printed
+
+
 @pytest.mark.slow  # ~1-2 min on 2 busy cores (kernel compiles, the HF import)
 def test_tiny_run_rows_ratios_shares_and_outputs(tmp_path):
     result = bench_model.run_model_bench(_tiny(hf=HAS_TRANSFORMERS))
