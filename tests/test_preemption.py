@@ -391,6 +391,32 @@ def test_fuzzed_set_flags_are_a_spec_or_a_one_line_error(items: list[tuple[str, 
     _check_outcome(lambda: RunSpec().with_overrides(parse_assignments(raw)), [k for k, _ in items] or ["section"])
 
 
+def test_stalled_peer_is_named_after_a_short_dist_timeout(env: dict[str, str], tmp_path: Path) -> None:
+    """Default-suite version of the slow test below: --dist-timeout 3, and the stalled rank is
+    SIGKILLed as soon as rank 0 has reported it, so torchrun's 30 s grace is not waited for."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--log-dir", str(logs), "--redirects", "2", "-m", "steadylm",
+                              *train_args(run, 100000, "--parallel", "ddp", "--dist-timeout", "3")],
+                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids = _rank_pids(agent, 2)
+    wait_for_rows(run, 3, agent)
+    os.kill(pids[1], signal.SIGSTOP)  # alive but silent
+    start, message, rank0 = time.monotonic(), "error: rank 0 of 2: a collective failed, so a peer rank died or stalled", ""
+    try:
+        while time.monotonic() - start < 120 and message not in rank0:
+            time.sleep(0.2)
+            rank0 = "".join(p.read_text() for p in logs.rglob("stderr.log") if p.parent.name == "0")
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+        agent.communicate(timeout=120)
+    assert message in rank0, rank0[-2000:]
+    # 3 s timeout + the step in flight + loaded-machine slack; without the timeout it would be 600 s
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert agent.returncode != 0
+
+
 @pytest.mark.slow
 def test_stalled_peer_fails_the_others_after_the_timeout(env: dict[str, str], tmp_path: Path) -> None:
     run = tmp_path / "run"
