@@ -1,0 +1,122 @@
+"""steadylm activations in torchtitan 0.3.x through its config overrides (skipped without torchtitan).
+
+A tiny torchtitan Llama-3 model (2 layers × 64, GQA 4/2; SDPA instead of Flex attention, which has
+no CPU backward) gets ``--override.imports steadylm.integrations.torchtitan.overrides.powlu``
+applied to its config, is built and initialised by torchtitan, converted with torchtitan's own HF
+state-dict adapter to Hugging Face names, and loaded into steadylm's model: logits and gradients
+agree within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torchtitan")
+
+from torchtitan.config.override import OverrideConfig, apply_overrides  # noqa: E402
+from torchtitan.models import llama3 as L  # noqa: E402
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm  # noqa: E402
+from torchtitan.models.common.attention import ScaledDotProductAttention  # noqa: E402
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter  # noqa: E402
+
+from steadylm.errors import ConfigError  # noqa: E402
+from steadylm.integrations.torchtitan import SteadyLMFeedForward  # noqa: E402
+from steadylm.models import ModelConfig, build_model  # noqa: E402
+from steadylm.models.hf_format import steadylm_name  # noqa: E402
+
+DIM, HEADS, KV_HEADS, HIDDEN, VOCAB, LAYERS, SEQ = 64, 4, 2, 128, 256, 2, 64
+# Same weights, the same fp32 ops up to summation order and RoPE tables (torchtitan builds its
+# complex table in fp32, steadylm in float64): 1e-5 of the largest value, the bound the HF export
+# tests use for the same effects (measured here: ~6e-8 of the largest logit).
+REL_TOL = 1e-5
+
+OVERRIDES = {
+    "powlu": ("steadylm.integrations.torchtitan.overrides.powlu", {"m": 3.0}, {"m": 3.0}),
+    "swiglu_clip": ("steadylm.integrations.torchtitan.overrides.swiglu_clip", {"limit": 0.05}, {"limit": 0.05}),
+}
+
+
+def torchtitan_config() -> L.Llama3Model.Config:
+    layers = L._build_llama3_layers(
+        n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, hidden_dim=HIDDEN,
+        rope=ComplexRoPE.Config(dim=DIM // HEADS, max_seq_len=SEQ, theta=10000.0), fuse_qkv=True,
+        attn_backend="flex")
+    for layer in layers:  # test shim: SDPA (CPU backward) in place of Flex attention
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    return L.Llama3Model.Config(
+        dim=DIM, vocab_size=VOCAB, layers=layers,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=L._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=DIM, param_init=L._NORM_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=L._output_linear_init(DIM)))
+
+
+def built(name: str) -> tuple[torch.nn.Module, L.Llama3Model.Config, list[str]]:
+    target, kwargs, _ = OVERRIDES[name]
+    config = torchtitan_config()
+    log = apply_overrides(OverrideConfig(imports=[(target, kwargs)]), config)
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_states()
+    return model, config, log
+
+
+def as_steadylm(name: str, model: torch.nn.Module, config: L.Llama3Model.Config) -> torch.nn.Module:
+    """steadylm's model holding the torchtitan model's weights (via torchtitan's HF adapter)."""
+    _, _, activation_kwargs = OVERRIDES[name]
+    hf = Llama3StateDictAdapter(config, None).to_hf(model.state_dict())
+    ours = build_model(ModelConfig(
+        vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, ffn_dim=HIDDEN,
+        max_seq_len=SEQ, activation=name, activation_kwargs=activation_kwargs, norm="rmsnorm", norm_eps=1e-5,
+        rope_theta=10000.0, tie_embeddings=False, impl="reference"))
+    ours.load_state_dict({steadylm_name(k): v for k, v in hf.items()})
+    return ours
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_override_imports_replace_every_ffn(name: str) -> None:
+    model, _, log = built(name)
+    assert len(log) == LAYERS and all(f"-> SteadyLMFeedForward.Config" in line for line in log)
+    for i in range(LAYERS):
+        ffn = model.layers[str(i)].feed_forward
+        assert isinstance(ffn, SteadyLMFeedForward) and ffn.activation == name
+    # the stock FFN's parameter names: torchtitan's sharding plans and HF adapter still apply
+    assert {k for k in model.state_dict() if ".feed_forward." in k} == {
+        f"layers.{i}.feed_forward.w{j}.weight" for i in range(LAYERS) for j in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_torchtitan_model_matches_steadylm_logits_and_gradients(name: str) -> None:
+    model, config, _ = built(name)
+    ours = as_steadylm(name, model, config)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    theirs_logits, our_logits = model(tokens), ours(tokens)
+    scale = float(our_logits.abs().max())
+    assert float((theirs_logits - our_logits).abs().max()) <= REL_TOL * scale
+    theirs_logits.float().logsumexp(-1).mean().backward()
+    our_logits.float().logsumexp(-1).mean().backward()
+    for i in range(LAYERS):
+        for tt_name, our_name in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
+            g_tt = getattr(model.layers[str(i)].feed_forward, tt_name).weight.grad
+            g_ours = getattr(ours.layers[i].ffn, our_name).weight.grad
+            assert float((g_tt - g_ours).abs().max()) <= REL_TOL * float(g_ours.abs().max()), (i, tt_name)
+
+
+def test_hf_state_dict_round_trip() -> None:
+    model, config, _ = built("powlu")
+    adapter = Llama3StateDictAdapter(config, None)
+    back = adapter.from_hf(adapter.to_hf(model.state_dict()))
+    fresh_config = torchtitan_config()
+    apply_overrides(OverrideConfig(imports=[OVERRIDES["powlu"][:2]]), fresh_config)
+    fresh = fresh_config.build()
+    fresh.init_states()
+    fresh.load_state_dict(back)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_a_bad_activation_argument_fails_when_the_config_is_built() -> None:
+    config = torchtitan_config()
+    with pytest.raises(ConfigError, match="m"):
+        apply_overrides(OverrideConfig(imports=[("steadylm.integrations.torchtitan.overrides.powlu",
+                                                 {"m": -1.0})]), config)
