@@ -120,3 +120,18 @@ def test_a_bad_activation_argument_fails_when_the_config_is_built() -> None:
     with pytest.raises(ConfigError, match="m"):
         apply_overrides(OverrideConfig(imports=[("steadylm.integrations.torchtitan.overrides.powlu",
                                                  {"m": -1.0})]), config)
+
+
+def test_the_readme_command_line_applies_the_override_to_torchtitans_own_config() -> None:
+    # torchtitan's own CLI parser and config registry (the README's command, on the debug model)
+    from torchtitan.config.manager import ConfigManager
+
+    config = ConfigManager().parse_args([
+        "--module", "llama3", "--config", "llama3_debugmodel",
+        "--override.imports", 'steadylm.integrations.torchtitan.overrides.powlu={"m": 3.0}'])
+    assert config.override.imports == [("steadylm.integrations.torchtitan.overrides.powlu", {"m": 3.0})]
+    log = apply_overrides(config.override, config)
+    n_layers = len(config.model_spec.model.layers)
+    assert len(log) == n_layers and all(
+        isinstance(layer.feed_forward, SteadyLMFeedForward.Config) and layer.feed_forward.activation_kwargs == {"m": 3.0}
+        for layer in config.model_spec.model.layers)
