@@ -90,3 +90,27 @@ def test_compare_with_two_seeds_reports_the_spread(tmp_path: Path, monkeypatch: 
         assert stats["sd"] == pytest.approx(float(np.std(vals, ddof=1)), rel=1e-12)
     md = (out / "summary.md").read_text()
     assert "## Spread over seeds" in md and "[min, max]" in md
+
+
+def test_depth_ladder_with_two_seeds_reports_the_spread_per_point(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from steadylm.data import load_kjv
+
+    monkeypatch.setenv("STEADYLM_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "genesis.txt"
+    corpus.write_text("\n".join(load_kjv()[:300]), encoding="utf-8")
+    out = tmp_path / "depth"
+    assert main(["ladder", "--axis", "depth", "--depths", "1,2", "--depth-width", "16", "--steps", "4",
+                 "--seeds", "0,1", "--set", "train.probe_every=2", "--set", "train.eval_every=2",
+                 "--set", "train.warmup_steps=1", "--variants", "swiglu+rmsnorm,swiglu+bhyt", "--out", str(out),
+                 "--data", str(corpus), "--vocab-size", "300", "--seq-len", "16", "--batch-size", "4",
+                 "--impl", "reference", "--set", "train.eval_batches=1", "--set", "train.threads=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for depth in ("1", "2"):
+        for variant in ("swiglu+rmsnorm", "swiglu+bhyt"):
+            got = summary["seeds"]["points"][depth][variant]["final_val_loss"]
+            want = [r["summary"]["final_val_loss"] for r in summary["runs"]
+                    if str(r["depth"]) == depth and r["variant"] == variant]
+            assert len(want) == 2 and got["values"] == want
+            assert got["mean"] == pytest.approx(float(np.mean(want)), rel=1e-15)
+    assert "## Spread over seeds" in (out / "summary.md").read_text()

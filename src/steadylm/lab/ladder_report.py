@@ -21,6 +21,7 @@ from steadylm.lab.options import command_line
 from steadylm.lab.powerlaw import PowerLawFit, fit_power_law
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
 from steadylm.lab.runner import RunResult
+from steadylm.lab.seeds import SPREAD_RULE, seed_stats, seed_table
 from steadylm.lab.summary import status
 from steadylm.probes import keys as K
 
@@ -85,6 +86,28 @@ def _dead_rows(ctx: Mapping[str, Any]) -> list[list[str]]:
         if s.dead or s.diverged:
             rows.append([job.variant.name, str(job.point), str(job.seed), status(s)])
     return rows
+
+
+def _seed_section(report: Report, ctx: Mapping[str, Any], point_name: str) -> dict[str, Any]:
+    """Per point, every variant's numbers over seeds (mean ± sd [min, max]) and † where a difference
+    from the first variant exceeds the seed spread (:mod:`steadylm.lab.seeds`); ``{}`` with one seed."""
+    plan, jobs, results = ctx["plan"], ctx["jobs"], ctx["results"]
+    if len(plan["seeds"]) < 2:
+        return {}
+    names = [v.name for v in plan["variants"]]
+    blocks, out = [], {}
+    for p in plan["points"]:
+        per = {n: [results[i].summary for i, j in enumerate(jobs) if j.point == p and j.variant.name == n]
+               for n in names}
+        stats = seed_stats(per)
+        out[str(p)] = {n: {k: v.to_dict() for k, v in st.items()} for n, st in stats.items()}
+        blocks.append(f"**{point_name} {p}**\n\n" + seed_table(stats, names[0]))
+    report.add_section(
+        "Spread over seeds",
+        f"Seeds {', '.join(map(str, plan['seeds']))} at every {point_name}; each number as mean ± sample "
+        f"standard deviation [min, max], and its difference from {names[0]}'s mean. {SPREAD_RULE}\n\n"
+        + "\n\n".join(blocks))
+    return out
 
 
 def size_report(ctx: dict[str, Any]) -> dict[str, Path]:
@@ -176,6 +199,7 @@ def size_report(ctx: dict[str, Any]) -> dict[str, Path]:
         "Final validation loss, mean ± standard deviation over seeds, and the gap to "
         f"{ref} (negative: better).\n\n"
         + markdown_table(["width", "N", "steps"] + names + [f"{n} − {ref}" for n in names[1:]], size_rows))
+    seed_spread = _seed_section(report, ctx, "width")
     dead = _dead_rows(ctx)
     report.add_section("Dead or diverged runs", markdown_table(["variant", "width", "seed", "status"], dead)
                        if dead else "None.")
@@ -186,6 +210,7 @@ def size_report(ctx: dict[str, Any]) -> dict[str, Path]:
                "runs": [{"variant": j.variant.name, "width": j.point, "seed": j.seed, "n_params": n_of[j.point],
                          "summary": results[i].summary} for i, j in enumerate(jobs)],
                "tuning": {n: [{"lr": lr, "summary": r.summary} for lr, r in runs] for n, runs in ctx["tuning"].items()},
+               "seeds": {"rule": SPREAD_RULE, "points": seed_spread} if seed_spread else None,
                "wall_s": ctx["wall_s"]}
     return write_all(report, ctx["lab"].out, summary)
 
@@ -267,6 +292,7 @@ def depth_report(ctx: dict[str, Any]) -> dict[str, Path]:
             "The BHyT paper: if λ/κ < 1/√L, BHyT's per-layer variance stays below LayerNorm-Scaling's. "
             "λ: the largest learned λ over layers and sites at the end of training.\n\n"
             + markdown_table(["variant", "depth L", "max λ", "λ/κ", "1/√L", "λ/κ < 1/√L"], bound_rows))
+    seed_spread = _seed_section(report, ctx, "depth")
     dead = _dead_rows(ctx)
     report.add_section("Dead or diverged runs", markdown_table(["variant", "depth", "seed", "status"], dead)
                        if dead else "None.")
@@ -276,5 +302,6 @@ def depth_report(ctx: dict[str, Any]) -> dict[str, Path]:
                "runs": [{"variant": j.variant.name, "depth": j.point, "seed": j.seed, "summary": results[i].summary}
                         for i, j in enumerate(jobs)],
                "tuning": {n: [{"lr": lr, "summary": r.summary} for lr, r in runs] for n, runs in ctx["tuning"].items()},
+               "seeds": {"rule": SPREAD_RULE, "points": seed_spread} if seed_spread else None,
                "wall_s": ctx["wall_s"]}
     return write_all(report, ctx["lab"].out, summary)
