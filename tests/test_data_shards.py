@@ -591,6 +591,40 @@ def _measured_prepare(source: Path, out: Path, tokenizer: Path, workers: int) ->
     return figures
 
 
+def test_prepare_peak_allocations_do_not_grow_with_the_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default-suite version of the slow RSS test below: in-process (one worker), tracemalloc's peak
+    of Python and numpy allocations while preparing 0.5 MB and 2 MB of text. The encoder keeps a
+    bounded number of tasks in flight; the tasks are shrunk here (64 KiB, pieces of 16 KiB) so that
+    both corpora are many tasks long, as 20 MB and 200 MB are for the real 1 MiB tasks."""
+    import tracemalloc
+
+    from steadylm.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_TASK_CHARS", 1 << 16)
+    monkeypatch.setattr(tokenizer_module, "_PIECE_CHARS", 1 << 14)
+    verses = [line for doc in load_kjv() for line in doc.splitlines() if line.strip()]
+    tokenizer = tmp_path / "bpe-300.json"
+    tokenizer_module.train_tokenizer(verses[:2000], 300).save(str(tokenizer))
+    peaks, sizes = {}, {}
+    for files in (1, 4):
+        source = tmp_path / f"corpus-{files}"
+        source.mkdir()
+        rng = np.random.default_rng(files)
+        for number in range(files):
+            text = "\n".join(verses[i] for i in rng.permutation(len(verses))[:4000])[:500_000] + "\n"
+            (source / f"part-{number}.txt").write_text(text, encoding="utf-8")
+        sizes[files] = sum(p.stat().st_size for p in source.iterdir())
+        tracemalloc.start()
+        prepare_corpus(source, tmp_path / f"out-{files}", tokenizer=tokenizer, workers=1, use_cache=False,
+                       shard_tokens=50_000)
+        peaks[files] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Holding the corpus (its text or its tokens) would add at least the 1.5 MB of extra text; the
+    # peak may grow by less than a third of that (0.5 MB: allocator noise and the tasks in flight).
+    grown = peaks[4] - peaks[1]
+    assert sizes[4] - sizes[1] > 1_450_000 and grown < 500_000, (peaks, sizes)
+
+
 @pytest.mark.slow
 def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     tokenizer = tmp_path / "kjv-bpe-4096.json"
