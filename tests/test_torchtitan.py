@@ -135,3 +135,97 @@ def test_the_readme_command_line_applies_the_override_to_torchtitans_own_config(
     assert len(log) == n_layers and all(
         isinstance(layer.feed_forward, SteadyLMFeedForward.Config) and layer.feed_forward.activation_kwargs == {"m": 3.0}
         for layer in config.model_spec.model.layers)
+
+
+# ------------------------------------------------------------------------------------------------
+# the BHyT block
+# ------------------------------------------------------------------------------------------------
+
+BHYT = ("steadylm.integrations.torchtitan.bhyt.bhyt",
+        {"context_length": SEQ, "activation": "powlu", "activation_kwargs": {"m": 3.0}, "refresh_every": 2})
+
+
+def built_bhyt(vo_scale: float = 8.0) -> tuple[torch.nn.Module, L.Llama3Model.Config]:
+    """PowLU + BHyT through one override; W_V/W_O scaled so c_ℓ moves the logits (as in the HF tests)."""
+    from steadylm.integrations.torchtitan import SteadyLMBHyTBlock
+
+    config = torchtitan_config()
+    config.norm.eps = 1e-6  # steadylm's final RMSNorm shares norm_eps with the BHyT sites
+    log = apply_overrides(OverrideConfig(imports=[BHYT]), config)
+    assert len(log) == LAYERS
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_states()
+    with torch.no_grad():
+        for i in range(LAYERS):
+            block = model.layers[str(i)]
+            assert isinstance(block, SteadyLMBHyTBlock) and isinstance(block.feed_forward, SteadyLMFeedForward)
+            block.attention.qkv_linear.wqkv.weight.mul_(vo_scale)
+            block.attention.wo.weight.mul_(vo_scale)
+            block.refresh_bhyt_correction()
+    return model, config
+
+
+def steadylm_bhyt(model: torch.nn.Module, config: L.Llama3Model.Config) -> torch.nn.Module:
+    from steadylm.integrations.torchtitan import SteadyLMLlama3StateDictAdapter
+
+    hf = SteadyLMLlama3StateDictAdapter(config, None).to_hf(model.state_dict())
+    ours = build_model(ModelConfig(
+        vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, ffn_dim=HIDDEN,
+        max_seq_len=SEQ, activation="powlu", activation_kwargs={"m": 3.0}, norm="bhyt", norm_eps=1e-6,
+        rope_theta=10000.0, tie_embeddings=False, impl="reference"))
+    ours.load_state_dict({steadylm_name(k): v for k, v in hf.items()})  # strict: λ and c_ℓ included
+    return ours
+
+
+def test_bhyt_block_matches_steadylm_and_its_c_l() -> None:
+    model, config = built_bhyt()
+    ours = steadylm_bhyt(model, config)
+    for i in range(LAYERS):  # steadylm recomputes c_ℓ from W_V/W_O on load: the same value
+        assert float(model.layers[str(i)].bhyt_correction) == pytest.approx(
+            float(ours.layers[i].bhyt_correction), rel=1e-6)
+        assert float(ours.layers[i].bhyt_correction) > 1e-3  # large enough to matter
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    theirs, our_logits = model(tokens), ours(tokens)
+    assert float((theirs - our_logits).abs().max()) <= REL_TOL * float(our_logits.abs().max())
+
+
+def test_bhyt_state_dict_round_trip_keeps_lambda_and_c_l() -> None:
+    from steadylm.integrations.torchtitan import SteadyLMLlama3StateDictAdapter
+
+    model, config = built_bhyt()
+    with torch.no_grad():
+        model.layers["1"].attention_norm.lam.fill_(1.7)  # not the initial value
+    adapter = SteadyLMLlama3StateDictAdapter(config, None)
+    hf = adapter.to_hf(model.state_dict())
+    assert {"model.layers.1.input_layernorm.lam", "model.layers.1.bhyt_correction"} <= set(hf)
+    fresh, _ = built_bhyt(vo_scale=1.0)
+    fresh.load_state_dict(adapter.from_hf(hf))
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_c_l_refresh_follows_the_optimizer_steps() -> None:
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+
+    from steadylm.integrations.torchtitan import register_bhyt_refresh
+
+    model, _ = built_bhyt(vo_scale=1.0)
+    optimizers = OptimizersContainer.Config(implementation="for-loop", param_groups=[ParamGroupConfig(
+        pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-2})]).build(model_parts=[model])
+    register_bhyt_refresh(optimizers, [model])
+    block = model.layers["0"]
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    seen = []
+    for step in range(1, 5):
+        model(tokens).float().logsumexp(-1).mean().backward()
+        optimizers.step()
+        optimizers.zero_grad()
+        stored = float(block.bhyt_correction)
+        block.refresh_bhyt_correction()  # what c_ℓ of the current weights is
+        current = float(block.bhyt_correction)
+        block.bhyt_correction.fill_(stored)
+        seen.append((step, stored == current))
+    # refresh_every=2: c_ℓ is the current weights' after steps 2 and 4, stale after 1 and 3
+    assert seen == [(1, False), (2, True), (3, False), (4, True)]

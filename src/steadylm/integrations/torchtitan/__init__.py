@@ -19,6 +19,12 @@ c_ℓ refresh after optimizer steps).
 
 from __future__ import annotations
 
+from steadylm.integrations.torchtitan.bhyt import (
+    SteadyLMBHyTBlock,
+    SteadyLMLlama3StateDictAdapter,
+    register_bhyt_refresh,
+)
 from steadylm.integrations.torchtitan.overrides import SteadyLMFeedForward, powlu, swiglu_clip
 
-__all__ = ["SteadyLMFeedForward", "powlu", "swiglu_clip"]
+__all__ = ["SteadyLMBHyTBlock", "SteadyLMFeedForward", "SteadyLMLlama3StateDictAdapter", "powlu",
+           "register_bhyt_refresh", "swiglu_clip"]

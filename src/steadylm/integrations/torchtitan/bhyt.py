@@ -1,0 +1,183 @@
+"""The BHyT block in torchtitan's Llama-3 decoder: steadylm's BHyT pair in place of the two RMSNorms.
+
+``bhyt`` is an ``@override`` factory for ``Llama3TransformerBlock.Config``: every block becomes a
+:class:`SteadyLMBHyTBlock` with the same attention and FFN configs (so their parameter names,
+initialisation and sharding declarations are torchtitan's), and its ``attention_norm`` /
+``ffn_norm`` are the two sites of :class:`steadylm.nn.BHyTPair` — one per-token statistic per
+block, the second site's variance from c_ℓ, the same code steadylm's own ``BHyTBlock`` and the
+Hugging Face patch run. c_ℓ (the ``bhyt_correction`` buffer) is computed from W_V/W_O when the
+model's states are initialised and after every ``load_state_dict``; :func:`register_bhyt_refresh`
+(``ModelSpec.post_optimizer_build_fn``) refreshes it every ``refresh_every`` optimizer steps,
+counting steps from the optimizer's own state so a resumed run keeps the cadence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchtitan.config import derive, override
+from torchtitan.models.llama3.model import Llama3TransformerBlock
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+from steadylm.nn import BHyTPair, full_tensor
+
+__all__ = ["BHYT_HF_KEYS", "SteadyLMBHyTBlock", "SteadyLMLlama3StateDictAdapter", "bhyt", "bhyt_blocks",
+           "register_bhyt_refresh"]
+
+
+class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):
+    """``h = x + attn(BHyT₁(x))``, ``out = h + ffn(BHyT₂(h; v' = v + c_ℓ·λ₁²/κ²))`` (SPEC §2)."""
+
+    BHYT_SITES = ("attention_norm", "ffn_norm")
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Llama3TransformerBlock.Config):
+        lam_attn: float = 2.0  # λ0 of the two sites (published: 2 and 1)
+        lam_ffn: float = 1.0
+        kappa: float = 10.0
+        eps: float = 1e-6
+        impl: str = "fused"
+        context_length: int = 2048  # T in c_ℓ = ‖W_V W_O‖_F² / (T·d): the training sequence length
+        refresh_every: int = 100  # optimizer steps between c_ℓ refreshes (register_bhyt_refresh)
+
+    def __init__(self, config: Config):
+        Llama3TransformerBlock.__init__(self, config)
+        self.record_stats = False
+        self.last_stats = None
+        self.refresh_every = int(config.refresh_every)
+        dim = config.attention_norm.normalized_shape
+        self.init_bhyt_pair(dim, lam_attn=config.lam_attn, lam_ffn=config.lam_ffn, kappa=config.kappa,
+                            eps=config.eps, impl=config.impl, context_length=config.context_length)
+
+    def bhyt_projections(self) -> tuple[Tensor, Tensor, int, int]:
+        attention = self.attention
+        n_heads = attention.n_heads
+        n_kv_heads = getattr(attention, "n_kv_heads", None) or n_heads
+        qkv = attention.qkv_linear
+        if hasattr(qkv, "wv"):  # separate q/k/v projections
+            return qkv.wv.weight, attention.wo.weight, n_heads, n_kv_heads
+        # fused wqkv (torchtitan's default): rows [kv head, (q heads per kv, k, v), head_dim]; the
+        # whole weight first (a collective when FSDP/TP shard it, on every rank alike)
+        w = full_tensor(qkv.wqkv.weight)
+        w_v = w.reshape(-1, qkv.r_dim, qkv.head_dim, w.shape[-1])[:, qkv.heads_per_kv + 1]
+        return w_v.reshape(-1, w.shape[-1]), attention.wo.weight, n_heads, n_kv_heads
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        # torchtitan initialises its own Module children; the BHyT sites are plain nn.Modules
+        # (γ = 1, λ = λ0), and c_ℓ needs the initialised W_V/W_O, so it comes last.
+        super().init_states(buffer_device=buffer_device)
+        with torch.no_grad():
+            for site in self.bhyt_sites:
+                site.weight.fill_(1.0)
+                site.lam.fill_(site.lam_init)
+        self.refresh_bhyt_correction()
+
+    def forward(self, x: Tensor, attention_masks: Any, positions: Tensor | None = None) -> Tensor:
+        attn_in, v = self.bhyt_attn_input(x)
+        h = x + self.attention(attn_in, attention_masks, positions)
+        return h + self.feed_forward(self.bhyt_ffn_input(h, v))
+
+
+@override(target=Llama3TransformerBlock.Config, exact=True, description="steadylm BHyT block (BHyT pair)")
+def bhyt(cfg: Llama3TransformerBlock.Config, *, lam_attn: float = 2.0, lam_ffn: float = 1.0, kappa: float = 10.0,
+         eps: float = 1e-6, impl: str = "fused", context_length: int = 2048, refresh_every: int = 100,
+         activation: str | None = None, activation_kwargs: dict[str, Any] | None = None) -> SteadyLMBHyTBlock.Config:
+    """Every Llama-3 block becomes a :class:`SteadyLMBHyTBlock` (set ``context_length`` to the
+    training sequence length; ``refresh_every`` takes effect with :func:`register_bhyt_refresh`).
+
+    ``activation`` (e.g. ``"powlu"``, with ``activation_kwargs``) also switches the block's FFN:
+    torchtitan refuses an FFN override nested inside a block override, so PowLU + BHyT is this one
+    override."""
+    from steadylm.errors import ConfigError
+    from steadylm.integrations.torchtitan.overrides import _replace
+
+    if refresh_every < 1 or context_length < 1 or kappa <= 0 or eps <= 0:
+        raise ConfigError(f"bhyt override: refresh_every and context_length must be >= 1, kappa and eps > 0 "
+                          f"(got {refresh_every}, {context_length}, {kappa}, {eps})")
+    block = derive(cfg, SteadyLMBHyTBlock.Config, lam_attn=lam_attn, lam_ffn=lam_ffn, kappa=kappa, eps=eps,
+                   impl=impl, context_length=context_length, refresh_every=refresh_every)
+    if activation is not None:
+        if block.feed_forward is None:
+            raise ConfigError("bhyt override: activation= needs a dense FFN (this block has none)")
+        block.feed_forward = _replace(block.feed_forward, activation, impl, dict(activation_kwargs or {}))
+    return block
+
+
+def bhyt_blocks(model_parts: list[torch.nn.Module]) -> list[SteadyLMBHyTBlock]:
+    return [m for part in model_parts for m in part.modules() if isinstance(m, SteadyLMBHyTBlock)]
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+    """Steps taken, from the optimizer's state (AdamW keeps ``step`` per parameter), so a resumed
+    run, whose optimizer state is loaded, counts on from where it stopped."""
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if step is not None:
+            return int(step.item() if isinstance(step, Tensor) else step)
+    return 0
+
+
+def register_bhyt_refresh(optimizers: Any, model_parts: list[torch.nn.Module], parallel_dims: Any = None) -> None:
+    """``ModelSpec.post_optimizer_build_fn``: after every optimizer step, refresh c_ℓ of every
+    :class:`SteadyLMBHyTBlock` when the step count is a multiple of its ``refresh_every``."""
+    blocks = bhyt_blocks(model_parts)
+    if not blocks:
+        return
+    inner = getattr(optimizers, "optimizers", None) or [optimizers]
+
+    def hook(*_args: Any, **_kwargs: Any) -> None:
+        step = _optimizer_step(inner[0])
+        for block in blocks:
+            if step > 0 and step % block.refresh_every == 0:
+                block.refresh_bhyt_correction()
+
+    optimizers.register_step_post_hook(hook)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face state dict: torchtitan's Llama-3 adapter plus λ and c_ℓ
+# ------------------------------------------------------------------------------------------------
+
+#: torchtitan key (layer index as {}) -> Hugging Face key of the BHyT state the stock adapter drops;
+#: the HF names are those of steadylm's export (``steadylm.models.hf_format``).
+BHYT_HF_KEYS: dict[str, str] = {
+    "layers.{}.attention_norm.lam": "model.layers.{}.input_layernorm.lam",
+    "layers.{}.ffn_norm.lam": "model.layers.{}.post_attention_layernorm.lam",
+    "layers.{}.bhyt_correction": "model.layers.{}.bhyt_correction",
+}
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """``("layers.{}.rest", "3")`` of ``"layers.3.rest"`` (None without a layer index)."""
+    match = re.search(r"\.(\d+)\.", key)
+    if match is None:
+        return None
+    return key[: match.start()] + ".{}." + key[match.end():], match.group(1)
+
+
+class SteadyLMLlama3StateDictAdapter(Llama3StateDictAdapter):
+    """torchtitan's Llama-3 HF adapter, keeping BHyT's λ (per site) and c_ℓ (per block), which the
+    stock adapter drops (``ModelSpec.state_dict_adapter`` of a BHyT model)."""
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        hf = super().to_hf(state_dict)
+        for key, value in state_dict.items():
+            parts = _split(key)
+            if parts is not None and parts[0] in BHYT_HF_KEYS:
+                hf[BHYT_HF_KEYS[parts[0]].format(parts[1])] = value
+        return hf
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        inverse = {v: k for k, v in BHYT_HF_KEYS.items()}
+        rest, extra = {}, {}
+        for key, value in hf_state_dict.items():
+            parts = _split(key)
+            if parts is not None and parts[0] in inverse:
+                extra[inverse[parts[0]].format(parts[1])] = value
+            else:
+                rest[key] = value
+        return {**super().from_hf(rest), **extra}
