@@ -1,10 +1,13 @@
-"""steadylm activations in torchtitan 0.3.x through its config overrides (skipped without torchtitan).
+"""steadylm in torchtitan 0.3.x through its config overrides and a config module (skipped without
+torchtitan).
 
 A tiny torchtitan Llama-3 model (2 layers × 64, GQA 4/2; SDPA instead of Flex attention, which has
-no CPU backward) gets ``--override.imports steadylm.integrations.torchtitan.overrides.powlu``
-applied to its config, is built and initialised by torchtitan, converted with torchtitan's own HF
-state-dict adapter to Hugging Face names, and loaded into steadylm's model: logits and gradients
-agree within fp32 rounding.
+no CPU backward — a test-only shim) gets the overrides applied to its config, is built and
+initialised by torchtitan, converted with torchtitan's HF state-dict adapter (ours for BHyT, which
+keeps λ and c_ℓ) to Hugging Face names, and loaded into steadylm's model: logits and gradients agree
+within fp32 rounding, c_ℓ is steadylm's, and the c_ℓ refresh follows the optimizer steps of
+torchtitan's own optimizer container. Not here: a run of torchtitan's ``Trainer`` (it needs its
+repository's test dataset and tokenizer, and CPU device shims).
 """
 
 from __future__ import annotations
@@ -229,3 +232,25 @@ def test_c_l_refresh_follows_the_optimizer_steps() -> None:
         seen.append((step, stored == current))
     # refresh_every=2: c_ℓ is the current weights' after steps 2 and 4, stale after 1 and 3
     assert seen == [(1, False), (2, True), (3, False), (4, True)]
+
+
+def test_the_config_module_sets_blocks_refresh_and_adapter() -> None:
+    # `--module steadylm.integrations.torchtitan --config llama3_debugmodel_powlu_bhyt` (README)
+    from torchtitan.config.manager import ConfigManager
+
+    from steadylm.integrations.torchtitan import (
+        SteadyLMBHyTBlock,
+        SteadyLMLlama3StateDictAdapter,
+        register_bhyt_refresh,
+    )
+
+    config = ConfigManager().parse_args(["--module", "steadylm.integrations.torchtitan",
+                                         "--config", "llama3_debugmodel_powlu_bhyt"])
+    spec = config.model_spec
+    assert spec.post_optimizer_build_fn is register_bhyt_refresh
+    assert spec.state_dict_adapter is SteadyLMLlama3StateDictAdapter
+    assert all(isinstance(layer, SteadyLMBHyTBlock.Config) and layer.context_length == config.training.seq_len
+               and isinstance(layer.feed_forward, SteadyLMFeedForward.Config) for layer in spec.model.layers)
+    with torch.device("meta"):  # torchtitan builds on meta, then materialises (no memory here)
+        model = spec.model.build()
+    assert sum(isinstance(m, SteadyLMBHyTBlock) for m in model.modules()) == len(spec.model.layers)

@@ -1,20 +1,25 @@
-"""steadylm's activations inside torchtitan (PyPI ``torchtitan`` 0.3.x, Python >= 3.11), through
-torchtitan's own extension point: config overrides loaded with ``--override.imports``.
+"""steadylm inside torchtitan (PyPI ``torchtitan`` 0.3.x, Python >= 3.11), through torchtitan's own
+extension points.
 
-::
+* FFN only — config overrides on torchtitan's ``FeedForward.Config``
+  (:mod:`~steadylm.integrations.torchtitan.overrides`)::
 
-    torchrun --nproc_per_node=8 -m torchtitan.train --module llama3 --config llama3_8b \\
-        --override.imports 'steadylm.integrations.torchtitan.overrides.powlu={"m": 3.0}'
+      torchrun --nproc_per_node=8 -m torchtitan.train --module llama3 --config llama3_8b \\
+          --override.imports 'steadylm.integrations.torchtitan.overrides.powlu={"m": 3.0}'
 
-:func:`~steadylm.integrations.torchtitan.overrides.powlu` and ``overrides.swiglu_clip`` are ``@override`` factories targeting torchtitan's
-``FeedForward.Config``: before the model is built, every FFN config (or those whose FQN matches
-``fqns``) becomes a :class:`SteadyLMFeedForward.Config` with the same ``w1`` (gate), ``w3`` (up) and
-``w2`` (down) linears — so parameter names, initialisation, FSDP/TP sharding declarations and
-torchtitan's Hugging Face state-dict adapter are unchanged — and the forward runs steadylm's fused
-gated op ``w2(act(w1 x, w3 x))`` instead of ``w2(silu(w1 x) * w3 x)``.
+  every FFN keeps its ``w1`` (gate), ``w3`` (up), ``w2`` (down) — parameter names, initialisation,
+  sharding declarations and the HF adapter are torchtitan's — and runs steadylm's fused gated op.
+* PowLU + the BHyT block — a config module (:mod:`~steadylm.integrations.torchtitan.config_registry`)::
 
-Not here yet (see the README): the BHyT block (the BHyT pair in place of the two RMSNorms with the
-c_ℓ refresh after optimizer steps).
+      torchrun --nproc_per_node=8 -m torchtitan.train --module steadylm.integrations.torchtitan \\
+          --config llama3_8b_powlu_bhyt
+
+  torchtitan's Llama-3 blocks become :class:`SteadyLMBHyTBlock` (the BHyT pair in place of the two
+  RMSNorms, one statistic per block) with c_ℓ refreshed after optimizer steps
+  (``ModelSpec.post_optimizer_build_fn`` = :func:`register_bhyt_refresh`) and an HF state-dict
+  adapter that keeps λ and c_ℓ (:class:`SteadyLMLlama3StateDictAdapter`). The ``bhyt`` override
+  (:mod:`~steadylm.integrations.torchtitan.bhyt`) is the same block switch for
+  ``--override.imports``, without those two ``ModelSpec`` hooks.
 """
 
 from __future__ import annotations
