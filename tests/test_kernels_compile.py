@@ -3,13 +3,14 @@
 * ``torch.library.opcheck`` on every forward and backward op: schema, fake (shape) function,
   autograd registration and AOT dispatch agree (cheap shapes, kernels run eagerly);
 * a compiled dense and a compiled MoE model (tiny) trace with 0 graph breaks, their forward and
-  backward graphs contain the fused custom ops (where the per-device policy keeps them opaque), and
-  the compiled training step gives the eager step's loss and gradients.
+  backward graphs contain the fused custom ops (policy "opaque") or none of them (policy "inline":
+  traced through), and the compiled training step gives the eager step's loss and gradients.
 
-Compiled == eager tolerance: the custom ops run the same kernels in both, so only the code around
-them (matmuls, residual adds, attention, cross-entropy) is re-derived by the backend. With the
-``aot_eager`` backend that code is the same ATen ops in the same order, so the results agree to a
-few fp32 roundings: rtol 1e-5 relative to each tensor's largest element.
+Compiled == eager tolerance: opaque, the custom ops run the same kernels in both; inline, the same
+``_math`` functions run as traced ATen ops (eager runs them uncompiled here, so the same ops in the
+same order). Only the code around them is re-derived by the backend, and with ``aot_eager`` that is
+the same ATen ops too, so the results agree to a few fp32 roundings: rtol 1e-5 relative to each
+tensor's largest element.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _opcheck_cases():
         ("bhyt_backward", library.bhyt_backward, (x, w, lam, var, dy, 10.0, 1e-6, True, True, True, True, True)),
         ("bhyt_and_mean_square", library.bhyt_and_mean_square, (x, w, lam, 10.0, 1e-6, True)),
         ("bhyt_and_mean_square_backward", library.bhyt_and_mean_square_backward,
-         (x, w, lam, dy, dv, 10.0, 1e-6, True, True, True)),  # fmt: skip
+         (x, w, lam, x.square().mean(-1, keepdim=True), dy, dv, 10.0, 1e-6, True, True, True)),  # fmt: skip
     ]
 
 
@@ -149,10 +150,12 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("policy", ["opaque", "inline"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_model_has_no_graph_break_keeps_the_fused_ops_and_matches_eager(name, eager_kernels, monkeypatch):
-    # The policy under test: every op opaque on CPU (the per-device choice is a measured setting).
-    monkeypatch.setitem(ops.COMPILED_INLINE, "cpu", frozenset())
+def test_compiled_model_has_no_graph_break_keeps_the_fused_ops_and_matches_eager(name, policy, eager_kernels, monkeypatch):
+    # Both policies a device can choose per op (ops.COMPILED_INLINE, a measured setting): every op
+    # opaque (the custom ops in the graphs) or every op traced through (their math in the graphs).
+    monkeypatch.setitem(ops.COMPILED_INLINE, "cpu", frozenset() if policy == "opaque" else frozenset(library.OPS))
     kwargs, norm, activation = MODELS[name]
     eager_model, compiled_model = _tiny(kwargs, norm, activation), _tiny(kwargs, norm, activation)
     compiled_model.load_state_dict(eager_model.state_dict())
@@ -162,6 +165,18 @@ def test_compiled_model_has_no_graph_break_keeps_the_fused_ops_and_matches_eager
     loss_c = _step(torch.compile(compiled_model, backend=census), tokens)
     loss_e = _step(eager_model, tokens)
     assert census.graphs == 1  # 0 graph breaks in the training forward (and its backward graph)
+    if policy == "inline":
+        for kind in ("forward", "backward"):  # (the MoE's grouped_linear is not one of these ops)
+            assert not set(census.ops[kind]) & (set(library.OPS) | {op + "_backward" for op in library.OPS}), census.ops
+    else:
+        _assert_fused_ops_in_graphs(census, norm, activation)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0.0)
+    for (pname, p_c), p_e in zip(compiled_model.named_parameters(), eager_model.parameters()):
+        scale = p_e.grad.abs().max().item()
+        assert (p_c.grad - p_e.grad).abs().max().item() <= 1e-5 * scale + 1e-12, pname
+
+
+def _assert_fused_ops_in_graphs(census: _Census, norm: str, activation: str) -> None:
     first_site = "bhyt_and_mean_square" if norm == "bhyt" else "rms_norm"
     act = {"swiglu": "swiglu", "powlu": "powlu_glu"}[activation]
     for op in (first_site, act):
@@ -170,10 +185,6 @@ def test_compiled_model_has_no_graph_break_keeps_the_fused_ops_and_matches_eager
     if norm == "bhyt":
         assert census.ops["forward"]["bhyt"] >= 2  # the second site, reading v'
         assert "mean_square" not in census.ops["forward"]  # the statistic comes from the first site
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0.0)
-    for (pname, p_c), p_e in zip(compiled_model.named_parameters(), eager_model.parameters()):
-        scale = p_e.grad.abs().max().item()
-        assert (p_c.grad - p_e.grad).abs().max().item() <= 1e-5 * scale + 1e-12, pname
 
 
 def test_explain_reports_no_graph_break_for_dense_and_moe(eager_kernels):

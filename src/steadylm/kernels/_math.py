@@ -457,8 +457,12 @@ def bhyt_ms_bwd(
     has_weight: bool,
     need_weight_grad: bool,
     need_lam_grad: bool,
+    v: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradient of :func:`bhyt_ms_fwd` given ``dy`` (for the output) and ``dv`` (for v).
+
+    ``v``: the forward's statistic (its second output, ``[tokens, 1]`` fp32), saved by the autograd
+    wrappers so that the backward does not reduce over x again; None recomputes it (same formula).
 
     ``dv`` is everything else the block sends into v — the second site's variance gradient — so the
     whole statistic's backward is this one pass: with r = (v + ε)^-½, x̂ = x·r, arg = c·x̂ (c = λ/κ)
@@ -472,7 +476,7 @@ def bhyt_ms_bwd(
     ct = _compute_dtype(x)
     xc, d = x.to(ct), dy.to(ct)
     c = lam.to(ct) / kappa
-    v = mean_square_fwd(xc, allow_upscale=True)
+    v = mean_square_fwd(xc, allow_upscale=True) if v is None else v.to(ct)
     inv = torch.rsqrt(v + eps)
     x_hat = xc * inv
     arg = c * x_hat

@@ -408,6 +408,7 @@ def bhyt_and_mean_square_backward(
     x: Tensor,
     weight: Tensor,
     lam: Tensor,
+    v: Tensor,
     dy: Tensor,
     dv: Tensor,
     kappa: float,
@@ -416,7 +417,7 @@ def bhyt_and_mean_square_backward(
     need_weight_grad: bool,
     need_lam_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _mark(x, dy, dv)
+    _mark(x, v, dy, dv)
     dx, dw, dl = _run(
         "bhyt_ms_bwd",
         x,
@@ -429,6 +430,7 @@ def bhyt_and_mean_square_backward(
         has_weight=has_weight,
         need_weight_grad=need_weight_grad,
         need_lam_grad=need_lam_grad,
+        v=v,
     )
     return dx, _or_absent(dw, weight), _or_absent(dl, lam)
 
@@ -443,7 +445,7 @@ def _(x, weight, lam, kappa, eps, has_weight):
 
 
 @bhyt_and_mean_square_backward.register_fake
-def _(x, weight, lam, dy, dv, kappa, eps, has_weight, need_w, need_lam):
+def _(x, weight, lam, v, dy, dv, kappa, eps, has_weight, need_w, need_lam):
     return (
         torch.empty_like(x),
         torch.empty_like(weight) if need_w else _absent(weight),
@@ -453,19 +455,18 @@ def _(x, weight, lam, dy, dv, kappa, eps, has_weight, need_w, need_lam):
 
 def _bms_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     x, weight, lam, ctx.kappa, ctx.eps, ctx.has_weight = inputs
-    ctx.save_for_backward(x, weight, lam)
+    # v is [tokens, 1]: saving it spares the backward a reduction over x.
+    ctx.save_for_backward(x, weight, lam, output[1])
 
 
 def _bms_backward(ctx: Any, dy: Tensor | None, dv: Tensor | None) -> tuple[Tensor | None, ...]:
-    x, weight, lam = ctx.saved_tensors
+    x, weight, lam, v = ctx.saved_tensors
     # An output nobody differentiated arrives as None (or zeros): both are a zero gradient.
     dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
     dv = dv.contiguous() if dv is not None else _stat_like(x).zero_()
     need = ctx.needs_input_grad
     wants = (ctx.has_weight and need[1], need[2])
-    dx, dw, dl = bhyt_and_mean_square_backward(
-        x, weight, lam, dy, dv, ctx.kappa, ctx.eps, ctx.has_weight, *wants
-    )
+    dx, dw, dl = bhyt_and_mean_square_backward(x, weight, lam, v, dy, dv, ctx.kappa, ctx.eps, ctx.has_weight, *wants)
     return dx, _present(dw, wants[0]), _present(dl, wants[1]), None, None, None
 
 
