@@ -36,7 +36,12 @@ MODEL = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n
          "model.n_kv_heads=2", "--set", "model.ffn_dim=64", "--impl", "reference"]
 
 
-def train_args(out: Path, steps: int = 300, *extra: str) -> list[str]:
+# Long enough that a signal sent after the first rows lands mid-run (the tests stop or signal the
+# run at row 5-7), short enough that the uninterrupted reference and the resumes stay cheap.
+STEPS = 60
+
+
+def train_args(out: Path, steps: int = STEPS, *extra: str) -> list[str]:
     return ["train", "--out", str(out), *MODEL, "--steps", str(steps), "--batch-size", "4", "--seq-len", "32",
             "--vocab-size", "512", "--set", "train.threads=1", "--set", "train.eval_every=50", "--seed", "2",
             "--set", "train.device=cpu", *extra]
@@ -99,9 +104,9 @@ def test_second_run_on_a_directory_refuses_and_sigterm_checkpoints(env: dict[str
     rows = read_metrics(run / "metrics.jsonl")
     # the second run wrote nothing: one row per step, in order, up to the step reached
     assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))
-    assert state["step"] < 300
+    assert state["step"] < STEPS
 
-    resumed = steadylm(train_args(run, 300, "--resume"), env)
+    resumed = steadylm(train_args(run, STEPS, "--resume"), env)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert losses(run) == reference  # bit-exact on CPU
@@ -118,9 +123,9 @@ def test_sigusr1_is_handled_like_sigterm(env: dict[str, str], tmp_path: Path, re
     assert first.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "preempted by SIGUSR1 at step" in err.strip().splitlines()[-1], err[-2000:]
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert 5 <= state["step"] < 300
+    assert 5 <= state["step"] < STEPS
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, state["step"] + 1))
-    resumed = steadylm(train_args(run, 300, "--resume"), env)
+    resumed = steadylm(train_args(run, STEPS, "--resume"), env)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert losses(run) == reference  # bit-exact on CPU
@@ -128,7 +133,7 @@ def test_sigusr1_is_handled_like_sigterm(env: dict[str, str], tmp_path: Path, re
 
 def test_lock_of_a_killed_run_does_not_block_resume(env: dict[str, str], tmp_path: Path) -> None:
     run = tmp_path / "run"
-    first = steadylm(train_args(run, 300, "--ckpt-every", "2"), env)
+    first = steadylm(train_args(run, STEPS, "--ckpt-every", "2"), env)
     wait_for_rows(run, 4, first)
     first.kill()
     first.wait()
@@ -165,7 +170,7 @@ _PAUSING_CHILD = textwrap.dedent(
 def test_second_sigterm_during_the_checkpoint_keeps_the_previous_one(env: dict[str, str], tmp_path: Path) -> None:
     script, marker, run = tmp_path / "child.py", tmp_path / "paused", tmp_path / "run"
     script.write_text(_PAUSING_CHILD)
-    child = subprocess.Popen([sys.executable, str(script), str(marker), *train_args(run, 300, "--ckpt-every", "3")],
+    child = subprocess.Popen([sys.executable, str(script), str(marker), *train_args(run, STEPS, "--ckpt-every", "3")],
                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_rows(run, 7, child)
     child.send_signal(signal.SIGTERM)
@@ -180,7 +185,7 @@ def test_second_sigterm_during_the_checkpoint_keeps_the_previous_one(env: dict[s
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] % 3 == 0  # the last regular checkpoint
     assert not any(p.name.startswith(".checkpoint.staging-") for p in run.iterdir())
-    resumed = steadylm(train_args(run, 300, "--resume", "--stop-after", str(state["step"] + 1)), env)
+    resumed = steadylm(train_args(run, STEPS, "--resume", "--stop-after", str(state["step"] + 1)), env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
 
@@ -205,7 +210,7 @@ def test_disk_full_during_a_checkpoint(env: dict[str, str], tmp_path: Path, smal
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a size-limited tmpfs here: {mounted.stderr.strip()}")
     run = small_disk / "run"
-    proc = steadylm(train_args(run, 300, "--ckpt-every", "2"), env)
+    proc = steadylm(train_args(run, STEPS, "--ckpt-every", "2"), env)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
@@ -215,7 +220,7 @@ def test_disk_full_during_a_checkpoint(env: dict[str, str], tmp_path: Path, smal
     assert not any(p.name.startswith(".checkpoint.staging-") for p in run.iterdir())
     # the surviving checkpoint loads (resume one step somewhere with room)
     shutil.copytree(run, tmp_path / "moved")
-    resumed = steadylm(train_args(tmp_path / "moved", 300, "--resume", "--stop-after", "3"), env)
+    resumed = steadylm(train_args(tmp_path / "moved", STEPS, "--resume", "--stop-after", "3"), env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
 
@@ -449,10 +454,10 @@ def compare_args(out: Path, steps: int, *extra: str) -> list[str]:
 
 def test_lab_protocol_holds_its_directory_and_stops_on_sigterm(env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "lab"
-    first = steadylm(compare_args(out, 300), env)
+    first = steadylm(compare_args(out, STEPS), env)
     wait_for_rows(out / "swiglu+rmsnorm", 5, first)
     first.send_signal(signal.SIGSTOP)
-    second = steadylm(compare_args(out, 300), env)
+    second = steadylm(compare_args(out, STEPS), env)
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2 and err.startswith(f"error: run directory {out.resolve()} is in use by pid "
                                                      f"{first.pid}"), err
@@ -462,10 +467,10 @@ def test_lab_protocol_holds_its_directory_and_stops_on_sigterm(env: dict[str, st
     assert first.returncode == EXIT_PREEMPTED, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: preempted by SIGTERM at step ")
     step = json.loads((out / "swiglu+rmsnorm" / "checkpoint" / "state.json").read_text())["step"]
-    assert 5 <= step < 300 and not (out / "report.html").exists()
-    resumed = steadylm(compare_args(out, 300, "--resume"), env)
+    assert 5 <= step < STEPS and not (out / "report.html").exists()
+    resumed = steadylm(compare_args(out, STEPS, "--resume"), env)
     _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-2000:]
     assert (out / "report.html").exists()
     rows = read_metrics(out / "swiglu+rmsnorm" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 301))  # continued, not restarted or duplicated
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # continued, not restarted or duplicated
