@@ -321,20 +321,20 @@ def torchrun(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step(env: dict[str, str], tmp_path: Path) -> None:
     reference, run = tmp_path / "reference", tmp_path / "run"
-    ref = torchrun(train_args(reference, 200, "--parallel", "ddp"), env)
+    ref = torchrun(train_args(reference, STEPS, "--parallel", "ddp"), env)
     assert ref.wait(timeout=600) == 0, ref.communicate()[1][-2000:]
 
-    agent = torchrun(train_args(run, 200, "--parallel", "ddp"), env)
+    agent = torchrun(train_args(run, STEPS, "--parallel", "ddp"), env)
     pids = _rank_pids(agent, 2)
     wait_for_rows(run, 5, agent)
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 hears it
     _, err = agent.communicate(timeout=300)
     assert agent.returncode != 0  # torchrun reports the ranks' exit 75 as a failure to requeue
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["world_size"] == 2 and state["step"] < 200
+    assert state["world_size"] == 2 and state["step"] < STEPS
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == state["step"]
 
-    resumed = torchrun(train_args(run, 200, "--parallel", "ddp", "--resume"), env)
+    resumed = torchrun(train_args(run, STEPS, "--parallel", "ddp", "--resume"), env)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert losses(run) == losses(reference)
