@@ -22,6 +22,10 @@ __all__ = ["compile_enabled", "set_compile"]
 _compile_enabled: bool = os.environ.get("STEADYLM_COMPILE_KERNELS", "1").strip() not in ("0", "false", "no")
 
 
+#: Intra-op thread count when the first fused kernel was compiled in this process.
+_compile_threads: int | None = None
+
+
 def set_compile(enabled: bool) -> None:
     """Turn compilation of the fused kernels on (default) or off (same math, run eagerly)."""
     global _compile_enabled
@@ -49,6 +53,16 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     would inline the inner compiled wrapper anyway.
     """
     if not _compile_enabled or torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
+    global _compile_threads
+    threads = torch.get_num_threads()
+    if _compile_threads is None:
+        _compile_threads = threads
+    elif threads != _compile_threads:
+        # Inductor's CPU kernels are built for the intra-op thread count of the process when they
+        # were first compiled, and Dynamo's guards do not check it: after torch.set_num_threads()
+        # changes it (e.g. `--set train.threads=1` after kernels ran with the default), the compiled
+        # backward crashed (SIGSEGV, torch 2.13 CPU). Run the same math eagerly instead.
         return fn(*args, **kwargs)
     return _compiled(fn)(*args, **kwargs)
 
