@@ -13,19 +13,12 @@ test on both, not a copy.
 
 from __future__ import annotations
 
-import getpass
 import os
-import tempfile
 
-# Inductor's on-disk cache does not key its generated C++ on ATEN_CPU_CAPABILITY: code generated
-# under avx512 (at::vec) and then compiled under ATEN_CPU_CAPABILITY=default fails with "'at::vec'
-# has not been declared" (measured with torch 2.13.0). One cache directory per capability keeps the
-# suite passing under default / avx2 / avx512 on one machine; set before torch is imported, and
-# inherited by the tests' child processes. An explicit TORCHINDUCTOR_CACHE_DIR wins.
-if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
-
+# One Inductor cache directory per ATEN_CPU_CAPABILITY (so the suite passes under default / avx2 /
+# avx512 on one machine, and its child processes inherit the choice): steadylm.kernels sets it at
+# import, before anything compiles; see kernels/_compile.py for the torch cache-key bug it avoids.
+import steadylm.kernels  # noqa: E402,F401
 import torch  # noqa: E402
 
 # Triton's kernels (kernels/triton_norms.py) run on CPU through Triton's interpreter, which must be

@@ -219,11 +219,7 @@ def test_default_fused_impl_repeats_and_resumes_bit_exact(data: TokenData, tmp_p
     one machine, dense and MoE (router-bias balancing), like the reference math above."""
     config = _default_impl_model(data, preset)
     assert config.impl == "fused"  # the default this test is about
-    # threads=None: the default (torch's thread count). With threads=1 here, Inductor's on-disk
-    # cache hands back fused kernels that an earlier process compiled for 2 threads, and their
-    # backward crashes (SIGSEGV, torch 2.13 CPU; in one process the kernels fall back to eager
-    # instead, steadylm.kernels._compile). Known, not fixed: see the issue-15 note.
-    train = quick_config(steps=8, ckpt_every=4, eval_every=4, threads=None)
+    train = quick_config(steps=8, ckpt_every=4, eval_every=4)
     first = Trainer(config, train, data, tmp_path / "a")
     first_result = first.run()
     second = Trainer(config, train, data, tmp_path / "b")

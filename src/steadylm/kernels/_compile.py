@@ -22,8 +22,28 @@ __all__ = ["compile_enabled", "set_compile"]
 _compile_enabled: bool = os.environ.get("STEADYLM_COMPILE_KERNELS", "1").strip() not in ("0", "false", "no")
 
 
-#: Intra-op thread count when the first fused kernel was compiled in this process.
-_compile_threads: int | None = None
+
+
+def _separate_inductor_cache_per_cpu_capability() -> None:
+    """Give each ``ATEN_CPU_CAPABILITY`` its own Inductor cache directory (unless one is set).
+
+    Inductor picks its vector ISA from ``ATEN_CPU_CAPABILITY`` but does not put that choice in its
+    on-disk FX-graph cache key (torch 2.13). C++ generated for one ISA is then recompiled for
+    another: code written for 8-lane avx2 vectors, rebuilt for 16-lane avx512, stores past the end
+    of its buffers ("double free or corruption", SIGABRT/SIGSEGV in the fused backward; measured),
+    and avx512 code fails to build under ``default``. Runs that never set the variable keep
+    torch's default directory. Called at import, before anything is compiled: Inductor reads the
+    variable when it first needs the directory.
+    """
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if not capability or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
+
+
+_separate_inductor_cache_per_cpu_capability()
 
 
 def set_compile(enabled: bool) -> None:
@@ -53,16 +73,6 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     would inline the inner compiled wrapper anyway.
     """
     if not _compile_enabled or torch.compiler.is_compiling():
-        return fn(*args, **kwargs)
-    global _compile_threads
-    threads = torch.get_num_threads()
-    if _compile_threads is None:
-        _compile_threads = threads
-    elif threads != _compile_threads:
-        # Inductor's CPU kernels are built for the intra-op thread count of the process when they
-        # were first compiled, and Dynamo's guards do not check it: after torch.set_num_threads()
-        # changes it (e.g. `--set train.threads=1` after kernels ran with the default), the compiled
-        # backward crashed (SIGSEGV, torch 2.13 CPU). Run the same math eagerly instead.
         return fn(*args, **kwargs)
     return _compiled(fn)(*args, **kwargs)
 
