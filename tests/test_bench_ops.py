@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from steadylm.bench import ops as bench_ops
+from steadylm.bench.memory import peak_bytes
 from steadylm.cli import main
 from steadylm.errors import ConfigError
 
@@ -121,8 +122,8 @@ def test_append_csv_refuses_a_file_with_other_columns(tmp_path):
 
 def test_peak_memory_sees_intermediates():
     x = torch.randn(256, 256)
-    keep = bench_ops._peak_bytes(lambda: x * 2, torch.device("cpu"))
-    twice = bench_ops._peak_bytes(lambda: (x * 2) * 3, torch.device("cpu"))  # a temporary and the result
+    keep = peak_bytes(lambda: x * 2, torch.device("cpu"))
+    twice = peak_bytes(lambda: (x * 2) * 3, torch.device("cpu"))  # a temporary and the result
     size = x.numel() * 4
     # the profiler itself allocates a few bytes of bookkeeping inside the window
     assert size <= keep < size + 4096

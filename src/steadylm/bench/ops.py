@@ -11,8 +11,9 @@ DyT) this measures
 * effective bandwidth: the op's minimal memory traffic (every input read once, every output written
   once) divided by the time, and that as a percentage of the machine's copy bandwidth, measured in
   the same run on a tensor of the same size (``dst.copy_(src)`` into a preallocated ``dst``);
-* peak memory: the largest amount of memory the call held above what existed before it (CPU: from
-  the profiler's allocation events, which include Inductor's buffers; CUDA: the allocator's peak).
+* peak memory: the largest amount of memory the call held above what existed before it
+  (:func:`steadylm.bench.memory.peak_bytes`; CPU: from the profiler's allocation events, which
+  include Inductor's buffers; CUDA: the allocator's peak).
 
 Forward runs with inputs that require grad (a training forward: the eager reference builds its
 graph and keeps its intermediates, the compiled reference saves what its backward needs).
@@ -32,7 +33,7 @@ from torch import Tensor
 import steadylm
 from steadylm import functional as ref
 from steadylm import kernels as fused
-from steadylm.bench import timing
+from steadylm.bench import memory, timing
 from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
 
@@ -203,33 +204,8 @@ class Measurement:
 
 
 # --------------------------------------------------------------------------------------------
-# timing and memory
+# timing (peak memory: steadylm.bench.memory)
 # --------------------------------------------------------------------------------------------
-
-
-def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory held during ``fn()`` above what was allocated before it (its result is dropped)."""
-    if device.type == "cuda":
-        timing.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        timing.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return int(peak)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return int(peak)
 
 
 def _interleaved_times(
@@ -330,7 +306,7 @@ def run_bench(
                         timing.time_call(fn, device)
                 times = _interleaved_times(runners, config.repeats, device)
                 for provider in providers:
-                    peak = _peak_bytes(runners[provider], device) if config.memory else None
+                    peak = memory.peak_bytes(runners[provider], device) if config.memory else None
                     results.append(
                         Measurement(
                             kernel=op_name,
