@@ -69,7 +69,9 @@ def test_plots_without_the_data_they_need_still_render(tmp_path: Path) -> None:
     empty = {"swiglu+rmsnorm": [{"step": 1, "loss": 5.0}]}
     for fig in (plots.plot_down_proj_bands(empty), plots.plot_hidden_states(empty),
                 plots.plot_bhyt_variance(empty, {}), plots.plot_saturation(empty), plots.plot_losses({})):
+        assert isinstance(fig, Figure)
         fig.savefig(tmp_path / "x.png", dpi=30)
+        assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
 def test_series_and_layer_helpers() -> None:

@@ -83,10 +83,17 @@ def test_unknown_preset_and_fields_are_rejected_by_name():
 
 
 def test_valid_edge_values_are_accepted():
-    ModelConfig(**{**TINY, "rope_fraction": 0.0})  # NoPE
-    ModelConfig(**{**TINY, "n_kv_heads": 1})  # multi-query
-    ModelConfig(**{**TINY_MOE, "moe_top_k": 4, "n_shared_experts": 0, "n_dense_layers": 0})
-    ModelConfig(**{**TINY, "activation": "powlu", "activation_kwargs": {"m": 9.99}})
+    """Each edge value is accepted, kept, and builds a model whose forward is finite."""
+    edges = [({**TINY, "rope_fraction": 0.0}, "rope_fraction", 0.0),  # NoPE
+             ({**TINY, "n_kv_heads": 1}, "n_kv_heads", 1),  # multi-query
+             ({**TINY_MOE, "moe_top_k": 4, "n_shared_experts": 0, "n_dense_layers": 0}, "moe_top_k", 4),
+             ({**TINY, "activation": "powlu", "activation_kwargs": {"m": 9.99}}, "activation_kwargs", {"m": 9.99})]
+    for fields, name, value in edges:
+        cfg = ModelConfig(**fields)
+        assert getattr(cfg, name) == value
+        logits = build_model(cfg)(torch.randint(0, cfg.vocab_size, (1, 8)))
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        assert torch.isfinite(logits).all(), name
 
 
 # ------------------------------------------------------------------------------------------------
