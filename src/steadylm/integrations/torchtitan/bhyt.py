@@ -14,19 +14,77 @@ counting steps from the optimizer's own state so a resumed run keeps the cadence
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchtitan.config import derive, override
+from torchtitan.models.common import RMSNorm
 from torchtitan.models.llama3.model import Llama3TransformerBlock
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.protocols.module import Module
+from torchtitan.protocols.sharding import ShardingConfig
 
-from steadylm.nn import BHyTPair, full_tensor
+from steadylm.nn import BHyT, BHyTPair, full_tensor
 
-__all__ = ["BHYT_HF_KEYS", "SteadyLMBHyTBlock", "SteadyLMLlama3StateDictAdapter", "bhyt", "bhyt_blocks",
-           "register_bhyt_refresh"]
+__all__ = ["BHYT_HF_KEYS", "SteadyLMBHyT", "SteadyLMBHyTBlock", "SteadyLMLlama3StateDictAdapter", "bhyt",
+           "bhyt_blocks", "lam_sharding", "register_bhyt_refresh"]
+
+
+def lam_sharding(sharding: ShardingConfig | None) -> ShardingConfig | None:
+    """``sharding`` (torchtitan's declaration for a norm site) with λ declared.
+
+    λ is one learnable scalar per site, replicated on every mesh axis exactly like the site's gain
+    γ (``weight``): torchtitan declares γ ``Replicate`` over DP/CP and, on the TP axis, ``I``
+    (invariant) without sequence parallelism or ``R`` with it (each TP rank then sees a slice of the
+    sequence, so the gradient is reduced over TP like γ's). torchtitan's plans declare only
+    ``weight`` on a norm, and ``Module.parallelize`` refuses a parameter without a placement, so
+    every site adds ``lam`` with γ's layout unless it is declared already."""
+    if sharding is None or "lam" in sharding.state_shardings or "weight" not in sharding.state_shardings:
+        return sharding
+    return replace(sharding, state_shardings={**sharding.state_shardings, "lam": sharding.state_shardings["weight"]})
+
+
+class SteadyLMBHyT(BHyT, Module):
+    """One BHyT site as a torchtitan ``Module`` (steadylm's :class:`~steadylm.nn.BHyT`, unchanged).
+
+    Its ``Config`` extends ``RMSNorm.Config`` (the site it replaces: same ``normalized_shape``,
+    ``eps``, ``param_init``, ``sharding_config``), so torchtitan's sharding plans, which set a
+    norm's ``sharding_config``, apply to it; :func:`lam_sharding` adds λ's placement when it is
+    built. ``forward``'s only positional argument is ``input``, the name torchtitan's norm plans
+    key their input placements by. Initialisation (``init_states``): γ by ``param_init["weight"]`` (ones
+    when absent), λ = λ0 (unless ``param_init`` names ``lam``).
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(RMSNorm.Config):
+        lam_init: float = 1.0
+        kappa: float = 10.0
+        eps: float = 1e-6
+        impl: str = "fused"
+
+        def build(self, **kwargs: Any) -> "SteadyLMBHyT":
+            instance = Module.Config.build(self, **kwargs)
+            instance._sharding_config = lam_sharding(self.sharding_config)
+            return instance
+
+    def __init__(self, config: Config):
+        BHyT.__init__(self, config.normalized_shape, lam_init=config.lam_init, kappa=config.kappa, eps=config.eps,
+                      impl=config.impl)
+
+    def _init_self_parameters(self) -> None:
+        init = self._param_init or {}
+        with torch.no_grad():
+            init["weight"](self.weight) if "weight" in init else self.weight.fill_(1.0)
+            init["lam"](self.lam) if "lam" in init else self.lam.fill_(self.lam_init)
+
+    # ``variance`` is keyword-only: torchtitan 0.3.0's input redistribution (Module.parallelize,
+    # which runs even on one rank) rebuilds the call from every positional parameter of forward and
+    # fails (KeyError) on a defaulted one the caller left out.
+    def forward(self, input: Tensor, *, variance: Tensor | None = None,  # noqa: A002 - torchtitan's name
+                with_mean_square: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return BHyT.forward(self, input, variance, with_mean_square=with_mean_square)
 
 
 class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):
@@ -50,8 +108,20 @@ class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):
         self.last_stats = None
         self.refresh_every = int(config.refresh_every)
         dim = config.attention_norm.normalized_shape
+        # the c_ℓ buffer, its load hook and the pair's state (and two plain BHyT sites) ...
         self.init_bhyt_pair(dim, lam_attn=config.lam_attn, lam_ffn=config.lam_ffn, kappa=config.kappa,
                             eps=config.eps, impl=config.impl, context_length=config.context_length)
+        # ... whose sites become torchtitan Modules (the module protocol, λ's sharding), built from
+        # the block's norm configs: their param_init and sharding_config (set by torchtitan's plans)
+        # with λ0/κ/ε/impl from this block's config
+        for name, lam in zip(self.BHYT_SITES, (config.lam_attn, config.lam_ffn)):
+            setattr(self, name, self.site_config(getattr(config, name), lam, config).build())
+
+    @staticmethod
+    def site_config(norm: RMSNorm.Config, lam_init: float, config: Config) -> SteadyLMBHyT.Config:
+        """The BHyT site replacing the norm ``norm`` of a block configured by ``config``."""
+        return derive(norm, SteadyLMBHyT.Config, lam_init=lam_init, kappa=config.kappa, eps=config.eps,
+                      impl=config.impl)
 
     def bhyt_projections(self) -> tuple[Tensor, Tensor, int, int]:
         attention = self.attention
@@ -67,13 +137,9 @@ class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):
         return w_v.reshape(-1, w.shape[-1]), attention.wo.weight, n_heads, n_kv_heads
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
-        # torchtitan initialises its own Module children; the BHyT sites are plain nn.Modules
-        # (γ = 1, λ = λ0), and c_ℓ needs the initialised W_V/W_O, so it comes last.
+        # torchtitan initialises every Module child (the sites: γ = 1, λ = λ0); c_ℓ needs the
+        # initialised W_V/W_O, so it comes last.
         super().init_states(buffer_device=buffer_device)
-        with torch.no_grad():
-            for site in self.bhyt_sites:
-                site.weight.fill_(1.0)
-                site.lam.fill_(site.lam_init)
         self.refresh_bhyt_correction()
 
     def forward(self, x: Tensor, attention_masks: Any, positions: Tensor | None = None) -> Tensor:

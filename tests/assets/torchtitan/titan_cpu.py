@@ -1,0 +1,90 @@
+"""TEST-ONLY shims to run torchtitan 0.3.0's own trainer (``torchtitan.train``) on a CPU-only
+machine, with steadylm's PowLU + BHyT debug config. Not part of the library: on GPUs the README's
+command needs none of this.
+
+Run as a script, this module is ``python -m torchtitan.train`` with two shims installed first::
+
+    LOCAL_RANK=0 RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \\
+    PYTHONPATH=tests/assets/torchtitan python tests/assets/torchtitan/titan_cpu.py \\
+        --module titan_cpu --config llama3_debugmodel_powlu_bhyt_cpu --hf_assets_path TOKENIZER_DIR \\
+        --dataloader.dataset_path C4_TEST_DIR --training.steps 10 ...
+
+What torchtitan 0.3.0 needs on CPU, each seen failing without it:
+
+1. Device module. ``torchtitan.tools.utils`` picks ``_get_available_device_type() or "cuda"``,
+   so on a CPU-only torch it is ``cuda`` and ``Trainer.__init__`` fails at
+   ``device_module.set_device(self.device)`` (trainer.py:301, ``torch._C`` has no
+   ``_cuda_setDevice``); with ``torch.cpu`` in its place, ``DeviceMemoryMonitor`` fails at
+   ``device_module.get_device_name`` (metrics.py:42). The shim below is ``device_type = "cpu"`` and
+   a device module with the few calls torchtitan makes (no memory statistics on CPU: they read as
+   -1). The process group is then gloo (torchtitan's choice for a ``cpu`` device).
+2. Attention. Llama-3's only attention backends are Flex (``"flex"``, the default) and varlen; the
+   first training step fails in ``torch.nn.attention.flex_attention._validate_device``:
+   "FlexAttention does not support backward on CPU". The config below swaps the inner attention
+   for torchtitan's ``ScaledDotProductAttention`` (causal, no per-document mask — the maskless
+   backend torchtitan's own graph_trainer tests use; the trainer then passes no masks).
+3. Process-group timeout. After the first step ``Trainer.train`` calls
+   ``dist_utils.set_pg_timeouts`` (distributed/utils.py:595), which calls
+   ``torch.distributed.set_timeout`` — absent from this torch build (AttributeError). The shim
+   points it at ``torch.distributed.distributed_c10d._set_pg_timeout`` (the same operation, which
+   handles gloo) where it is missing.
+
+Everything else — the config registry and CLI, ``update_from_config`` and its sharding plans,
+meta-device build, the module-protocol check, ``parallelize_llama`` (``Module.parallelize`` on
+the 1-rank mesh, FSDP2 wrapping), ``init_weights``, the optimizer container and
+``post_optimizer_build_fn``, the LR schedule, the dataloader and tokenizer, DCP checkpoints — is
+torchtitan's own code, unpatched.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import types
+from typing import Any
+
+
+def llama3_debugmodel_powlu_bhyt_cpu() -> Any:
+    """``steadylm.integrations.torchtitan``'s ``llama3_debugmodel_powlu_bhyt`` (6 × 256, PowLU +
+    BHyT, c_ℓ every 5 steps) with SDPA in place of Flex attention (shim 2)."""
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    from steadylm.integrations.torchtitan.config_registry import llama3_debugmodel_powlu_bhyt
+
+    config = llama3_debugmodel_powlu_bhyt()
+    for layer in config.model_spec.model.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    config.validator.enable = False  # its default dataset is the full C4 validation split
+    return config
+
+
+def install_cpu_device() -> None:
+    """Shim 1: torchtitan's device type and module on a CPU-only machine."""
+    import torchtitan.tools.utils as tt_utils
+
+    def total_memory() -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    tt_utils.device_type = "cpu"
+    tt_utils.device_module = types.SimpleNamespace(
+        set_device=lambda device: None, device_count=lambda: 1, current_device=lambda: 0,
+        get_device_name=lambda device=None: "cpu",
+        get_device_properties=lambda device=None: types.SimpleNamespace(total_memory=total_memory()),
+        memory_stats=lambda device=None: {}, reset_peak_memory_stats=lambda device=None: None,
+        empty_cache=lambda: None, synchronize=lambda device=None: None)
+
+
+def install_pg_timeout() -> None:
+    """Shim 3: ``torch.distributed.set_timeout`` where this torch lacks it."""
+    import torch.distributed
+    from torch.distributed import distributed_c10d
+
+    if not hasattr(torch.distributed, "set_timeout"):
+        torch.distributed.set_timeout = distributed_c10d._set_pg_timeout
+
+
+if __name__ == "__main__":
+    # before torchtitan's trainer modules import device_type/device_module by value
+    install_cpu_device()
+    install_pg_timeout()
+    runpy.run_module("torchtitan.train", run_name="__main__", alter_sys=True)
