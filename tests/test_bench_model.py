@@ -8,8 +8,10 @@ import importlib.util
 import statistics
 
 import pytest
+import torch
 
 from steadylm.bench import model as bench_model
+from steadylm.bench.memory import state_bytes, train_peak_bytes
 from steadylm.bench.ops import CSV_COLUMNS, append_csv
 from steadylm.cli import main
 from steadylm.errors import ConfigError
@@ -43,6 +45,11 @@ def test_bench_model_cli_end_to_end_tiny(tmp_path, capsys):
     markdown = md_path.read_text()
     assert "| nano | swiglu+bhyt | eager |" in markdown and "swiglu+bhyt / swiglu+rmsnorm" in markdown
     assert "swiglu+bhyt" in printed
+    # the peak memory column (on by default): in the table, the markdown and the CSV, in MiB
+    assert "train peak MiB" in markdown and "train peak" in printed
+    peaks = {r["kernel"]: float(r["median"]) for r in read if r["metric"] == "peak_memory"}
+    assert set(peaks) == {"swiglu+rmsnorm", "swiglu+bhyt"} and all(r["unit"] == "MiB" for r in read if r["metric"] == "peak_memory")
+    assert all(1.0 < mib < 200.0 for mib in peaks.values()), peaks  # nano: ~1.4 M parameters, 21 MiB of state + grads
 
 
 @pytest.mark.slow  # ~1-2 min on 2 busy cores (kernel compiles, the HF import)
@@ -61,6 +68,8 @@ def test_tiny_run_rows_ratios_shares_and_outputs(tmp_path):
     for variant in expected:
         shares = result.shares[("nano", variant)]
         assert 0.0 < shares["norm"] < 1.0 and 0.0 < shares["activation"] < 1.0, shares
+    assert set(result.peaks) == {(r.preset, r.variant, r.mode) for r in result.rows if r.measure == "train"}
+    assert all(peak > _NANO_STATE_AND_GRADS for peak in result.peaks.values()), result.peaks
     rows = bench_model.csv_rows(result)
     append_csv(tmp_path / "m.csv", rows)
     with open(tmp_path / "m.csv", newline="") as f:
@@ -90,14 +99,22 @@ def test_paired_ratios_and_outputs_of_a_given_result(tmp_path):
         bench_model.Row("nano", bench_model.HF_VARIANT, "eager", "generate-b1", 3, times_s=[2.0, 2.0]),
     ]
     result = bench_model.ModelBenchResult(rows, {("nano", "swiglu+bhyt"): {"norm": 0.25, "activation": 0.1}}, "cpu", cfg)
+    assert "train peak MiB" not in bench_model.render_markdown(result)  # no peaks measured: no column
+    result.peaks = {("nano", "swiglu+bhyt", "compiled"): 3 * 2**20, ("nano", bench_model.HF_VARIANT, "compiled"): 2 * 2**20,
+                    ("nano", "swiglu+rmsnorm", "compiled"): 2**20}  # fmt: skip
     comparisons = dict(bench_model.comparisons(result))
     assert comparisons["[nano] generate-b1 compiled: swiglu+bhyt / swiglu+rmsnorm"] == [2.0, 0.5]
     assert comparisons["[nano] generate-b1: steadylm swiglu+rmsnorm compiled / HF generate"] == [2.0, 1.0]
     csv_rows = bench_model.csv_rows(result)
     assert all(tuple(r) == CSV_COLUMNS for r in csv_rows)
-    assert {r["metric"] for r in csv_rows} == {"throughput", "norm_share", "activation_share"}
+    assert {r["metric"] for r in csv_rows} == {"throughput", "norm_share", "activation_share", "peak_memory",
+                                               "peak_memory_ratio_vs_hf"}  # fmt: skip
+    peak_rows = {(r["kernel"], r["metric"]): r["median"] for r in csv_rows if r["metric"].startswith("peak")}
+    assert peak_rows[("swiglu+bhyt", "peak_memory")] == "3" and peak_rows[("swiglu+bhyt", "peak_memory_ratio_vs_hf")] == "1.5"
+    assert peak_rows[("swiglu+rmsnorm", "peak_memory_ratio_vs_hf")] == "0.5"
     markdown = bench_model.render_markdown(result)
     assert "| nano | swiglu+bhyt | compiled | " in markdown
+    assert "train peak MiB | peak / HF |" in markdown and "| 3.0 | 1.500 |" in markdown and "| 1.0 | 0.500 |" in markdown
     assert "| [nano] generate-b1 compiled: swiglu+bhyt / swiglu+rmsnorm | 1.250 |" in markdown
 
 
@@ -105,3 +122,67 @@ def test_config_validation_and_cli_error():
     with pytest.raises(ConfigError, match="norms"):
         _tiny(norms=["batchnorm"]).validate()
     assert main(["bench", "model", "--quick", "--norms", "layernorm", "--no-csv"]) == 2  # one-line error
+
+
+# --------------------------------------------------------------------------------------------
+# peak training memory
+# --------------------------------------------------------------------------------------------
+
+_NANO_STATE_AND_GRADS = 16 * 1_377_408  # fp32 parameters + gradients + AdamW's two moments of nano
+
+
+def _nano_peak(batch: int, seq: int = 16, dim: int = 128):
+    """(peak bytes of one eager training step after one warm-up step, the model, its optimizer) of
+    nano with the reference impl (no fused-kernel compile for a new width: the memory bounds below
+    hold for any impl)."""
+    from steadylm.models import ModelConfig, build_model
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("nano", dim=dim, ffn_dim=3 * dim, impl="reference"), device=device)
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    step, optimizer = bench_model._train_step(model, False, tokens, device, "fp32")
+    step()  # warm-up: AdamW's state is created here
+    return train_peak_bytes(step, model, optimizer, device), model, optimizer
+
+
+def test_train_peak_is_at_least_state_gradients_and_logits_and_grows_with_batch_and_width():
+    """The peak of one training step holds, at the optimizer step, the parameters, their gradients,
+    AdamW's two moments (16 bytes per fp32 parameter, exactly from the parameter count) and the
+    logits the step keeps alive (batch × seq × vocab fp32); it grows with the batch (activations,
+    logits) and with the hidden size (parameters)."""
+    peak, model, optimizer = _nano_peak(batch=2)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    assert 16 * n_params == _NANO_STATE_AND_GRADS
+    vocab, logits = model.config.vocab_size, 2 * 16 * model.config.vocab_size * 4
+    assert peak >= 16 * n_params + logits, (peak, 16 * n_params + logits)
+    assert peak < 2 * (16 * n_params + logits), peak  # plausible: activations of 2x16 tokens are small
+    # what the model and AdamW hold between steps: parameters, buffers, two moments, a step counter each
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    n_tensors = len(list(model.parameters()))
+    assert state_bytes(model) == 4 * n_params + buffers
+    assert state_bytes(model, optimizer) == 12 * n_params + 4 * n_tensors + buffers
+    bigger_batch, _, _ = _nano_peak(batch=8)
+    assert bigger_batch - peak >= (8 - 2) * 16 * vocab * 4, (bigger_batch, peak)  # at least the extra logits
+    wider, wide_model, _ = _nano_peak(batch=2, dim=256)
+    wide_params = sum(p.numel() for p in wide_model.parameters())
+    assert wider >= 16 * wide_params + logits and wider - peak >= 16 * (wide_params - n_params), (wider, peak)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+def test_run_measures_peak_per_variant_and_hf_with_ratio_and_no_memory_turns_it_off():
+    cfg = _tiny(norms=["rmsnorm"], measures=["train"], rounds=1, profile=False, hf=True)
+    result = bench_model.run_model_bench(cfg)
+    assert set(result.peaks) == {("nano", v, "eager") for v in (bench_model.BASELINE, bench_model.HF_VARIANT)}
+    for key, peak in result.peaks.items():
+        assert peak >= _NANO_STATE_AND_GRADS + 2 * 16 * 4096 * 4, (key, peak)  # same shape: same lower bound
+    hf = result.peaks[("nano", bench_model.HF_VARIANT, "eager")]
+    ratio = result.peak_ratio_vs_hf("nano", bench_model.BASELINE, "eager")
+    assert ratio == result.peaks[("nano", bench_model.BASELINE, "eager")] / hf and 0.5 < ratio < 2.0
+    header, body = bench_model.table_cells(result)
+    assert header[-2:] == ["train peak MiB", "peak / HF"]
+    assert next(cells for cells in body if cells[1] == bench_model.HF_VARIANT)[-1] == "1.000"
+    off = bench_model.run_model_bench(_tiny(norms=["rmsnorm"], measures=["train"], rounds=1, profile=False, hf=False,
+                                            memory=False))  # fmt: skip
+    assert off.peaks == {} and "train peak MiB" not in bench_model.table_cells(off)[0]

@@ -14,7 +14,13 @@ For each preset × variant (activation + norm) × mode (``eager`` / ``compiled``
 * **profile** (eager, once per variant): the share of the training step spent in the norms and in
   the activations, from ``torch.profiler`` — forward via ``record_function`` ranges around each
   norm / activation module, backward from the autograd nodes of the fused ops. It is the ceiling of
-  what faster norm or activation kernels could give this step.
+  what faster norm or activation kernels could give this step;
+* **peak memory** (each train row once, after warm-up, outside the timed rounds — profiling
+  perturbs time): the peak of one training step, :func:`steadylm.bench.memory.train_peak_bytes` —
+  what the model and its optimizer hold between steps (parameters, buffers, AdamW state) plus the
+  most the step holds above that (CUDA: ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``; CPU: the profiler's memory view, its allocation and free events
+  summed in time order). Reported in MiB and as a ratio to ``hf-llama`` in the same mode.
 
 Timing is interleaved: every round runs every row once, in an order rotated each round, so load
 from other processes hits all rows alike. For each round, the *paired* ratio of a row to the
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import steadylm
+from steadylm.bench.memory import train_peak_bytes
 from steadylm.bench.timing import quantile, synchronize, time_call
 from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
@@ -82,6 +89,8 @@ class ModelBenchConfig:
     moe_loop: bool = spec_field(False, help="MoE presets: add swiglu+rmsnorm:loop, the per-expert loop "
                                 "dispatch (graph breaks)", flag="--moe-loop")
     profile: bool = spec_field(True, help="measure the profiler shares of norms and activations", flag="--profile")
+    memory: bool = spec_field(True, help="measure the peak memory of one training step per train row (once, "
+                              "after warm-up, outside the timed rounds)", flag="--memory")
     device: str | None = spec_field(None, help="cpu or cuda (None: cuda when available)", flag="--device")
     seed: int = 0
 
@@ -194,7 +203,9 @@ def _logits(model: nn.Module, tokens: Tensor) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
-def _train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device, dtype: str) -> Callable[[], None]:
+def _train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device,
+                dtype: str) -> tuple[Callable[[], None], torch.optim.Optimizer]:  # fmt: skip
+    """The training step of ``model`` (and its optimizer, whose state the peak memory counts)."""
     forward = torch.compile(model) if compiled else model
     groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=1e-5)
@@ -211,7 +222,7 @@ def _train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.
         if hasattr(model, "after_optimizer_step"):
             model.after_optimizer_step(1, 10**9)
 
-    return step
+    return step, optimizer
 
 
 def _generate_call(model: nn.Module, mode: str, prompt: Tensor, new: int, device: torch.device, dtype: str) -> Callable[[], None]:
@@ -318,6 +329,12 @@ class ModelBenchResult:
     shares: dict[tuple[str, str], dict[str, float]]  # (preset, variant) -> {"norm": f, "activation": f}
     device: str
     config: ModelBenchConfig
+    peaks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (preset, variant, mode) -> bytes
+
+    def peak_ratio_vs_hf(self, preset: str, variant: str, mode: str) -> float | None:
+        """Peak training memory of a row over ``hf-llama``'s in the same preset and mode (None: no HF peak)."""
+        peak, hf = self.peaks.get((preset, variant, mode)), self.peaks.get((preset, HF_VARIANT, mode))
+        return peak / hf if peak is not None and hf else None
 
 
 def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | None = None) -> ModelBenchResult:
@@ -333,6 +350,8 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
     calls: dict[tuple[str, str, str, str], Callable[[], None]] = {}
     rows: list[Row] = []
     shares: dict[tuple[str, str], dict[str, float]] = {}
+    peaks: dict[tuple[str, str, str], int] = {}
+    optimizers: dict[tuple[str, str, str, str], tuple[nn.Module, torch.optim.Optimizer]] = {}
     keep: list[nn.Module] = []
     for preset in config.presets:
         from steadylm.models import ModelConfig
@@ -360,9 +379,10 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                 keep.append(model)
                 say(f"[{preset}] {variant} {mode}: building and warming up")
                 train_key = (preset, variant, mode, "train")
-                train_step = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
+                train_step, optimizer = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
                 if "train" in config.measures and not variant.startswith("hf-steadylm:"):  # generation rows
                     calls[train_key] = train_step
+                    optimizers[train_key] = (model, optimizer)
                     rows.append(Row(*train_key, tokens_per_call=config.batch * config.seq))
                 if "generate" in config.measures and (hf_model is None or mode == "eager"):
                     # HF generate: its default (eager) path only
@@ -377,6 +397,12 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                 for _ in range(config.warmup + 1):  # the first call compiles
                     calls[row.key]()
                 synchronize(device)
+        if config.memory:  # after warm-up (optimizer state exists), outside the timed rounds
+            for row in rows:
+                if row.preset == preset and row.measure == "train":
+                    say(f"[{preset}] {row.variant} {row.mode}: peak memory of one training step")
+                    model, optimizer = optimizers[row.key]
+                    peaks[(preset, row.variant, row.mode)] = train_peak_bytes(calls[row.key], model, optimizer, device)
     say(f"timing {config.rounds} interleaved rounds of {len(rows)} rows")
     for r in range(config.rounds):
         shift = r % len(rows)
@@ -388,7 +414,7 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
         base = by_key.get((row.preset, BASELINE, base_mode, row.measure))
         if base is not None:
             row.ratios = [b / t for b, t in zip(base.times_s, row.times_s)]
-    return ModelBenchResult(rows, shares, str(device), config)
+    return ModelBenchResult(rows, shares, str(device), config, peaks)
 
 
 def paired_ratio(result: ModelBenchResult, a: tuple[str, str, str, str], b: tuple[str, str, str, str]) -> list[float] | None:
@@ -454,6 +480,11 @@ def csv_rows(result: ModelBenchResult, timestamp: str | None = None) -> list[dic
     for (preset, variant), share in result.shares.items():
         for category, value in share.items():
             out.append(row(preset, variant, "eager", "train", f"{category}_share", "fraction", [value]))
+    for (preset, variant, mode), peak in result.peaks.items():
+        out.append(row(preset, variant, mode, "train", "peak_memory", "MiB", [peak / 2**20]))
+        ratio = result.peak_ratio_vs_hf(preset, variant, mode)
+        if ratio is not None:
+            out.append(row(preset, variant, mode, "train", "peak_memory_ratio_vs_hf", "x", [ratio]))
     return out
 
 
@@ -467,6 +498,8 @@ def table_cells(result: ModelBenchResult) -> tuple[list[str], list[list[str]]]:
     for m in measures:
         header += [f"{m} tok/s", f"{m} ratio"]
     header += ["norm % (eager step)", "act % (eager step)"]
+    if result.peaks:
+        header += ["train peak MiB", "peak / HF"]
     by_key = {r.key: r for r in result.rows}
     seen: list[tuple[str, str, str]] = []
     for r in result.rows:
@@ -487,6 +520,10 @@ def table_cells(result: ModelBenchResult) -> tuple[list[str], list[list[str]]]:
             )
         share = result.shares.get((preset, variant)) if mode == "eager" else None
         cells += [f"{100 * share['norm']:.1f}", f"{100 * share['activation']:.1f}"] if share else ["", ""]
+        if result.peaks:
+            peak = result.peaks.get((preset, variant, mode))
+            ratio = result.peak_ratio_vs_hf(preset, variant, mode)
+            cells += ["" if peak is None else f"{peak / 2**20:.1f}", "" if ratio is None else f"{ratio:.3f}"]
         body.append(cells)
     return header, body
 
@@ -500,12 +537,26 @@ def title(result: ModelBenchResult) -> str:
     )
 
 
+#: Under the table when it has the peak memory column.
+PEAK_NOTE = (
+    "train peak MiB: one training step, measured once after warm-up outside the timed rounds — parameters, "
+    "buffers and AdamW state plus the most the step holds above them ({how}); peak / HF: over hf-llama's "
+    "peak in the same mode."
+)
+
+
+def peak_note(result: ModelBenchResult) -> str:
+    how = ("torch.cuda.max_memory_allocated" if result.device.startswith("cuda")
+           else "the profiler's allocation and free events")  # fmt: skip
+    return PEAK_NOTE.format(how=how)
+
+
 def render_table(result: ModelBenchResult) -> Any:
     """A rich Table of :func:`table_cells`."""
     from rich.table import Table
 
     header, body = table_cells(result)
-    table = Table(title=title(result))
+    table = Table(title=title(result), caption=peak_note(result) if result.peaks else None)
     for i, col in enumerate(header):
         table.add_column(col, justify="left" if i < 3 else "right")
     for cells in body:
@@ -519,6 +570,8 @@ def render_markdown(result: ModelBenchResult) -> str:
     lines = [f"### {title(result)}", "", "| " + " | ".join(header) + " |",
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]  # fmt: skip
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if result.peaks:
+        lines += ["", peak_note(result)]
     lines += ["", "| comparison (throughput ratio) | median | p20–p80 |", "|---|---:|---:|"]
     for description, ratios in comparisons(result):
         lines.append(
