@@ -44,18 +44,33 @@ import types
 from typing import Any
 
 
-def llama3_debugmodel_powlu_bhyt_cpu() -> Any:
-    """``steadylm.integrations.torchtitan``'s ``llama3_debugmodel_powlu_bhyt`` (6 × 256, PowLU +
-    BHyT, c_ℓ every 5 steps) with SDPA in place of Flex attention (shim 2)."""
+def _debugmodel_cpu(impl: str) -> Any:
     from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.llama3 import config_registry as llama3
 
-    from steadylm.integrations.torchtitan.config_registry import llama3_debugmodel_powlu_bhyt
+    from steadylm.integrations.torchtitan.config_registry import with_powlu_bhyt
 
-    config = llama3_debugmodel_powlu_bhyt()
-    for layer in config.model_spec.model.layers:
+    # = steadylm.integrations.torchtitan's llama3_debugmodel_powlu_bhyt, with ``impl`` and c_ℓ
+    # refreshed every 4 optimizer steps (K; the library's debug config: 5) for a short test run
+    config = with_powlu_bhyt(llama3.llama3_debugmodel(), refresh_every=4, impl=impl)
+    for layer in config.model_spec.model.layers:  # shim 2
         layer.attention.inner_attention = ScaledDotProductAttention.Config()
     config.validator.enable = False  # its default dataset is the full C4 validation split
     return config
+
+
+def llama3_debugmodel_powlu_bhyt_cpu() -> Any:
+    """``steadylm.integrations.torchtitan``'s ``llama3_debugmodel_powlu_bhyt`` (6 × 256, PowLU +
+    BHyT, c_ℓ every 4 steps, steadylm's fused ops) with SDPA in place of Flex attention (shim 2).
+    On CPU the fused ops are Inductor-compiled on first use (about a minute on 2 cores with a cold
+    compile cache)."""
+    return _debugmodel_cpu("fused")
+
+
+def llama3_debugmodel_powlu_bhyt_cpu_reference() -> Any:
+    """The same with steadylm's reference math (``impl="reference"``: the same values, nothing to
+    compile) — the default-suite run."""
+    return _debugmodel_cpu("reference")
 
 
 def install_cpu_device() -> None:
