@@ -27,7 +27,7 @@ The same sampling serves an in-memory :class:`TokenData` and a memory-mapped pre
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,26 +73,14 @@ class TokenData(PackedBatches):
 
     train_tokens: torch.Tensor
     val_tokens: torch.Tensor
-    seq_len: int
-    vocab_size: int
-    tokenizer: Tokenizer
-    eos_id: int
-    source: str = ""
-    fingerprint: str = ""
-    val_fraction: float = 0.0
-    split_seed: int = 0
-    _permutations: dict[tuple[int, int], torch.Tensor] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
-    def __post_init__(self) -> None:
-        for name in ("train_tokens", "val_tokens"):
-            stream = getattr(self, name)
-            if stream.dim() != 1 or stream.shape[0] < self.seq_len + 1:
-                raise DataError(
-                    f"{name} must hold at least seq_len + 1 = {self.seq_len + 1} tokens, "
-                    f"has {stream.shape[0]}"
-                )
+    @staticmethod
+    def _is_stream(stream: torch.Tensor) -> bool:
+        return stream.dim() == 1
+
+    @staticmethod
+    def _length(stream: torch.Tensor) -> int:
+        return int(stream.shape[0])
 
     def _stream_length(self, split: str) -> int:
         return int((self.train_tokens if split == "train" else self.val_tokens).shape[0])

@@ -22,6 +22,8 @@ and the memory-mapped :class:`steadylm.data.shards.ShardedTokenData`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,19 +103,47 @@ def check_shard(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
     return rank, world
 
 
+@dataclass(frozen=True)
 class PackedBatches:
     """Batch sampling shared by the in-memory :class:`TokenData` and the memory-mapped
     :class:`~steadylm.data.shards.ShardedTokenData`: both expose a training and a validation
     stream, packed to ``seq_len`` and visited in the same seeded order, so the same corpus gives
     the same batches from either.
 
-    Subclasses provide ``seq_len``, ``tokenizer``, ``_permutations`` (a dict cache),
+    The fields both hold are declared here, once; ``train_tokens`` / ``val_tokens`` are whatever
+    1-D token stream the subclass reads (a tensor, a stream of shards). Subclasses provide
     :meth:`_stream_length` and :meth:`_rows`.
     """
 
+    train_tokens: Any
+    val_tokens: Any
     seq_len: int
+    vocab_size: int
     tokenizer: Tokenizer
-    _permutations: dict[tuple[int, int], torch.Tensor]
+    eos_id: int
+    source: str = ""
+    fingerprint: str = ""
+    val_fraction: float = 0.0
+    split_seed: int = 0
+    _permutations: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("train_tokens", "val_tokens"):
+            stream = getattr(self, name)
+            if not self._is_stream(stream) or self._length(stream) < self.seq_len + 1:
+                raise DataError(
+                    f"{name} must hold at least seq_len + 1 = {self.seq_len + 1} tokens, has {self._length(stream)}"
+                )
+
+    @staticmethod
+    def _is_stream(stream: Any) -> bool:
+        """Whether ``stream`` has the form of a token stream (a subclass checks its own kind)."""
+        return True
+
+    @staticmethod
+    def _length(stream: Any) -> int:
+        """The number of tokens in ``stream``."""
+        return len(stream)
 
     def _stream_length(self, split: str) -> int:
         """Number of tokens in the ``"train"`` or ``"val"`` stream."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -118,25 +118,38 @@ class ShardSet:
         vocabulary size."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"token range [{start}, {stop}) outside [0, {len(self)})")
-        parts = []
-        number = int(np.searchsorted(self.starts, start, side="right")) - 1
-        position = start
-        while position < stop:
-            shard_start = int(self.starts[number])
-            end = min(stop, int(self.starts[number + 1]))
-            if end > position:
-                part = np.asarray(self._map(number)[position - shard_start : end - shard_start])
-                if part.size and int(part.max()) >= self.index.vocab_size:
-                    bad = int(np.argmax(part >= self.index.vocab_size))
-                    raise DataError(
-                        f"{self.paths[number]}: token id {int(part[bad])} at token "
-                        f"{position - shard_start + bad} is >= vocab_size {self.index.vocab_size} "
-                        "(the shard is corrupt; re-run steadylm data prepare)"
-                    )
-                parts.append(part)
-                position = end
-            number += 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, self.dtype)
+        return _read_ranges(self.starts, start, stop, self._read_shard, self.dtype)
+
+    def _read_shard(self, number: int, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the whole stream, all inside shard ``number``, checked
+        against the vocabulary size."""
+        shard_start = int(self.starts[number])
+        part = np.asarray(self._map(number)[start - shard_start : stop - shard_start])
+        if part.size and int(part.max()) >= self.index.vocab_size:
+            bad = int(np.argmax(part >= self.index.vocab_size))
+            raise DataError(
+                f"{self.paths[number]}: token id {int(part[bad])} at token "
+                f"{start - shard_start + bad} is >= vocab_size {self.index.vocab_size} "
+                "(the shard is corrupt; re-run steadylm data prepare)"
+            )
+        return part
+
+
+def _read_ranges(
+    offsets: np.ndarray, start: int, stop: int, read: Callable[[int, int, int], np.ndarray], dtype: Any
+) -> np.ndarray:
+    """Tokens ``[start, stop)`` of a stream made of consecutive ranges (range ``i`` is
+    ``[offsets[i], offsets[i + 1])``): ``read(i, lo, hi)`` for each range's part, joined."""
+    parts = []
+    number = int(np.searchsorted(offsets, start, side="right")) - 1
+    position = start
+    while position < stop:
+        end = min(stop, int(offsets[number + 1]))
+        if end > position:
+            parts.append(read(number, position, end))
+            position = end
+        number += 1
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
 class TokenStream:
@@ -160,23 +173,11 @@ class TokenStream:
         """Tokens ``[start, stop)`` of this stream."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"token range [{start}, {stop}) outside [0, {len(self)})")
-        parts = []
-        block = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        position = start
-        while position < stop:
-            end = min(stop, int(self.offsets[block + 1]))
-            if end > position:
-                base = self.ranges[block][0] - int(self.offsets[block])
-                parts.append(self.shards.read(base + position, base + end))
-                position = end
-            block += 1
-        return (
-            parts[0]
-            if len(parts) == 1
-            else np.concatenate(parts)
-            if parts
-            else np.empty(0, self.shards.dtype)
-        )
+        return _read_ranges(self.offsets, start, stop, self._read_block, self.shards.dtype)
+
+    def _read_block(self, block: int, start: int, stop: int) -> np.ndarray:
+        base = self.ranges[block][0] - int(self.offsets[block])
+        return self.shards.read(base + start, base + stop)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -193,30 +194,11 @@ class ShardedTokenData(PackedBatches):
 
     ``train_tokens`` / ``val_tokens`` are :class:`TokenStream` objects (``.shape``, slicing)."""
 
-    directory: Path
     train_tokens: TokenStream
     val_tokens: TokenStream
-    seq_len: int
-    vocab_size: int
-    tokenizer: Tokenizer
-    eos_id: int
-    source: str = ""
-    fingerprint: str = ""
-    val_fraction: float = 0.0
-    split_seed: int = 0
     num_shards: int = 0
     dtype: str = ""
-    _permutations: dict[tuple[int, int], torch.Tensor] = field(
-        default_factory=dict, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("train_tokens", "val_tokens"):
-            if len(getattr(self, name)) < self.seq_len + 1:
-                raise DataError(
-                    f"{name} must hold at least seq_len + 1 = {self.seq_len + 1} tokens, "
-                    f"has {len(getattr(self, name))}"
-                )
+    directory: Path = field(kw_only=True)
 
     def _stream_length(self, split: str) -> int:
         return len(self.train_tokens if split == "train" else self.val_tokens)
