@@ -84,31 +84,43 @@ def _checked(fn, *args: Any) -> Any:
         raise ConfigError(str(err)) from None
 
 
-class RMSNorm(nn.Module):
-    """``γ ⊙ x / sqrt(mean(x²) + ε)``, γ initialised to 1."""
+class _GainNorm(nn.Module):
+    """What every norm here has: its ``impl`` and a per-channel gain γ (``weight``, initialised to 1)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, impl: str = "fused") -> None:
+    def __init__(self, dim: int, impl: str) -> None:
         super().__init__()
-        self.eps = _checked(functional.validate_eps, eps)
         self.impl = check_impl(impl)
         self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
-        self._op = resolve_op(self.impl, "rms_norm")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._op(x, self.weight, self.eps)
+
+class _EpsNorm(_GainNorm):
+    """A gain norm with a fixed ε (RMSNorm, LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float, impl: str) -> None:
+        eps = _checked(functional.validate_eps, eps)
+        super().__init__(dim, impl)
+        self.eps = eps
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl}"
 
 
-class LayerNorm(nn.Module):
+class RMSNorm(_EpsNorm):
+    """``γ ⊙ x / sqrt(mean(x²) + ε)``, γ initialised to 1."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, impl: str = "fused") -> None:
+        super().__init__(dim, eps, impl)
+        self._op = resolve_op(self.impl, "rms_norm")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._op(x, self.weight, self.eps)
+
+
+class LayerNorm(_EpsNorm):
     """``γ ⊙ (x − μ)/sqrt(σ² + ε) + β``; the fused path is PyTorch's native layer_norm kernel."""
 
     def __init__(self, dim: int, eps: float = 1e-5, impl: str = "fused") -> None:
-        super().__init__()
-        self.eps = _checked(functional.validate_eps, eps)
-        self.impl = check_impl(impl)
-        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        super().__init__(dim, eps, impl)
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,18 +135,13 @@ class LayerNorm(nn.Module):
         weight, bias = self.weight.to(compute), self.bias.to(compute)
         return F.layer_norm(x.to(compute), (x.shape[-1],), weight, bias, self.eps).to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl}"
 
-
-class DyT(nn.Module):
+class DyT(_GainNorm):
     """Dynamic Tanh ``γ ⊙ tanh(α x) (+ β)`` with a learnable scalar α (shape ``[1]``; 0-dim
     values in old state dicts are reshaped on load)."""
 
     def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, impl: str = "fused") -> None:
-        super().__init__()
-        self.impl = check_impl(impl)
-        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        super().__init__(dim, impl)
         self.alpha_init = float(alpha_init)  # α0, for re-initialisation (e.g. by HF's loader)
         self.alpha = scalar_parameter(alpha_init)
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
@@ -153,7 +160,7 @@ class DyT(nn.Module):
         return f"{self.weight.shape[0]}, bias={self.bias is not None}, impl={self.impl}"
 
 
-class BHyT(nn.Module):
+class BHyT(_GainNorm):
     """Bounded tanh ``γ ⊙ tanh(λ x / (κ sqrt(v + ε)))``, λ a learnable scalar, κ fixed.
 
     λ has shape ``[1]`` (0-dim values in old state dicts are reshaped on load).
@@ -166,11 +173,10 @@ class BHyT(nn.Module):
     def __init__(
         self, dim: int, lam_init: float = 1.0, kappa: float = 10.0, eps: float = 1e-6, impl: str = "fused"
     ) -> None:
-        super().__init__()
-        self.kappa = _checked(functional.validate_kappa, kappa)
-        self.eps = _checked(functional.validate_eps, eps)
-        self.impl = check_impl(impl)
-        self.weight = nn.Parameter(torch.ones(_check_dim(dim)))
+        kappa = _checked(functional.validate_kappa, kappa)
+        eps = _checked(functional.validate_eps, eps)
+        super().__init__(dim, impl)
+        self.kappa, self.eps = kappa, eps
         self.lam_init = float(lam_init)  # λ0, for re-initialisation (e.g. by HF's loader)
         self.lam = scalar_parameter(lam_init)
         self._op = resolve_op(self.impl, "bhyt")
