@@ -394,26 +394,29 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 # QK-norm, RoPE on half of each head (SPEC §3).
 _LING = dict(n_shared_experts=1, n_dense_layers=1, qk_norm=True, rope_fraction=0.5)
 
+def _moe(dense: dict[str, Any], n_experts: int, moe_top_k: int, expert_ffn_dim: int) -> dict[str, Any]:
+    """A -moe preset: its dense preset's fields, routed experts and the Ling settings."""
+    return dict(dense, n_experts=n_experts, moe_top_k=moe_top_k, expert_ffn_dim=expert_ffn_dim, **_LING)
+
+
+_NANO = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384, max_seq_len=256,
+             tie_embeddings=True)
+_MICRO = dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=512,
+              tie_embeddings=True)
+_SMALL = dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=1024,
+              tie_embeddings=True)
+
 #: name -> ModelConfig fields. Parameter counts: ``steadylm params``.
 PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT CPU-demo scale: 4 layers x 128 wide; vocab_size is set by the tokenizer.
-    "nano": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384,
-                 max_seq_len=256, tie_embeddings=True),
-    "micro": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=704,
-                  max_seq_len=512, tie_embeddings=True),
-    "small": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
-                  max_seq_len=1024, tie_embeddings=True),
+    "nano": _NANO,
+    "micro": _MICRO,
+    "small": _SMALL,
     "base": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
                  max_seq_len=1024, tie_embeddings=True),
-    "nano-moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384,
-                     max_seq_len=256, tie_embeddings=True, n_experts=8, moe_top_k=2,
-                     expert_ffn_dim=128, **_LING),
-    "micro-moe": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=704,
-                      max_seq_len=512, tie_embeddings=True, n_experts=16, moe_top_k=2,
-                      expert_ffn_dim=192, **_LING),
-    "small-moe": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
-                      max_seq_len=1024, tie_embeddings=True, n_experts=16, moe_top_k=2,
-                      expert_ffn_dim=256, **_LING),
+    "nano-moe": _moe(_NANO, n_experts=8, moe_top_k=2, expert_ffn_dim=128),
+    "micro-moe": _moe(_MICRO, n_experts=16, moe_top_k=2, expert_ffn_dim=192),
+    "small-moe": _moe(_SMALL, n_experts=16, moe_top_k=2, expert_ffn_dim=256),
     "base-moe": dict(vocab_size=32768, dim=512, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=1408,
                      max_seq_len=1024, tie_embeddings=True, n_experts=32, moe_top_k=4,
                      expert_ffn_dim=128, **_LING),
