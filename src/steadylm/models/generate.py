@@ -152,10 +152,15 @@ def generate(
     return_logits: bool = False,
     decode: str = "compiled",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Continue ``tokens`` ``[batch, seq]`` by ``max_new_tokens`` sampled tokens (see the module doc).
+    """Continue ``tokens`` ``[batch, seq]`` by ``max_new_tokens`` sampled tokens (see the module doc);
+    also the model's method ``model.generate(tokens, ...)``.
 
-    Returns the extended tokens, and with ``return_logits`` also the fp32 logits each new token was
-    drawn from (``[batch, new, vocab]``). The model's training mode is restored afterwards.
+    ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens. ``decode``:
+    ``"compiled"`` (a compiled one-token step over a static KV cache, no recompiles or host
+    syncs per token) or ``"eager"``. Once the sequence outgrows ``max_seq_len`` the context is
+    cropped to the last ``max_seq_len`` tokens. BHyT blocks compute their per-layer scalar once for
+    the call. Returns the extended tokens, and with ``return_logits`` also the fp32 logits each new
+    token was drawn from (``[batch, new, vocab]``). The model's training mode is restored afterwards.
     """
     validate_generate_args(tokens, max_new_tokens, temperature, top_k, decode)
     if max_new_tokens == 0:
@@ -169,7 +174,8 @@ def generate(
         block.begin_inference()
     try:
         run = _decode_compiled if decode == "compiled" else _decode_eager
-        new_tokens, drawn_from = run(model, tokens, max_new_tokens, temperature, top_k, generator, return_logits)
+        request = _Request(max_new_tokens, temperature, top_k, generator, return_logits)
+        new_tokens, drawn_from = run(model, tokens, request)
     finally:
         for block in bhyt_blocks:
             block.end_inference()
@@ -181,23 +187,30 @@ def generate(
 _Result = tuple[Tensor, list[Tensor]]
 
 
-def _decode_eager(
-    model: nn.Module,
-    tokens: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator | None,
-    return_logits: bool,
-) -> _Result:
+@dataclass(frozen=True)
+class _Request:
+    """What a :func:`generate` call asks of a decoder (``_decode_eager`` / ``_decode_compiled``)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    generator: torch.Generator | None
+    return_logits: bool
+
+    def sample(self, logits: Tensor) -> Tensor:
+        return sample_next(logits, self.temperature, self.top_k, self.generator)
+
+
+def _decode_eager(model: nn.Module, tokens: Tensor, request: _Request) -> _Result:
+    max_new_tokens = request.max_new_tokens
     context = model.config.max_seq_len
     cache = model.new_kv_cache(tokens.shape[0])
     sequence = tokens
     logits = model(sequence[:, -context:], kv_cache=cache)[:, -1].float()
     drawn_from: list[Tensor] = []
     for i in range(max_new_tokens):
-        next_token = sample_next(logits, temperature, top_k, generator)
-        if return_logits:
+        next_token = request.sample(logits)
+        if request.return_logits:
             drawn_from.append(logits)
         sequence = torch.cat([sequence, next_token], dim=1)
         if i == max_new_tokens - 1:
@@ -260,15 +273,8 @@ def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     return model.lm_head.weight.dtype
 
 
-def _decode_compiled(
-    model: nn.Module,
-    tokens: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator | None,
-    return_logits: bool,
-) -> _Result:
+def _decode_compiled(model: nn.Module, tokens: Tensor, request: _Request) -> _Result:
+    max_new_tokens = request.max_new_tokens
     context = model.config.max_seq_len
     device = tokens.device
     batch = tokens.shape[0]
@@ -289,9 +295,9 @@ def _decode_compiled(
     # later steps skip re-evaluating them — about a fifth of a micro-preset CPU step.
     guards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     for i in range(max_new_tokens):
-        next_token = sample_next(logits, temperature, top_k, generator)
+        next_token = request.sample(logits)
         new_tokens[:, i : i + 1] = next_token
-        if return_logits:
+        if request.return_logits:
             drawn_from.append(logits.clone())  # a CUDA-graph output is overwritten by the next replay
         if i == max_new_tokens - 1:
             break

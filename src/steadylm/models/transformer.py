@@ -141,26 +141,9 @@ class Transformer(nn.Module):
         c = self.config
         return KVCache(c.n_layers, batch_size, max_len or c.max_seq_len, c.n_kv_heads, c.head_dim)
 
-    def generate(
-        self,
-        tokens: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        return_logits: bool = False,
-        decode: str = "compiled",
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Continue ``tokens`` ``[batch, seq]`` by ``max_new_tokens`` sampled tokens.
-
-        ``temperature == 0`` is greedy; ``top_k`` keeps the k most likely tokens. ``decode``:
-        ``"compiled"`` (a compiled one-token step over a static KV cache, no recompiles or host
-        syncs per token) or ``"eager"``; see :mod:`steadylm.models.generate`. Once the sequence
-        outgrows ``max_seq_len`` the context is cropped to the last ``max_seq_len`` tokens. BHyT
-        blocks compute their per-layer scalar once for the call. Returns the extended tokens, and
-        with ``return_logits`` also the logits each new token was drawn from ``[batch, new, vocab]``.
-        """
-        return generate(self, tokens, max_new_tokens, temperature, top_k, generator, return_logits, decode)
+    #: ``model.generate(tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+    #: return_logits=False, decode="compiled")``: :func:`steadylm.models.generate.generate`, bound.
+    generate = generate
 
     # ------------------------------------------------------------------------------------------
     # optimizer groups, counts, statistics
