@@ -187,6 +187,28 @@ class Attention(nn.Module):
             self.q_norm = None
             self.k_norm = None
 
+    def queries_and_keys(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """``q`` ``[batch, n_heads, seq, head_dim]`` and ``k`` ``[batch, n_kv_heads, seq, head_dim]``
+        as attention uses them: projected, QK-normed (when configured), rotated."""
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def causal_logits(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The pre-softmax logits ``q·k / √head_dim`` that :meth:`forward` attends with, in fp32,
+        ``[batch, n_heads, seq, seq]``, future positions −inf (for inspection, e.g. ``steadylm
+        scan``; the forward itself leaves them inside ``scaled_dot_product_attention``)."""
+        seq = x.shape[1]
+        q, k = self.queries_and_keys(x, cos, sin)
+        q, k = q.float(), k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+        return logits.masked_fill(~causal, -math.inf)
+
     def forward(
         self,
         x: Tensor,
@@ -196,15 +218,8 @@ class Attention(nn.Module):
         layer_index: int = 0,
     ) -> Tensor:
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.queries_and_keys(x, cos, sin)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-
         if kv_cache is None:
             grouped = self.n_kv_heads != self.n_heads
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)

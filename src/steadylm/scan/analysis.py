@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steadylm.models import Attention, Transformer, apply_rotary
+from steadylm.models import Attention, Transformer
 from steadylm.precision.formats import E4M3
 from steadylm.precision.linear import COUNTER_FIELDS, Col, quantize
 from steadylm.probes import StabilityProbe
@@ -122,16 +122,7 @@ def attention_max_logits(model: Transformer, tokens: Tensor, batch_size: int = 4
     def track(layer: int):
         def hook(attn: Attention, args: tuple[Any, ...], _output: Any) -> None:
             x, cos, sin = args[:3]
-            b, s, _ = x.shape
-            q = attn.wq(x).view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)
-            k = attn.wk(x).view(b, s, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            if attn.q_norm is not None and attn.k_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary(q, cos, sin).float(), apply_rotary(k, cos, sin).float()
-            k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
-            logits = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-            result[layer] = max(result[layer], float(logits.masked_fill(~causal, -math.inf).max()))
+            result[layer] = max(result[layer], float(attn.causal_logits(x, cos, sin).max()))
         return hook
 
     handles = [block.attn.register_forward_hook(track(i)) for i, block in enumerate(model.layers)]
