@@ -89,6 +89,27 @@ def test_a_norm_is_one_registration_the_model_uses_everywhere() -> None:
     assert PLUGIN in sys.modules
 
 
+def test_params_lists_the_plugin_names(capsys: pytest.CaptureFixture[str]) -> None:
+    # Without the plug-in: steadylm's own names only.
+    assert main(["params", "--names", "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)
+    assert {(n["kind"], n["name"]) for n in names} >= {("norm", "bhyt"), ("activation", "powlu")}
+    assert not any(n["plugin"] for n in names) and "toynorm" not in {n["name"] for n in names}
+    # With it: its norm and activation, each with the module that registered it.
+    assert main(["params", "--plugin", PLUGIN, "--names", "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)
+    assert [(n["kind"], n["name"], n["module"]) for n in names if n["plugin"]] == [
+        ("norm", "toynorm", PLUGIN), ("activation", "toyact", PLUGIN)
+    ]
+    assert main(["params", "--plugin", PLUGIN, "--names"]) == 0
+    shown = capsys.readouterr().out
+    assert f"toynorm ({PLUGIN})" in shown and f"toyact ({PLUGIN})" in shown
+    # The count table names the plug-ins' norms and activations under it.
+    assert main(["params", "nano", "--plugin", PLUGIN]) == 0
+    assert f"from plug-ins: norm toynorm ({PLUGIN}), activation toyact ({PLUGIN})" in capsys.readouterr().out
+    assert main(["params", "nano", "--names"]) == 2  # --names takes no presets: one-line error
+
+
 def test_unknown_plugin_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["params", "--plugin", "no_such_plugin_module"]) == 2
     err = capsys.readouterr().err

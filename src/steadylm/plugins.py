@@ -48,6 +48,11 @@ def load_plugins(modules: Iterable[str]) -> list[str]:
     return done
 
 
+def is_plugin_module(module: str) -> bool:
+    """Whether ``module`` (where a registered name is defined) lies outside steadylm."""
+    return module != "steadylm" and not module.startswith("steadylm.")
+
+
 def loaded_plugins() -> tuple[str, ...]:
     """The plug-in modules loaded so far, in order."""
     return tuple(_LOADED)

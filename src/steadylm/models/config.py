@@ -31,7 +31,7 @@ from steadylm.models.forms import (
 )
 from steadylm.nn import ACTIVATIONS, NORM_SPECS, get_activation
 from steadylm.nn import IMPLS as NN_IMPLS
-from steadylm.plugins import load_plugins
+from steadylm.plugins import is_plugin_module, load_plugins
 
 __all__ = [
     "BLOCK_NORMS",
@@ -313,7 +313,7 @@ class ModelConfig:
         for norm in (self.block_form.norm, self.final_norm_type):
             if norm in NORM_SPECS:
                 modules.add(NORM_SPECS[norm].module)
-        return sorted(m for m in modules if m != "steadylm" and not m.startswith("steadylm."))
+        return sorted(m for m in modules if is_plugin_module(m))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (what checkpoints store); with ``"plugins"`` only when the

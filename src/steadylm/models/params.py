@@ -2,7 +2,9 @@
 
 The counts come from :func:`steadylm.models.count_parameters` (closed form, from the config alone);
 ``--verify`` also builds each model on the ``meta`` device (no memory, no init cost) and checks the
-module count against it.
+module count against it. ``--names`` lists instead the norms (block forms) and activations a config
+may name, with the module that registers each: plug-ins loaded with ``--plugin`` /
+``$STEADYLM_PLUGINS`` included (the table also names the plug-ins' own under it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from steadylm.errors import ConfigError
 
-__all__ = ["add_arguments", "parse_overrides", "run"]
+__all__ = ["add_arguments", "config_names", "parse_overrides", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also build each model on the meta device and check its count matches",
     )
+    parser.add_argument(
+        "--names",
+        action="store_true",
+        help="list the norms (--set norm=NAME) and activations (--set activation=NAME) a config may "
+        "name, with the module registering each (plug-ins included), instead of the counts",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -55,6 +63,31 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def config_names() -> list[dict[str, Any]]:
+    """Every norm (block form) and activation name a ``ModelConfig`` may take, in registration
+    order: ``{"kind": "norm" | "activation", "name", "module", "plugin"}``, ``module`` being
+    where the norm class or the activation is defined and ``plugin`` whether that is outside steadylm."""
+    from steadylm.models.forms import block_form_names, get_block_form
+    from steadylm.nn import ACTIVATIONS, NORM_SPECS
+    from steadylm.plugins import is_plugin_module
+
+    modules = [("norm", name, NORM_SPECS[get_block_form(name).norm].module) for name in block_form_names()]
+    modules += [("activation", name, spec.module) for name, spec in ACTIVATIONS.items()]
+    return [
+        {"kind": kind, "name": name, "module": module, "plugin": is_plugin_module(module)}
+        for kind, name, module in modules
+    ]
+
+
+def _print_names(names: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(names, indent=2))
+        return
+    for kind in ("norm", "activation"):
+        shown = [n["name"] + (f" ({n['module']})" if n["plugin"] else "") for n in names if n["kind"] == kind]
+        print(f"{kind}s: {', '.join(shown)}")
+
+
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -62,6 +95,11 @@ def _fmt(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from steadylm.models.config import PRESETS, ModelConfig, count_parameters
 
+    if args.names:
+        if args.presets or args.overrides or args.verify:
+            raise ConfigError("--names lists the registered names; it takes no presets, --set or --verify")
+        _print_names(config_names(), args.json)
+        return 0
     overrides = parse_overrides(args.overrides)
     names = args.presets or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
@@ -131,3 +169,6 @@ def _print_table(rows: list[dict[str, Any]], verified: bool, overrides: dict[str
             cells.append("yes" if row["verified"] else "NO")
         table.add_row(*cells)
     Console(width=160).print(table)
+    from_plugins = [n for n in config_names() if n["plugin"]]
+    if from_plugins:
+        print("from plug-ins: " + ", ".join(f"{n['kind']} {n['name']} ({n['module']})" for n in from_plugins))
