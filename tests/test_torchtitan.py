@@ -254,3 +254,63 @@ def test_the_config_module_sets_blocks_refresh_and_adapter() -> None:
     with torch.device("meta"):  # torchtitan builds on meta, then materialises (no memory here)
         model = spec.model.build()
     assert sum(isinstance(m, SteadyLMBHyTBlock) for m in model.modules()) == len(spec.model.layers)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchtitan's sharding plans and the trainer's final config
+# ------------------------------------------------------------------------------------------------
+
+def parsed(config: str, *flags: str):
+    from torchtitan.config.manager import ConfigManager
+
+    return ConfigManager().parse_args(["--module", "steadylm.integrations.torchtitan", "--config", config, *flags])
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_lambda_is_declared_replicated_like_the_gain_in_torchtitans_tp_plan(sequence_parallel: bool) -> None:
+    # what the Trainer does before building: update_from_config sets torchtitan's Llama-3 sharding
+    # plan (a norm declares only `weight`); every BHyT site adds λ with γ's placement, so
+    # Module.parallelize (which refuses an undeclared parameter) distributes it
+    import spmd_types as spmd
+    from torchtitan.distributed.parallel_dims import MeshAxisName
+
+    from steadylm.integrations.torchtitan import SteadyLMBHyT
+
+    config = parsed("llama3_debugmodel_powlu_bhyt", "--parallelism.tensor_parallel_degree", "2")
+    config.parallelism.enable_sequence_parallel = sequence_parallel
+    config.model_spec.model.update_from_config(config=config)
+    with torch.device("meta"):
+        model = config.model_spec.model.build()
+    sites = [m for m in model.modules() if isinstance(m, SteadyLMBHyT)]
+    assert len(sites) == 2 * len(config.model_spec.model.layers)
+    for site in sites:
+        states = site._sharding_config.state_shardings
+        assert set(states) == {"weight", "lam"} and states["lam"] == states["weight"]
+        # replicated on every axis; on TP, R (its gradient reduced) under SP, else I
+        assert states["lam"].per_axis_spmd_types()[MeshAxisName.TP] == (spmd.R if sequence_parallel else spmd.I)
+        assert states["lam"].per_axis_spmd_types()[MeshAxisName.DP] == spmd.R
+
+
+def test_lambda_declaration_keeps_an_explicit_one() -> None:
+    from torchtitan.protocols.sharding import ShardingConfig, SpmdLayout
+
+    from steadylm.integrations.torchtitan.bhyt import lam_sharding
+
+    mine, weight = SpmdLayout({}), SpmdLayout({})
+    declared = ShardingConfig(state_shardings={"weight": weight, "lam": mine})
+    assert lam_sharding(declared).state_shardings["lam"] is mine
+    assert lam_sharding(None) is None
+
+
+def test_c_l_context_length_and_interval_follow_the_command_line() -> None:
+    # c_ℓ's T is the run's training.seq_len (SPEC: "the training context length"), and the config
+    # function runs before the command line is applied: the Trainer's update_from_config sets it
+    config = parsed("llama3_debugmodel_powlu_bhyt", "--training.seq_len", "64", "--training.steps", "1000")
+    layers = config.model_spec.model.layers
+    assert all(layer.context_length == 2048 for layer in layers)  # the config function's value
+    config.model_spec.model.update_from_config(config=config)
+    assert all(layer.context_length == 64 and layer.refresh_every == 5 for layer in layers)  # K set: kept
+    config = parsed("llama3_8b_powlu_bhyt", "--training.seq_len", "4096", "--training.steps", "1000")
+    config.model_spec.model.update_from_config(config=config)
+    # K unset: SPEC's default max(1, min(1000, steps // 50))
+    assert all(layer.context_length == 4096 and layer.refresh_every == 20 for layer in config.model_spec.model.layers)

@@ -15,21 +15,24 @@ extension points.
           --config llama3_8b_powlu_bhyt
 
   torchtitan's Llama-3 blocks become :class:`SteadyLMBHyTBlock` (the BHyT pair in place of the two
-  RMSNorms, one statistic per block) with c_ℓ refreshed after optimizer steps
-  (``ModelSpec.post_optimizer_build_fn`` = :func:`register_bhyt_refresh`) and an HF state-dict
-  adapter that keeps λ and c_ℓ (:class:`SteadyLMLlama3StateDictAdapter`). The ``bhyt`` override
+  RMSNorms, one statistic per block; each site a :class:`SteadyLMBHyT`, a torchtitan ``Module``
+  whose λ is declared to torchtitan's sharding plans) with c_ℓ refreshed after optimizer steps
+  (``ModelSpec.post_optimizer_build_fn`` = :func:`register_bhyt_refresh`; T and the interval follow
+  ``--training.seq_len`` / ``--training.steps``) and an HF state-dict adapter that keeps λ and c_ℓ
+  (:class:`SteadyLMLlama3StateDictAdapter`). The ``bhyt`` override
   (:mod:`~steadylm.integrations.torchtitan.bhyt`) is the same block switch for
-  ``--override.imports``, without those two ``ModelSpec`` hooks.
+  ``--override.imports``, without those two ``ModelSpec`` hooks (pass ``context_length``).
 """
 
 from __future__ import annotations
 
 from steadylm.integrations.torchtitan.bhyt import (
+    SteadyLMBHyT,
     SteadyLMBHyTBlock,
     SteadyLMLlama3StateDictAdapter,
     register_bhyt_refresh,
 )
 from steadylm.integrations.torchtitan.overrides import SteadyLMFeedForward, powlu, swiglu_clip
 
-__all__ = ["SteadyLMBHyTBlock", "SteadyLMFeedForward", "SteadyLMLlama3StateDictAdapter", "powlu",
+__all__ = ["SteadyLMBHyT", "SteadyLMBHyTBlock", "SteadyLMFeedForward", "SteadyLMLlama3StateDictAdapter", "powlu",
            "register_bhyt_refresh", "swiglu_clip"]

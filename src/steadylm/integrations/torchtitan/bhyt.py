@@ -5,10 +5,16 @@
 initialisation and sharding declarations are torchtitan's), and its ``attention_norm`` /
 ``ffn_norm`` are the two sites of :class:`steadylm.nn.BHyTPair` — one per-token statistic per
 block, the second site's variance from c_ℓ, the same code steadylm's own ``BHyTBlock`` and the
-Hugging Face patch run. c_ℓ (the ``bhyt_correction`` buffer) is computed from W_V/W_O when the
-model's states are initialised and after every ``load_state_dict``; :func:`register_bhyt_refresh`
+Hugging Face patch run. The sites are :class:`SteadyLMBHyT` — steadylm's ``BHyT`` as a torchtitan
+``Module`` (the module protocol the ``Trainer`` verifies) whose λ is declared to torchtitan's
+sharding plans (:func:`lam_sharding`: replicated like the gain). c_ℓ (the ``bhyt_correction``
+buffer) is computed from the full W_V/W_O (all-gathered under FSDP2/TP) when the model's states are
+initialised and after every ``load_state_dict``; :func:`register_bhyt_refresh`
 (``ModelSpec.post_optimizer_build_fn``) refreshes it every ``refresh_every`` optimizer steps,
-counting steps from the optimizer's own state so a resumed run keeps the cadence.
+counting steps from the optimizer's own state so a resumed run keeps the cadence. T in c_ℓ is
+``context_length``: with the config module it follows ``--training.seq_len``
+(``SteadyLMLlama3Model.Config.update_from_config``); with the ``bhyt`` override, which torchtitan
+applies after that, pass the run's sequence length.
 """
 
 from __future__ import annotations
@@ -153,7 +159,8 @@ def bhyt(cfg: Llama3TransformerBlock.Config, *, lam_attn: float = 2.0, lam_ffn: 
          eps: float = 1e-6, impl: str = "fused", context_length: int = 2048, refresh_every: int = 100,
          activation: str | None = None, activation_kwargs: dict[str, Any] | None = None) -> SteadyLMBHyTBlock.Config:
     """Every Llama-3 block becomes a :class:`SteadyLMBHyTBlock` (set ``context_length`` to the
-    training sequence length; ``refresh_every`` takes effect with :func:`register_bhyt_refresh`).
+    run's ``--training.seq_len``: an override is applied after the trainer's config is final, so
+    nothing updates it; ``refresh_every`` takes effect with :func:`register_bhyt_refresh`).
 
     ``activation`` (e.g. ``"powlu"``, with ``activation_kwargs``) also switches the block's FFN:
     torchtitan refuses an FFN override nested inside a block override, so PowLU + BHyT is this one
