@@ -4,6 +4,7 @@ no-ops in a single process (so the trainer has one code path)."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, mo
 
 def shutdown_distributed() -> None:
     if is_distributed():
+        # Free what still holds the group first (a finished Trainer's DDP reducer sits in a
+        # reference cycle): left to the interpreter's final collection, gloo's objects died during
+        # finalization and the rank aborted at exit ("terminate called without an active
+        # exception", SIGABRT) in 3 of 10 two-rank DDP runs; 0 of 20 with this collection.
+        gc.collect()
         dist.destroy_process_group()
 
 
