@@ -45,6 +45,7 @@ def test_bench_model_cli_end_to_end_tiny(tmp_path, capsys):
     markdown = md_path.read_text()
     assert "| nano | swiglu+bhyt | eager |" in markdown and "swiglu+bhyt / swiglu+rmsnorm" in markdown
     assert "swiglu+bhyt" in printed
+    assert "[p20–p80]" in printed and "[nano] swiglu+bhyt eager" in printed  # not eaten as rich markup
     # the peak memory column (on by default): in the table, the markdown and the CSV, in MiB
     assert "train peak MiB" in markdown and "train peak" in printed
     peaks = {r["kernel"]: float(r["median"]) for r in read if r["metric"] == "peak_memory"}

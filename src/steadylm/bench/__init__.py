@@ -7,6 +7,7 @@ import argparse
 import os
 import statistics
 import sys
+from typing import Any, Callable
 
 from steadylm.config_fields import add_field_flags, fields_from_args, shown
 from steadylm.errors import ConfigError
@@ -19,6 +20,11 @@ QUICK_OPS: dict[str, object] = {"ops": ["rms_norm", "swiglu"], "dtypes": ["fp32"
 QUICK_MODEL: dict[str, object] = {"presets": ["nano"], "activations": ["swiglu", "powlu"], "norms": ["rmsnorm", "bhyt"],
                                   "batch": 4, "seq": 64, "gen_batches": [1], "prompt": 8, "new_tokens": 16,
                                   "rounds": 3, "warmup": 1}  # fmt: skip
+
+
+def _say(console: Any) -> Callable[[str], None]:
+    """Progress lines, dimmed; not parsed as rich markup ("[nano] …" is text)."""
+    return lambda msg: console.print(msg, style="dim", markup=False)
 
 
 def _dest(cls: type, name: str) -> str:
@@ -121,7 +127,7 @@ def _run_model(args: argparse.Namespace) -> int:
         from steadylm.bench.claim import run_claim
 
         command = "steadylm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"bench model --claim {args.claim}"
-        _, text = run_claim(config, args.claim, command, progress=lambda msg: console.print(msg, style="dim"))
+        _, text = run_claim(config, args.claim, command, progress=_say(console))
         console.print(text, markup=False)
         if args.markdown:
             _write_markdown(args.markdown, text)
@@ -131,7 +137,7 @@ def _run_model(args: argparse.Namespace) -> int:
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
         + (f", load average {load_before[0]:.2f}" if load_before else "")
     )
-    result = bench_model.run_model_bench(config, progress=lambda msg: console.print(msg, style="dim"))
+    result = bench_model.run_model_bench(config, progress=_say(console))
     console.print(bench_model.render_table(result))
     for description, ratios in bench_model.comparisons(result):
         console.print(
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
         + (f", load average {load_before[0]:.2f}" if load_before else "")
     )
-    results, copies = bench_ops.run_bench(config, progress=lambda msg: console.print(msg, style="dim"))
+    results, copies = bench_ops.run_bench(config, progress=_say(console))
     console.print(bench_ops.render_table(results, copies, config))
     for description, met, measured in bench_ops.check_targets(results, copies, config):
         console.print(f"{'met   ' if met else 'MISSED'} {description}: {measured}")

@@ -80,7 +80,7 @@ def claim_config(base: ModelBenchConfig, name: str) -> ModelBenchConfig:
     if act_v != act_b:  # the bench's variants are a grid: activations × norms
         raise ConfigError(f"claim {name}: variant and baseline must share the activation")
     return dataclasses.replace(base, presets=tuple(presets), activations=(act_v,), norms=(norm_b, norm_v),
-                               hf=False, moe_loop=False, profile=False)  # fmt: skip
+                               hf=False, moe_loop=False, profile=False, memory=False)  # fmt: skip
 
 
 def claim_lines(result: ModelBenchResult, name: str) -> list[ClaimLine]:

@@ -553,14 +553,16 @@ def peak_note(result: ModelBenchResult) -> str:
 
 def render_table(result: ModelBenchResult) -> Any:
     """A rich Table of :func:`table_cells`."""
+    from rich.markup import escape
     from rich.table import Table
 
+    # escape: rich reads "[p20–p80]" or "[nano]" as markup tags and drops them
     header, body = table_cells(result)
-    table = Table(title=title(result), caption=peak_note(result) if result.peaks else None)
+    table = Table(title=escape(title(result)), caption=escape(peak_note(result)) if result.peaks else None)
     for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 3 else "right")
+        table.add_column(escape(col), justify="left" if i < 3 else "right")
     for cells in body:
-        table.add_row(*cells)
+        table.add_row(*(escape(c) for c in cells))
     return table
 
 
