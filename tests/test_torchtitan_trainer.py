@@ -75,18 +75,18 @@ def free_port() -> int:
 def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, batch: int = BATCH,
                          nproc: int = 1, flags: tuple[str, ...] = ()) -> tuple[str, Path]:
     """``python titan_cpu.py ARGS`` in the environment torchrun gives one process, or under
-    ``torchrun --nproc_per_node NPROC`` (one thread per rank)."""
+    ``torchrun --nproc_per_node NPROC``; one thread per rank (a tiny model: threads cost more than
+    they give on a shared 2-core machine)."""
     data, tok_dir = write_corpus_and_tokenizer(tmp_path)
     out = tmp_path / "out"
     port = str(free_port())
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ASSETS), os.environ.get("PYTHONPATH", "")])}
     if nproc == 1:
         env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
         launcher = [sys.executable]
     else:
-        env["OMP_NUM_THREADS"] = "1"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                     "--master_addr", "127.0.0.1", "--master_port", port]
     cmd = [*launcher, str(ASSETS / "titan_cpu.py"), "--module", "titan_cpu", "--config", config,
@@ -159,23 +159,30 @@ def test_torchtitan_trainer_runs_the_fused_ops(tmp_path: Path) -> None:
     check_run(tmp_path, "llama3_debugmodel_powlu_bhyt_cpu")
 
 
+TWO_RANKS = {
+    "tp": ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"),
+    "fsdp": ("--parallelism.data_parallel_shard_degree", "2"),
+}
+
+
 @pytest.mark.slow
-def test_torchtitan_trainer_tensor_parallel_2_ranks(tmp_path: Path) -> None:
-    """torchrun, 2 CPU ranks (gloo), TP = 2 with sequence parallelism (torchtitan's default): λ is
-    distributed by its declaration (``Replicate`` on TP, like γ), the BHyT sites run on
-    sequence-sharded DTensors, and c_ℓ — refreshed from the full (all-gathered) W_V/W_O — is the
-    unsharded model's. ``--parallelism.spmd_backend partial_dtensor``: with torchtitan's default
-    ``spmd_types`` backend, TP on CPU fails in ``apply_fsdp_to_decoder`` → ``fully_shard`` ("all
+@pytest.mark.parametrize("layout", sorted(TWO_RANKS))
+def test_torchtitan_trainer_on_2_ranks(tmp_path: Path, layout: str) -> None:
+    """torchrun, 2 CPU ranks (gloo): TP = 2 with sequence parallelism (torchtitan's default) — λ
+    distributed by its declaration (``Replicate`` on TP, like γ), the BHyT sites on
+    sequence-sharded DTensors — or FSDP2 over 2 ranks (shim 4 in titan_cpu.py). c_ℓ, refreshed from
+    the full (all-gathered) W_V/W_O, is the unsharded model's in the checkpoint.
+    ``--parallelism.spmd_backend partial_dtensor``: with torchtitan's default ``spmd_types``
+    backend, TP or FSDP over 2 CPU ranks fails in ``apply_fsdp_to_decoder`` → ``fully_shard`` ("all
     parameters must be DTensors on the full SPMD mesh ... Got plain tensor for parameter
-    'weight'") for the stock ``llama3_debugmodel`` as well (measured ~14 s on 2 cores)."""
+    'weight'") for the stock ``llama3_debugmodel`` as well. Measured ~10-15 s each on 2 cores."""
     start = time.perf_counter()
     log, checkpoints = run_torchtitan_train(
         tmp_path, "llama3_debugmodel_powlu_bhyt_cpu_reference", steps=REFRESH_EVERY, batch=2, nproc=2,
-        flags=("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
-               "--parallelism.spmd_backend", "partial_dtensor"))
+        flags=(*TWO_RANKS[layout], "--parallelism.spmd_backend", "partial_dtensor"))
     seen = losses(log)
-    print(f"torchtitan.train TP=2: {REFRESH_EVERY} steps in {time.perf_counter() - start:.1f} s, losses",
-          {k: round(v, 3) for k, v in sorted(seen.items())})
-    assert "tp=2" in log
+    print(f"torchtitan.train {layout} on 2 ranks: {REFRESH_EVERY} steps in {time.perf_counter() - start:.1f} s, "
+          "losses", {k: round(v, 3) for k, v in sorted(seen.items())})
+    assert ("tp=2" if layout == "tp" else "dp_shard=2") in log
     assert sorted(seen) == list(range(1, REFRESH_EVERY + 1)) and all(math.isfinite(v) for v in seen.values())
     check_c_l(tmp_path, checkpoints, (REFRESH_EVERY,))

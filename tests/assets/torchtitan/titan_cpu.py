@@ -28,6 +28,10 @@ What torchtitan 0.3.0 needs on CPU, each seen failing without it:
    ``torch.distributed.set_timeout`` — absent from this torch build (AttributeError). The shim
    points it at ``torch.distributed.distributed_c10d._set_pg_timeout`` (the same operation, which
    handles gloo) where it is missing.
+4. FSDP2 gradient reduction on gloo (only with ``data_parallel_shard_degree`` > 1). FSDP2
+   reduce-scatters with ``ReduceOp.PREMUL_SUM`` (torchtitan's divide factor): "RuntimeError:
+   Cannot use ReduceOp.PREMUL_SUM with Gloo". The shim makes FSDP2 reduce with SUM and divide
+   separately (its own ``force_sum_reduction_for_comms`` path, meant for backends without it).
 
 Everything else — the config registry and CLI, ``update_from_config`` and its sharding plans,
 meta-device build, the module-protocol check, ``parallelize_llama`` (``Module.parallelize`` on
@@ -98,8 +102,25 @@ def install_pg_timeout() -> None:
         torch.distributed.set_timeout = distributed_c10d._set_pg_timeout
 
 
+def install_gloo_fsdp_reduction() -> None:
+    """Shim 4: FSDP2 reduces gradients with SUM (and divides apart) instead of PREMUL_SUM."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    divide_factors = _fsdp_collectives._get_gradient_divide_factors
+
+    def sum_only(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 5:  # (groups, reduce_dtype, device_type, factor, force_sum_reduction_for_comms)
+            args = (*args[:5], True, *args[6:])
+        else:
+            kwargs["force_sum_reduction_for_comms"] = True
+        return divide_factors(*args, **kwargs)
+
+    _fsdp_collectives._get_gradient_divide_factors = sum_only
+
+
 if __name__ == "__main__":
     # before torchtitan's trainer modules import device_type/device_module by value
     install_cpu_device()
     install_pg_timeout()
+    install_gloo_fsdp_reduction()
     runpy.run_module("torchtitan.train", run_name="__main__", alter_sys=True)
