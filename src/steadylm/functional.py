@@ -38,6 +38,7 @@ __all__ = [
     "validate_kappa",
     "validate_powlu_m",
     "validate_swiglu_clip",
+    "validate_variance",
 ]
 
 SWIGLU_CLIP_VARIANTS: tuple[str, ...] = ("gptoss", "step", "clamp")
@@ -96,6 +97,13 @@ def validate_kappa(kappa: float) -> float:
     if kappa <= 0.0:
         raise ValueError(f"kappa must be > 0 (BHyT bound factor), got {kappa}")
     return kappa
+
+
+def validate_variance(variance: Tensor, x: Tensor) -> None:
+    """A given BHyT variance must be per-token: shape ``x.shape[:-1] + (1,)``."""
+    expected = tuple(x.shape[:-1]) + (1,)
+    if tuple(variance.shape) != expected:
+        raise ValueError(f"variance must have shape {expected} (per-token mean square), got {tuple(variance.shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,11 +323,7 @@ def bhyt(
         y, ms_y, s = _scaled_mean_square(z, eps)
         arg = (lam_t / kappa) * y * torch.rsqrt(ms_y + (eps / s) / s)
     else:
-        if variance.shape != z.shape[:-1] + (1,):
-            raise ValueError(
-                f"variance must have shape {tuple(z.shape[:-1]) + (1,)} (per-token mean square), "
-                f"got {tuple(variance.shape)}"
-            )
+        validate_variance(variance, x)
         v = variance.to(torch.promote_types(variance.dtype, z.dtype))
         arg = (lam_t / kappa) * z * torch.rsqrt(v + eps)
     out = torch.tanh(arg)

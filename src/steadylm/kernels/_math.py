@@ -30,6 +30,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _gain(t: Tensor, weight: Tensor, has_weight: bool) -> Tensor:
+    """``t ⊙ γ`` in ``t``'s (compute) dtype, or ``t`` itself without a weight."""
+    return t * weight.to(t.dtype) if has_weight else t
+
+
 # --------------------------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------------------------
@@ -281,10 +286,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, *, eps: float, has_weight: bool, all
     ct = _compute_dtype(x)
     xc = x.to(ct)
     scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
-    out = (xc * scale) * inv
-    if has_weight:
-        out = out * weight.to(ct)
-    return out.to(x.dtype)
+    return _gain((xc * scale) * inv, weight, has_weight).to(x.dtype)
 
 
 def rms_norm_bwd(
@@ -299,7 +301,7 @@ def rms_norm_bwd(
 ) -> tuple[Tensor, Tensor | None]:
     ct = _compute_dtype(x)
     xc, d = x.to(ct), dy.to(ct)
-    g = d * weight.to(ct) if has_weight else d
+    g = _gain(d, weight, has_weight)
     scale, inv = _row_scale_and_inv_rms(xc, eps, allow_upscale)
     x_hat = (xc * scale) * inv
     # dx = r·(g − x̂·mean(g·x̂)), with r = S·r_S applied as two factors.
@@ -312,9 +314,7 @@ def dyt_fwd(
     x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, *, has_weight: bool, has_bias: bool
 ) -> Tensor:
     ct = _compute_dtype(x)
-    out = _tanh(alpha.to(ct) * x.to(ct))
-    if has_weight:
-        out = out * weight.to(ct)
+    out = _gain(_tanh(alpha.to(ct) * x.to(ct)), weight, has_weight)
     if has_bias:
         out = out + bias.to(ct)
     return out.to(x.dtype)
@@ -336,7 +336,7 @@ def dyt_bwd(
     a = alpha.to(ct)
     arg = a * xc
     t = _tanh(arg)
-    g = d * weight.to(ct) if has_weight else d
+    g = _gain(d, weight, has_weight)
     h = g * _sech2(arg)  # dL/d(αx)
     dx = (h * a).to(x.dtype)
     d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
@@ -375,10 +375,7 @@ def bhyt_fwd(
     ct = _compute_dtype(x)
     xc = x.to(ct)
     x_hat, _, _ = _bhyt_normalise(xc, variance, eps=eps, use_variance=use_variance, allow_upscale=allow_upscale)
-    out = _tanh((lam.to(ct) / kappa) * x_hat)
-    if has_weight:
-        out = out * weight.to(ct)
-    return out.to(x.dtype)
+    return _gain(_tanh((lam.to(ct) / kappa) * x_hat), weight, has_weight).to(x.dtype)
 
 
 def bhyt_bwd(
@@ -405,7 +402,7 @@ def bhyt_bwd(
     )
     arg = c * x_hat
     t = _tanh(arg)
-    g = d * weight.to(ct) if has_weight else d
+    g = _gain(d, weight, has_weight)
     h = g * _sech2(arg)  # dL/d(arg), arg = c·x̂
     # Σ_row h·x̂ carries the gradient of the statistic (mean(x²) or the given variance) and of λ.
     row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
@@ -481,7 +478,7 @@ def bhyt_ms_bwd(
     x_hat = xc * inv
     arg = c * x_hat
     t = _tanh(arg)
-    g = d * weight.to(ct) if has_weight else d
+    g = _gain(d, weight, has_weight)
     h = g * _sech2(arg)
     row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
     dv_total = dv.to(ct) + (-0.5 * c) * inv * (inv * row_hx)

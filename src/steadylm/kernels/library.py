@@ -10,6 +10,13 @@ implementation. Each forward op's autograd (``register_autograd``) saves only th
 calls the matching ``*_backward`` op, itself a custom op, so the fused backward survives
 compilation too.
 
+Each op is written once, as an :class:`OpParts` entry of :data:`PARTS`: the plain forward and
+backward implementations (the custom ops' bodies), the autograd ``setup_context`` and the autograd
+backward, which is built around *a* backward callable. The custom ops are registered from that
+table, and :mod:`.ops` builds from the very same parts its forward-only fast path (the forward
+implementation called directly) and the ``autograd.Function`` that a compiled model traces through
+(the backward implementation instead of the backward op).
+
 Flags (``has_weight`` …) are op arguments; an absent optional gradient comes back as an empty
 placeholder (shape ``[0]``) that the autograd wrapper turns into ``None`` (custom-op outputs cannot
 be ``None``). The implementations run on any device (CPU and CUDA from the same source) and never
@@ -20,14 +27,15 @@ The public, validated entry points are in :mod:`steadylm.kernels.ops`; call thos
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from steadylm.kernels import _compile, _math, triton_norms
 
-__all__ = ["OPS"]
+__all__ = ["OPS", "PARTS", "OpParts"]
 
 
 def _run(fn_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -40,6 +48,8 @@ def _mark(*tensors: Tensor | None) -> None:
 
 
 def _allow_upscale(eps: float) -> bool:
+    # A Python bool, decided outside the compiled function so that it specialises the kernel
+    # (a comparison on a traced float would add a guard per call site instead).
     return eps < _math.TINY_EPS
 
 
@@ -56,6 +66,67 @@ def _present(t: Tensor, wanted: bool) -> Tensor | None:
     return t if wanted else None
 
 
+def _grads_like(x: Tensor, *optional: tuple[Tensor, bool]) -> tuple[Tensor, ...]:
+    """Fake backward outputs: ``dx`` like ``x``, then per ``(like, wanted)`` a gradient or the placeholder."""
+    return (torch.empty_like(x),) + tuple(torch.empty_like(t) if wanted else _absent(t) for t, wanted in optional)
+
+
+def _stat_like(x: Tensor) -> Tensor:
+    """The per-token statistic's shape and dtype: ``[tokens, 1]``, fp32 (float64 kept)."""
+    return x.new_empty((x.shape[0], 1), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _norm_backward(kernel: str, x: Tensor, eps: float, args: tuple, flags: dict, marked: tuple) -> tuple:
+    """A norm's backward ``kernel`` (``rms_norm_bwd``/``bhyt_bwd``) on ``args`` (``x`` first) with
+    keyword ``flags``: on CUDA the one-pass Triton kernel, else the compiled ``_math`` one."""
+    if triton_norms.usable(x, eps):  # CUDA: one pass for dx and the parameter gradients
+        return getattr(triton_norms, kernel)(*args, **flags)
+    _mark(*marked)
+    return _run(kernel, *args, **flags)
+
+
+@dataclass(frozen=True)
+class OpParts:
+    """One fused op, written once (see the module doc)."""
+
+    forward: Callable[..., Any]  # the forward custom op's body (its signature is the op's schema)
+    backward: Callable[..., Any]  # the backward custom op's body
+    forward_fake: Callable[..., Any]
+    backward_fake: Callable[..., Any]
+    setup: Callable[[Any, tuple, Any], None]  # autograd setup_context(ctx, inputs, output)
+    autograd: Callable[[Callable[..., Any]], Callable[..., Any]]  # backward callable -> backward(ctx, *grads)
+
+
+def _norm_parts(
+    forward: Callable[..., Any],
+    backward: Callable[..., Any],
+    forward_fake: Callable[..., Any],
+    backward_fake: Callable[..., Any],
+    gates: tuple[int | None, ...],
+    passed: tuple[int, ...],
+) -> OpParts:
+    """A norm whose inputs are its tensors (``x``, then its parameters) and then its flags, and
+    whose backward op takes the saved tensors, ``dy``, the flags at indices ``passed`` and, per
+    parameter, whether its gradient is wanted: its input needs one and its flag (the index in
+    ``gates``; None: none) is set."""
+
+    def setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        n_tensors = len(gates) + 1
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.flags = tuple(inputs[n_tensors:])
+
+    def autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
+        def backward_fn(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+            saved, need, flags = ctx.saved_tensors, ctx.needs_input_grad, ctx.flags
+            wants = tuple((gate is None or flags[gate]) and need[i + 1] for i, gate in enumerate(gates))
+            dx, *grads = backward_op(*saved, dy.contiguous(), *(flags[i] for i in passed), *wants)
+            return (dx, *(_present(g, wanted) for g, wanted in zip(grads, wants))) + (None,) * len(flags)
+
+        return backward_fn
+
+    return OpParts(forward, backward, forward_fake, backward_fake, setup, autograd)
+
+
 # --------------------------------------------------------------------------------------------
 # gated activations: one forward and one backward op per activation; hyper-parameters are args
 # --------------------------------------------------------------------------------------------
@@ -67,38 +138,32 @@ def _clip_hparams(variant: str, limit: float, alpha: float) -> tuple[float, ...]
     return (limit, alpha) if variant == "gptoss" else (limit,)
 
 
-@torch.library.custom_op("steadylm::swiglu", mutates_args=())
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     _mark(gate, up)
     return _run("swiglu_fwd", gate, up)
 
 
-@torch.library.custom_op("steadylm::swiglu_backward", mutates_args=())
-def swiglu_backward(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+def _swiglu_backward(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
     return _run("swiglu_bwd", gate, up, dy)
 
 
-@torch.library.custom_op("steadylm::powlu_glu", mutates_args=())
-def powlu_glu(gate: Tensor, up: Tensor, m: float) -> Tensor:
+def _powlu_glu(gate: Tensor, up: Tensor, m: float) -> Tensor:
     _mark(gate, up)
     return _run("powlu_glu_fwd", gate, up, m)
 
 
-@torch.library.custom_op("steadylm::powlu_glu_backward", mutates_args=())
-def powlu_glu_backward(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
+def _powlu_glu_backward(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
     return _run("powlu_glu_bwd", gate, up, dy, m)
 
 
-@torch.library.custom_op("steadylm::swiglu_clip", mutates_args=())
-def swiglu_clip(gate: Tensor, up: Tensor, limit: float, variant: str, alpha: float) -> Tensor:
+def _swiglu_clip(gate: Tensor, up: Tensor, limit: float, variant: str, alpha: float) -> Tensor:
     _mark(gate, up)
     return _run(_CLIP_FNS[variant] + "_fwd", gate, up, *_clip_hparams(variant, limit, alpha))
 
 
-@torch.library.custom_op("steadylm::swiglu_clip_backward", mutates_args=())
-def swiglu_clip_backward(
+def _swiglu_clip_backward(
     gate: Tensor, up: Tensor, dy: Tensor, limit: float, variant: str, alpha: float
 ) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
@@ -119,7 +184,7 @@ def _gated_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.hparams = tuple(hparams)
 
 
-def _gated_autograd(backward_op: Any) -> Any:
+def _gated_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         gate, up = ctx.saved_tensors
         d_gate, d_up = backward_op(gate, up, dy.contiguous(), *ctx.hparams)
@@ -128,10 +193,8 @@ def _gated_autograd(backward_op: Any) -> Any:
     return backward
 
 
-for _fwd, _bwd in ((swiglu, swiglu_backward), (powlu_glu, powlu_glu_backward), (swiglu_clip, swiglu_clip_backward)):
-    _fwd.register_fake(_gated_fake)
-    _bwd.register_fake(_gated_backward_fake)
-    _fwd.register_autograd(_gated_autograd(_bwd), setup_context=_gated_setup)
+def _gated(forward: Callable[..., Any], backward: Callable[..., Any]) -> OpParts:
+    return OpParts(forward, backward, _gated_fake, _gated_backward_fake, _gated_setup, _gated_autograd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,48 +202,25 @@ for _fwd, _bwd in ((swiglu, swiglu_backward), (powlu_glu, powlu_glu_backward), (
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("steadylm::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
     _mark(x)
     return _run("rms_norm_fwd", x, weight, eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps))
 
 
-@torch.library.custom_op("steadylm::rms_norm_backward", mutates_args=())
-def rms_norm_backward(
+def _rms_norm_backward(
     x: Tensor, weight: Tensor, dy: Tensor, eps: float, has_weight: bool, need_weight_grad: bool
 ) -> tuple[Tensor, Tensor]:
     flags = dict(eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps), need_weight_grad=need_weight_grad)
-    if triton_norms.usable(x, eps):  # CUDA: one pass for dx and dγ
-        dx, dw = triton_norms.rms_norm_bwd(x, weight, dy, **flags)
-    else:
-        _mark(x, dy)
-        dx, dw = _run("rms_norm_bwd", x, weight, dy, **flags)
+    dx, dw = _norm_backward("rms_norm_bwd", x, eps, (x, weight, dy), flags, (x, dy))
     return dx, _or_absent(dw, weight)
 
 
-@rms_norm.register_fake
-def _(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
     return torch.empty_like(x)
 
 
-@rms_norm_backward.register_fake
-def _(x: Tensor, weight: Tensor, dy: Tensor, eps: float, has_weight: bool, need_weight_grad: bool):
-    return torch.empty_like(x), torch.empty_like(weight) if need_weight_grad else _absent(weight)
-
-
-def _rms_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, weight, ctx.eps, ctx.has_weight = inputs
-    ctx.save_for_backward(x, weight)
-
-
-def _rms_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    x, weight = ctx.saved_tensors
-    need_w = ctx.has_weight and ctx.needs_input_grad[1]
-    dx, dw = rms_norm_backward(x, weight, dy.contiguous(), ctx.eps, ctx.has_weight, need_w)
-    return dx, _present(dw, need_w), None, None
-
-
-rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+def _rms_norm_backward_fake(x, weight, dy, eps, has_weight, need_weight_grad):
+    return _grads_like(x, (weight, need_weight_grad))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,26 +228,22 @@ rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("steadylm::mean_square", mutates_args=())
-def mean_square(x: Tensor) -> Tensor:
+def _mean_square(x: Tensor) -> Tensor:
     _mark(x)
     # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
     return _run("mean_square_fwd", x, allow_upscale=True)
 
 
-@torch.library.custom_op("steadylm::mean_square_backward", mutates_args=())
-def mean_square_backward(x: Tensor, dv: Tensor) -> Tensor:
+def _mean_square_backward(x: Tensor, dv: Tensor) -> Tensor:
     _mark(x, dv)
     return _run("mean_square_bwd", x, dv)
 
 
-@mean_square.register_fake
-def _(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], 1), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+def _mean_square_fake(x: Tensor) -> Tensor:
+    return _stat_like(x)
 
 
-@mean_square_backward.register_fake
-def _(x: Tensor, dv: Tensor) -> Tensor:
+def _mean_square_backward_fake(x: Tensor, dv: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -215,12 +251,12 @@ def _ms_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(inputs[0])
 
 
-def _ms_backward(ctx: Any, dv: Tensor) -> Tensor:
-    (x,) = ctx.saved_tensors
-    return mean_square_backward(x, dv.contiguous())
+def _ms_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
+    def backward(ctx: Any, dv: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return backward_op(x, dv.contiguous())
 
-
-mean_square.register_autograd(_ms_backward, setup_context=_ms_setup)
+    return backward
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,14 +264,12 @@ mean_square.register_autograd(_ms_backward, setup_context=_ms_setup)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("steadylm::dyt", mutates_args=())
-def dyt(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+def _dyt(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
     _mark(x)
     return _run("dyt_fwd", x, weight, alpha, bias, has_weight=has_weight, has_bias=has_bias)
 
 
-@torch.library.custom_op("steadylm::dyt_backward", mutates_args=())
-def dyt_backward(
+def _dyt_backward(
     x: Tensor,
     weight: Tensor,
     alpha: Tensor,
@@ -247,50 +281,18 @@ def dyt_backward(
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _mark(x, dy)
-    dx, dw, da, db = _run(
-        "dyt_bwd",
-        x,
-        weight,
-        alpha,
-        dy,
-        has_weight=has_weight,
-        need_weight_grad=need_weight_grad,
-        need_alpha_grad=need_alpha_grad,
-        need_bias_grad=need_bias_grad,
-    )
+    dx, dw, da, db = _run("dyt_bwd", x, weight, alpha, dy, has_weight=has_weight, need_weight_grad=need_weight_grad,
+                          need_alpha_grad=need_alpha_grad, need_bias_grad=need_bias_grad)
     db = db.to(bias.dtype) if db is not None else None
     return dx, _or_absent(dw, weight), _or_absent(da, alpha), _or_absent(db, bias)
 
 
-@dyt.register_fake
-def _(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+def _dyt_fake(x, weight, alpha, bias, has_weight, has_bias):
     return torch.empty_like(x)
 
 
-@dyt_backward.register_fake
-def _(x, weight, alpha, bias, dy, has_weight, need_weight_grad, need_alpha_grad, need_bias_grad):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if need_weight_grad else _absent(weight),
-        torch.empty_like(alpha) if need_alpha_grad else _absent(alpha),
-        torch.empty_like(bias) if need_bias_grad else _absent(bias),
-    )
-
-
-def _dyt_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, weight, alpha, bias, ctx.has_weight, ctx.has_bias = inputs
-    ctx.save_for_backward(x, weight, alpha, bias)
-
-
-def _dyt_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    x, weight, alpha, bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    wants = (ctx.has_weight and need[1], need[2], ctx.has_bias and need[3])
-    dx, dw, da, db = dyt_backward(x, weight, alpha, bias, dy.contiguous(), ctx.has_weight, *wants)
-    return dx, _present(dw, wants[0]), _present(da, wants[1]), _present(db, wants[2]), None, None
-
-
-dyt.register_autograd(_dyt_backward, setup_context=_dyt_setup)
+def _dyt_backward_fake(x, weight, alpha, bias, dy, has_weight, need_w, need_alpha, need_bias):
+    return _grads_like(x, (weight, need_w), (alpha, need_alpha), (bias, need_bias))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +300,7 @@ dyt.register_autograd(_dyt_backward, setup_context=_dyt_setup)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("steadylm::bhyt", mutates_args=())
-def bhyt(
+def _bhyt(
     x: Tensor,
     weight: Tensor,
     lam: Tensor,
@@ -310,22 +311,11 @@ def bhyt(
     use_variance: bool,
 ) -> Tensor:
     _mark(x, variance if use_variance else None)
-    return _run(
-        "bhyt_fwd",
-        x,
-        weight,
-        lam,
-        variance,
-        kappa=kappa,
-        eps=eps,
-        has_weight=has_weight,
-        use_variance=use_variance,
-        allow_upscale=_allow_upscale(eps),
-    )
+    return _run("bhyt_fwd", x, weight, lam, variance, kappa=kappa, eps=eps, has_weight=has_weight,
+                use_variance=use_variance, allow_upscale=_allow_upscale(eps))
 
 
-@torch.library.custom_op("steadylm::bhyt_backward", mutates_args=())
-def bhyt_backward(
+def _bhyt_backward(
     x: Tensor,
     weight: Tensor,
     lam: Tensor,
@@ -339,55 +329,19 @@ def bhyt_backward(
     need_lam_grad: bool,
     need_variance_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    flags = dict(
-        kappa=kappa,
-        eps=eps,
-        has_weight=has_weight,
-        use_variance=use_variance,
-        allow_upscale=_allow_upscale(eps),
-        need_weight_grad=need_weight_grad,
-        need_lam_grad=need_lam_grad,
-        need_variance_grad=need_variance_grad,
-    )
-    if triton_norms.usable(x, eps):  # CUDA: one pass for dx, dγ, dλ (and dv)
-        dx, dw, dl, dv = triton_norms.bhyt_bwd(x, weight, lam, variance, dy, **flags)
-    else:
-        _mark(x, dy, variance if use_variance else None)
-        dx, dw, dl, dv = _run("bhyt_bwd", x, weight, lam, variance, dy, **flags)
+    flags = dict(kappa=kappa, eps=eps, has_weight=has_weight, use_variance=use_variance, allow_upscale=_allow_upscale(eps),
+                 need_weight_grad=need_weight_grad, need_lam_grad=need_lam_grad, need_variance_grad=need_variance_grad)
+    marked = (x, dy, variance if use_variance else None)
+    dx, dw, dl, dv = _norm_backward("bhyt_bwd", x, eps, (x, weight, lam, variance, dy), flags, marked)
     return dx, _or_absent(dw, weight), _or_absent(dl, lam), _or_absent(dv, variance)
 
 
-@bhyt.register_fake
-def _(x, weight, lam, variance, kappa, eps, has_weight, use_variance):
+def _bhyt_fake(x, weight, lam, variance, kappa, eps, has_weight, use_variance):
     return torch.empty_like(x)
 
 
-@bhyt_backward.register_fake
-def _(x, weight, lam, variance, dy, kappa, eps, has_weight, use_variance, need_w, need_lam, need_var):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if need_w else _absent(weight),
-        torch.empty_like(lam) if need_lam else _absent(lam),
-        torch.empty_like(variance) if need_var else _absent(variance),
-    )
-
-
-def _bhyt_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, weight, lam, variance, ctx.kappa, ctx.eps, ctx.has_weight, ctx.use_variance = inputs
-    ctx.save_for_backward(x, weight, lam, variance)
-
-
-def _bhyt_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    x, weight, lam, variance = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    wants = (ctx.has_weight and need[1], need[2], ctx.use_variance and need[3])
-    dx, dw, dl, dv = bhyt_backward(
-        x, weight, lam, variance, dy.contiguous(), ctx.kappa, ctx.eps, ctx.has_weight, ctx.use_variance, *wants
-    )
-    return (dx, _present(dw, wants[0]), _present(dl, wants[1]), _present(dv, wants[2])) + (None,) * 4
-
-
-bhyt.register_autograd(_bhyt_backward, setup_context=_bhyt_setup)
+def _bhyt_backward_fake(x, weight, lam, variance, dy, kappa, eps, has_weight, use_variance, need_w, need_lam, need_var):
+    return _grads_like(x, (weight, need_w), (lam, need_lam), (variance, need_var))
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,16 +349,14 @@ bhyt.register_autograd(_bhyt_backward, setup_context=_bhyt_setup)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("steadylm::bhyt_and_mean_square", mutates_args=())
-def bhyt_and_mean_square(
+def _bhyt_and_mean_square(
     x: Tensor, weight: Tensor, lam: Tensor, kappa: float, eps: float, has_weight: bool
 ) -> tuple[Tensor, Tensor]:
     _mark(x)
     return _run("bhyt_ms_fwd", x, weight, lam, kappa=kappa, eps=eps, has_weight=has_weight)
 
 
-@torch.library.custom_op("steadylm::bhyt_and_mean_square_backward", mutates_args=())
-def bhyt_and_mean_square_backward(
+def _bhyt_and_mean_square_backward(
     x: Tensor,
     weight: Tensor,
     lam: Tensor,
@@ -418,39 +370,17 @@ def bhyt_and_mean_square_backward(
     need_lam_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _mark(x, v, dy, dv)
-    dx, dw, dl = _run(
-        "bhyt_ms_bwd",
-        x,
-        weight,
-        lam,
-        dy,
-        dv,
-        kappa=kappa,
-        eps=eps,
-        has_weight=has_weight,
-        need_weight_grad=need_weight_grad,
-        need_lam_grad=need_lam_grad,
-        v=v,
-    )
+    dx, dw, dl = _run("bhyt_ms_bwd", x, weight, lam, dy, dv, kappa=kappa, eps=eps, has_weight=has_weight,
+                      need_weight_grad=need_weight_grad, need_lam_grad=need_lam_grad, v=v)
     return dx, _or_absent(dw, weight), _or_absent(dl, lam)
 
 
-def _stat_like(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], 1), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
-@bhyt_and_mean_square.register_fake
-def _(x, weight, lam, kappa, eps, has_weight):
+def _bms_fake(x, weight, lam, kappa, eps, has_weight):
     return torch.empty_like(x), _stat_like(x)
 
 
-@bhyt_and_mean_square_backward.register_fake
-def _(x, weight, lam, v, dy, dv, kappa, eps, has_weight, need_w, need_lam):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if need_w else _absent(weight),
-        torch.empty_like(lam) if need_lam else _absent(lam),
-    )
+def _bms_backward_fake(x, weight, lam, v, dy, dv, kappa, eps, has_weight, need_w, need_lam):
+    return _grads_like(x, (weight, need_w), (lam, need_lam))
 
 
 def _bms_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
@@ -459,28 +389,63 @@ def _bms_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     ctx.save_for_backward(x, weight, lam, output[1])
 
 
-def _bms_backward(ctx: Any, dy: Tensor | None, dv: Tensor | None) -> tuple[Tensor | None, ...]:
-    x, weight, lam, v = ctx.saved_tensors
-    # An output nobody differentiated arrives as None (or zeros): both are a zero gradient.
-    dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
-    dv = dv.contiguous() if dv is not None else _stat_like(x).zero_()
-    need = ctx.needs_input_grad
-    wants = (ctx.has_weight and need[1], need[2])
-    dx, dw, dl = bhyt_and_mean_square_backward(x, weight, lam, v, dy, dv, ctx.kappa, ctx.eps, ctx.has_weight, *wants)
-    return dx, _present(dw, wants[0]), _present(dl, wants[1]), None, None, None
+def _bms_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
+    def backward(ctx: Any, dy: Tensor | None, dv: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, lam, v = ctx.saved_tensors
+        # An output nobody differentiated arrives as None (or zeros): both are a zero gradient.
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        dv = dv.contiguous() if dv is not None else _stat_like(x).zero_()
+        need = ctx.needs_input_grad
+        wants = (ctx.has_weight and need[1], need[2])
+        dx, dw, dl = backward_op(x, weight, lam, v, dy, dv, ctx.kappa, ctx.eps, ctx.has_weight, *wants)
+        return dx, _present(dw, wants[0]), _present(dl, wants[1]), None, None, None
+
+    return backward
 
 
-bhyt_and_mean_square.register_autograd(_bms_backward, setup_context=_bms_setup)
+# --------------------------------------------------------------------------------------------
+# the table, and the custom ops registered from it
+# --------------------------------------------------------------------------------------------
+
+#: public op name -> its parts.
+PARTS: dict[str, OpParts] = {
+    "swiglu": _gated(_swiglu, _swiglu_backward),
+    "powlu_glu": _gated(_powlu_glu, _powlu_glu_backward),
+    "swiglu_clip": _gated(_swiglu_clip, _swiglu_clip_backward),
+    # flags: (eps, has_weight); γ's gradient needs has_weight.
+    "rms_norm": _norm_parts(_rms_norm, _rms_norm_backward, _rms_norm_fake, _rms_norm_backward_fake, (1,), (0, 1)),
+    "mean_square": OpParts(
+        _mean_square, _mean_square_backward, _mean_square_fake, _mean_square_backward_fake, _ms_setup, _ms_autograd
+    ),
+    # flags: (has_weight, has_bias); parameters γ, α, β.
+    "dyt": _norm_parts(_dyt, _dyt_backward, _dyt_fake, _dyt_backward_fake, (0, None, 1), (0,)),
+    # flags: (kappa, eps, has_weight, use_variance); parameters γ, λ and the given variance.
+    "bhyt": _norm_parts(_bhyt, _bhyt_backward, _bhyt_fake, _bhyt_backward_fake, (2, None, 3), (0, 1, 2, 3)),
+    "bhyt_and_mean_square": OpParts(
+        _bhyt_and_mean_square, _bhyt_and_mean_square_backward, _bms_fake, _bms_backward_fake, _bms_setup, _bms_autograd
+    ),
+}
+
+
+def _register(name: str) -> tuple[Any, Any]:
+    """``steadylm::<name>`` and ``steadylm::<name>_backward`` from ``PARTS[name]``, fakes and autograd."""
+    parts = PARTS[name]
+    forward = torch.library.custom_op(f"steadylm::{name}", parts.forward, mutates_args=())
+    backward = torch.library.custom_op(f"steadylm::{name}_backward", parts.backward, mutates_args=())
+    forward.register_fake(parts.forward_fake)
+    backward.register_fake(parts.backward_fake)
+    forward.register_autograd(parts.autograd(backward), setup_context=parts.setup)
+    return forward, backward
 
 
 #: public op name -> (forward custom op, backward custom op).
-OPS: dict[str, tuple[Any, Any]] = {
-    "swiglu": (swiglu, swiglu_backward),
-    "powlu_glu": (powlu_glu, powlu_glu_backward),
-    "swiglu_clip": (swiglu_clip, swiglu_clip_backward),
-    "rms_norm": (rms_norm, rms_norm_backward),
-    "mean_square": (mean_square, mean_square_backward),
-    "dyt": (dyt, dyt_backward),
-    "bhyt": (bhyt, bhyt_backward),
-    "bhyt_and_mean_square": (bhyt_and_mean_square, bhyt_and_mean_square_backward),
-}
+OPS: dict[str, tuple[Any, Any]] = {name: _register(name) for name in PARTS}
+
+swiglu, swiglu_backward = OPS["swiglu"]
+powlu_glu, powlu_glu_backward = OPS["powlu_glu"]
+swiglu_clip, swiglu_clip_backward = OPS["swiglu_clip"]
+rms_norm, rms_norm_backward = OPS["rms_norm"]
+mean_square, mean_square_backward = OPS["mean_square"]
+dyt, dyt_backward = OPS["dyt"]
+bhyt, bhyt_backward = OPS["bhyt"]
+bhyt_and_mean_square, bhyt_and_mean_square_backward = OPS["bhyt_and_mean_square"]

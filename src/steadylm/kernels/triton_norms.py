@@ -72,6 +72,49 @@ def usable(x: Tensor, eps: float) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _program_start(W, n_cols, rows_per_program, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+        """This program's prologue: its id, the columns and their mask, γ in fp32 (ones without a
+        weight), a zero γ-gradient accumulator and its first row."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        col_mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK], 1.0, tl.float32)
+        return pid, cols, col_mask, w, tl.zeros([BLOCK], dtype=tl.float32), pid * rows_per_program
+
+    @triton.jit
+    def _load_row(X, DY, row, n_rows, n_cols, cols):
+        """Row ``row`` of x and dy in fp32 and its mask (nothing of rows past the end)."""
+        valid = row < n_rows
+        mask = cols < tl.where(valid, n_cols, 0)
+        x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        return valid, mask, x, d
+
+    @triton.jit
+    def _row_scale_and_inv_rms(x, n_cols, eps, eps_down, eps_up,
+                               SCALE_DOWN: tl.constexpr, SCALE_UP: tl.constexpr,
+                               OVERFLOW_SUM: tl.constexpr, UNDERFLOW_SUM: tl.constexpr, UPSCALE: tl.constexpr):  # fmt: skip
+        """``_math._row_scale_and_inv_rms`` for one row: the power of two S and r_S (see there)."""
+        sum_sq = tl.sum(x * x, axis=0)
+        x_down = x * SCALE_DOWN
+        sum_down = tl.sum(x_down * x_down, axis=0)
+        big = sum_sq >= OVERFLOW_SUM
+        scale = tl.where(big, SCALE_DOWN, 1.0)
+        chosen = tl.where(big, sum_down, sum_sq)
+        eps_scaled = tl.where(big, eps_down, eps)
+        if UPSCALE:
+            x_up = x * SCALE_UP
+            sum_up = tl.sum(x_up * x_up, axis=0)
+            tiny = sum_sq < UNDERFLOW_SUM
+            scale = tl.where(tiny, SCALE_UP, scale)
+            chosen = tl.where(tiny, sum_up, chosen)
+            eps_scaled = tl.where(tiny, eps_up, eps_scaled)
+        return scale, 1.0 / tl.sqrt(chosen / n_cols + eps_scaled)
+
+    @triton.jit
     def _rms_norm_bwd_kernel(
         X, W, DY, DX, DW_PART,
         n_rows, n_cols, rows_per_program,
@@ -80,35 +123,12 @@ if triton is not None:
         OVERFLOW_SUM: tl.constexpr, UNDERFLOW_SUM: tl.constexpr,
         BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, UPSCALE: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        col_mask = cols < n_cols
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK], 1.0, tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        first = pid * rows_per_program
+        pid, cols, col_mask, w, dw, first = _program_start(W, n_cols, rows_per_program, BLOCK, HAS_WEIGHT)
         for i in range(0, rows_per_program):
             row = first + i
-            mask = cols < tl.where(row < n_rows, n_cols, 0)  # nothing of rows past the end
-            x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            sum_sq = tl.sum(x * x, axis=0)
-            x_down = x * SCALE_DOWN
-            sum_down = tl.sum(x_down * x_down, axis=0)
-            big = sum_sq >= OVERFLOW_SUM
-            scale = tl.where(big, SCALE_DOWN, 1.0)
-            chosen = tl.where(big, sum_down, sum_sq)
-            eps_scaled = tl.where(big, eps_down, eps)
-            if UPSCALE:
-                x_up = x * SCALE_UP
-                sum_up = tl.sum(x_up * x_up, axis=0)
-                tiny = sum_sq < UNDERFLOW_SUM
-                scale = tl.where(tiny, SCALE_UP, scale)
-                chosen = tl.where(tiny, sum_up, chosen)
-                eps_scaled = tl.where(tiny, eps_up, eps_scaled)
-            inv = 1.0 / tl.sqrt(chosen / n_cols + eps_scaled)
+            valid, mask, x, d = _load_row(X, DY, row, n_rows, n_cols, cols)
+            scale, inv = _row_scale_and_inv_rms(x, n_cols, eps, eps_down, eps_up, SCALE_DOWN, SCALE_UP,
+                                                OVERFLOW_SUM, UNDERFLOW_SUM, UPSCALE)  # fmt: skip
             x_hat = (x * scale) * inv
             g = d * w
             mean_gx = tl.sum(g * x_hat, axis=0) / n_cols
@@ -117,9 +137,6 @@ if triton is not None:
             tl.store(DX + row * n_cols + cols, dx.to(tl.float32).to(DX.dtype.element_ty), mask=mask)
             dw += tl.where(mask, d * x_hat, 0.0)  # rows past the end may be 0/0: never added
         tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_mask)
-
-
-if triton is not None:
 
     @triton.jit
     def _tanh_and_sech2(a, CLAMP: tl.constexpr, LINEAR: tl.constexpr,
@@ -155,34 +172,20 @@ if triton is not None:
         D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
         BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, USE_VARIANCE: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        col_mask = cols < n_cols
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK], 1.0, tl.float32)
+        pid, cols, col_mask, w, dw, first = _program_start(W, n_cols, rows_per_program, BLOCK, HAS_WEIGHT)
         c = tl.load(LAM).to(tl.float32) / kappa
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
         dlam = 0.0
-        first = pid * rows_per_program
         for i in range(0, rows_per_program):
             row = first + i
-            valid = row < n_rows
-            mask = cols < tl.where(valid, n_cols, 0)
-            x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            valid, mask, x, d = _load_row(X, DY, row, n_rows, n_cols, cols)
             if USE_VARIANCE:
                 v = tl.load(VAR + row, mask=valid, other=1.0).to(tl.float32)
                 inv = 1.0 / tl.sqrt(v + eps)
                 scale = 1.0
             else:
-                sum_sq = tl.sum(x * x, axis=0)
-                x_down = x * SCALE_DOWN
-                sum_down = tl.sum(x_down * x_down, axis=0)
-                big = sum_sq >= OVERFLOW_SUM
-                scale = tl.where(big, SCALE_DOWN, 1.0)
-                inv = 1.0 / tl.sqrt(tl.where(big, sum_down, sum_sq) / n_cols + tl.where(big, eps_down, eps))
+                # No subnormal-row rescue (UPSCALE off, so the up-scale constants are never read).
+                scale, inv = _row_scale_and_inv_rms(x, n_cols, eps, eps_down, eps, SCALE_DOWN, 1.0,
+                                                    OVERFLOW_SUM, 0.0, False)  # fmt: skip
             x_hat = (x * scale) * inv
             arg = c * x_hat
             t, sech2 = _tanh_and_sech2(arg, CLAMP, LINEAR, N0, N1, N2, N3, N4, N5, N6, D0, D1, D2, D3)
@@ -209,6 +212,25 @@ def _programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, target))
 
 
+class _Launch:
+    """What both kernels' launches share: contiguous ``x`` and ``dy``, ``dx``, the row split over
+    the programs, the per-program γ-gradient partial sums, the block width and the warps."""
+
+    def __init__(self, x: Tensor, dy: Tensor) -> None:
+        self.x = x.contiguous()
+        self.dy = dy.contiguous()
+        self.n_rows, self.n_cols = self.x.shape
+        self.dx = torch.empty_like(self.x)
+        self.programs = _programs(self.n_rows, x.device)
+        self.rows_per_program = triton.cdiv(self.n_rows, self.programs)
+        self.dw_part = torch.empty(self.programs, self.n_cols, dtype=torch.float32, device=x.device)
+        self.block = triton.next_power_of_2(self.n_cols)
+        self.num_warps = 4 if self.block < 2048 else 8 if self.block < 8192 else 16
+
+    def d_weight(self, weight: Tensor, wanted: bool) -> Tensor | None:
+        return self.dw_part.sum(dim=0).to(weight.dtype) if wanted else None
+
+
 def rms_norm_bwd(
     x: Tensor,
     weight: Tensor,
@@ -220,28 +242,19 @@ def rms_norm_bwd(
     need_weight_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract as :func:`steadylm.kernels._math.rms_norm_bwd` (``x``, ``dy``: ``[tokens, d]``)."""
-    x = x.contiguous()
-    dy = dy.contiguous()
-    n_rows, n_cols = x.shape
-    dx = torch.empty_like(x)
-    programs = _programs(n_rows, x.device)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    dw_part = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(n_cols)
-    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
-    w = weight.contiguous() if has_weight else dw_part  # never read without HAS_WEIGHT
-    _rms_norm_bwd_kernel[(programs,)](
-        x, w, dy, dx, dw_part,
-        n_rows, n_cols, rows_per_program,
+    run = _Launch(x, dy)
+    w = weight.contiguous() if has_weight else run.dw_part  # never read without HAS_WEIGHT
+    _rms_norm_bwd_kernel[(run.programs,)](
+        run.x, w, run.dy, run.dx, run.dw_part,
+        run.n_rows, run.n_cols, run.rows_per_program,
         eps, eps * (_math._SCALE_DOWN * _math._SCALE_DOWN),
         eps * (_math._SCALE_UP * _math._SCALE_UP) if allow_upscale else 0.0,
         SCALE_DOWN=_math._SCALE_DOWN, SCALE_UP=_math._SCALE_UP,
         OVERFLOW_SUM=_math._OVERFLOW_SUM, UNDERFLOW_SUM=_math._UNDERFLOW_SUM,
-        BLOCK=block, HAS_WEIGHT=has_weight, UPSCALE=allow_upscale,
-        num_warps=num_warps,
+        BLOCK=run.block, HAS_WEIGHT=has_weight, UPSCALE=allow_upscale,
+        num_warps=run.num_warps,
     )  # fmt: skip
-    d_weight = dw_part.sum(dim=0).to(weight.dtype) if (has_weight and need_weight_grad) else None
-    return dx, d_weight
+    return run.dx, run.d_weight(weight, has_weight and need_weight_grad)
 
 
 def bhyt_bwd(
@@ -262,32 +275,23 @@ def bhyt_bwd(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Same contract as :func:`steadylm.kernels._math.bhyt_bwd` (only for ε ≥ 2^-60: see :func:`usable`)."""
     assert not allow_upscale, "the Triton BHyT backward has no subnormal-row rescue (usable() keeps it off)"
-    x = x.contiguous()
-    dy = dy.contiguous()
-    n_rows, n_cols = x.shape
-    dx = torch.empty_like(x)
-    programs = _programs(n_rows, x.device)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    dw_part = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    dlam_part = torch.empty(programs, dtype=torch.float32, device=x.device)
-    d_var = torch.empty(n_rows, dtype=torch.float32, device=x.device) if use_variance else dlam_part
+    run = _Launch(x, dy)
+    dlam_part = torch.empty(run.programs, dtype=torch.float32, device=x.device)
+    d_var = torch.empty(run.n_rows, dtype=torch.float32, device=x.device) if use_variance else dlam_part
     var = variance.reshape(-1).contiguous() if use_variance else dlam_part  # never read otherwise
-    block = triton.next_power_of_2(n_cols)
-    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
     num, den = _math._TANH_NUM, _math._TANH_DEN
-    _bhyt_bwd_kernel[(programs,)](
-        x, weight.contiguous() if has_weight else dw_part, lam.reshape(()).contiguous(), var, dy, dx,
-        dw_part, dlam_part, d_var,
-        n_rows, n_cols, rows_per_program,
+    _bhyt_bwd_kernel[(run.programs,)](
+        run.x, weight.contiguous() if has_weight else run.dw_part, lam.reshape(()).contiguous(), var, run.dy, run.dx,
+        run.dw_part, dlam_part, d_var,
+        run.n_rows, run.n_cols, run.rows_per_program,
         float(kappa), eps, eps * (_math._SCALE_DOWN * _math._SCALE_DOWN),
         SCALE_DOWN=_math._SCALE_DOWN, OVERFLOW_SUM=_math._OVERFLOW_SUM,
         CLAMP=_math._TANH_CLAMP, LINEAR=_math._TANH_LINEAR,
         N0=num[0], N1=num[1], N2=num[2], N3=num[3], N4=num[4], N5=num[5], N6=num[6],
         D0=den[0], D1=den[1], D2=den[2], D3=den[3],
-        BLOCK=block, HAS_WEIGHT=has_weight, USE_VARIANCE=use_variance,
-        num_warps=num_warps,
+        BLOCK=run.block, HAS_WEIGHT=has_weight, USE_VARIANCE=use_variance,
+        num_warps=run.num_warps,
     )  # fmt: skip
-    d_weight = dw_part.sum(dim=0).to(weight.dtype) if (has_weight and need_weight_grad) else None
     d_lam = (dlam_part.sum() / kappa).to(lam.dtype) if need_lam_grad else None
     d_variance = d_var.reshape(variance.shape).to(variance.dtype) if (use_variance and need_variance_grad) else None
-    return dx, d_weight, d_lam, d_variance
+    return run.dx, run.d_weight(weight, has_weight and need_weight_grad), d_lam, d_variance
