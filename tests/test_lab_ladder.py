@@ -211,6 +211,32 @@ def test_quick_ladder_end_to_end(tmp_path: Path):
         assert all(isinstance(fit[k], float) and math.isfinite(fit[k]) for k in ("E", "A", "alpha")), (name, fit)
 
 
+def test_rank_1_in_a_process_and_rank_0_here_share_the_runs(corpus: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]):
+    """The default-suite twin of the slow torchrun test below: rank 1 in a child process, rank 0
+    in this one (RANK / WORLD_SIZE as torchrun sets them), so one process start instead of two."""
+    out = tmp_path / "ranks"
+    args = ["ladder", "--axis", "size", "--widths", "16,24,32", "--tokens-per-param", "0.5", "--seeds", "0",
+            "--variants", "swiglu+rmsnorm", "--bootstrap", "20", "--out", str(out), *_tiny(corpus)]
+    layout = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    child = subprocess.Popen([sys.executable, "-m", "steadylm.cli", *args], env={**os.environ, **layout, "RANK": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for key, value in {**layout, "RANK": "0"}.items():
+            monkeypatch.setenv(key, value)
+        assert main(args) == 0
+    finally:
+        log = child.communicate(timeout=600)[0]
+    assert child.returncode == 0, log
+    here = capsys.readouterr().out
+    trained = [[line.split(" main ")[1].split(" lr ")[0] for line in text.splitlines() if " main " in line]
+               for text in (here, log)]
+    assert trained == [["swiglu+rmsnorm @16 seed 0", "swiglu+rmsnorm @32 seed 0"], ["swiglu+rmsnorm @24 seed 0"]]
+    assert "report:" in here and "report:" not in log
+    assert len(json.loads((out / "summary.json").read_text())["runs"]) == 3
+
+
 @pytest.mark.slow
 def test_ranks_take_whole_runs_and_rank_0_reports(corpus: str, tmp_path: Path):
     """Two processes as torchrun starts them (RANK / WORLD_SIZE): runs 0 and 2 on rank 0, run 1

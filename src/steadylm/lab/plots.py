@@ -600,7 +600,7 @@ def plot_scaling(
     ax_gap.set_ylabel(f"loss gap to {ref}")
     ax_gap.set_title("gap per size (dots) and extrapolated (line)")
     ax_gap.grid(alpha=0.3, which="both")
-    if ax_gap.lines or ax_gap.collections:
+    if ax_gap.get_legend_handles_labels()[0]:  # the 0-lines have no label
         ax_gap.legend(fontsize=7)
     else:
         _no_data(ax_gap, "one variant: no gap")
