@@ -6,8 +6,8 @@ no CPU backward — a test-only shim) gets the overrides applied to its config, 
 initialised by torchtitan, converted with torchtitan's HF state-dict adapter (ours for BHyT, which
 keeps λ and c_ℓ) to Hugging Face names, and loaded into steadylm's model: logits and gradients agree
 within fp32 rounding, c_ℓ is steadylm's, and the c_ℓ refresh follows the optimizer steps of
-torchtitan's own optimizer container. Not here: a run of torchtitan's ``Trainer`` (it needs its
-repository's test dataset and tokenizer, and CPU device shims).
+torchtitan's own optimizer container; λ's placement in torchtitan's TP plan and c_ℓ's T/K from the
+final command line. torchtitan's own ``Trainer`` runs in tests/test_torchtitan_trainer.py.
 """
 
 from __future__ import annotations

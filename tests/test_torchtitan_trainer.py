@@ -3,16 +3,18 @@ PowLU + BHyT config, on CPU (skipped without torchtitan).
 
 One process, the environment torchrun gives a 1-process job (gloo, torchtitan's process group for
 a ``cpu`` device), torchtitan's debug model (6 × 256) from the config module, 8 steps on a tiny
-corpus and BPE tokenizer generated here (nothing is downloaded), DCP checkpoints at steps 4 and 8.
+corpus and BPE tokenizer generated here (nothing is downloaded), DCP checkpoints every 2 steps,
+then a resume from step 6.
 The CPU shims (device module, SDPA for Flex attention, the process-group timeout call) are
 test-only, in ``tests/assets/torchtitan/titan_cpu.py``, which says what fails without each.
 
-Checked: every step ran and its loss is finite and falls; c_ℓ saved in each checkpoint is
+Checked: every step ran and its loss is finite and falls; c_ℓ saved at steps 4 and 8 is
 ‖W_V W_O‖_F² / (T·d) of that checkpoint's own weights with T = the command line's
-``--training.seq_len`` 64 (not the config function's 2048), and it changed between steps 4 and 8
-— so ``post_optimizer_build_fn`` refreshed it inside the Trainer at its cadence (K = 4); λ is
-saved per site (declared to torchtitan's sharding, which runs ``Module.parallelize`` even on
-one rank).
+``--training.seq_len`` 64 (not the config function's 2048), and at step 6 it is still step 4's —
+so ``post_optimizer_build_fn`` refreshed it inside the Trainer at its cadence (K = 4); resumed
+from step 6, the refresh comes at step 8 again (steps counted from the loaded optimizer state) and
+steps 7-8 repeat their losses; λ is saved per site (declared to torchtitan's sharding, which runs
+``Module.parallelize`` even on one rank).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,12 +76,14 @@ def free_port() -> int:
 
 
 def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, batch: int = BATCH,
-                         nproc: int = 1, flags: tuple[str, ...] = ()) -> tuple[str, Path]:
+                         nproc: int = 1, interval: int = REFRESH_EVERY, flags: tuple[str, ...] = ()) -> tuple[str, Path]:
     """``python titan_cpu.py ARGS`` in the environment torchrun gives one process, or under
     ``torchrun --nproc_per_node NPROC``; one thread per rank (a tiny model: threads cost more than
     they give on a shared 2-core machine)."""
-    data, tok_dir = write_corpus_and_tokenizer(tmp_path)
-    out = tmp_path / "out"
+    data, tok_dir = tmp_path / "c4_test", tmp_path / "tokenizer"
+    if not data.exists():
+        write_corpus_and_tokenizer(tmp_path)
+    out = tmp_path / "out"  # a second run with the same tmp_path resumes from its last checkpoint
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ASSETS), os.environ.get("PYTHONPATH", "")])}
@@ -93,7 +98,7 @@ def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, bat
            "--hf_assets_path", str(tok_dir), "--dataloader.dataset_path", str(data),
            "--training.steps", str(steps), "--training.seq_len", str(SEQ_LEN),
            "--training.local_batch_size", str(batch), "--dump_folder", str(out),
-           "--checkpoint.enable", "--checkpoint.interval", str(REFRESH_EVERY), "--debug.seed", "0", *flags]
+           "--checkpoint.enable", "--checkpoint.interval", str(interval), "--debug.seed", "0", *flags]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # torchtitan's colours
     assert proc.returncode == 0, log[-6000:]
@@ -112,29 +117,38 @@ def saved_state(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return torch.load(target, weights_only=False)
 
 
-def check_c_l(tmp_path: Path, checkpoints: Path, steps: tuple[int, ...]) -> dict[tuple[int, int], float]:
-    """c_ℓ saved at each step in ``steps`` is that checkpoint's own c_ℓ at T = SEQ_LEN."""
+def saved_c_l(tmp_path: Path, checkpoint: Path) -> tuple[list[float], list[float]]:
+    """(c_ℓ stored, c_ℓ of the stored W_V/W_O at T = SEQ_LEN) per layer of one checkpoint."""
     from steadylm import functional
 
+    state = saved_state(checkpoint, tmp_path)
+    stored, current = [], []
+    for i in range(LAYERS):
+        assert state[f"layers.{i}.attention_norm.lam"].shape == (1,)
+        assert state[f"layers.{i}.ffn_norm.lam"].shape == (1,)
+        stored.append(float(state[f"layers.{i}.bhyt_correction"]))
+        current.append(float(functional.bhyt_variance_correction(
+            state[f"layers.{i}.attention.qkv_linear.wv.weight"], state[f"layers.{i}.attention.wo.weight"],
+            HEADS, HEADS, SEQ_LEN)))
+    return stored, current
+
+
+def check_c_l(tmp_path: Path, checkpoints: Path, steps: tuple[int, ...]) -> dict[int, list[float]]:
+    """c_ℓ saved at each step in ``steps`` (refresh steps) is that checkpoint's own c_ℓ at T = 64:
+    refreshed after the step's optimizer step, from these weights."""
     c_l = {}
     for step in steps:
-        state = saved_state(checkpoints / f"step-{step}", tmp_path)
-        for i in range(LAYERS):
-            assert state[f"layers.{i}.attention_norm.lam"].shape == (1,)
-            assert state[f"layers.{i}.ffn_norm.lam"].shape == (1,)
-            stored = float(state[f"layers.{i}.bhyt_correction"])
-            expected = float(functional.bhyt_variance_correction(
-                state[f"layers.{i}.attention.qkv_linear.wv.weight"], state[f"layers.{i}.attention.wo.weight"],
-                HEADS, HEADS, SEQ_LEN))
-            # refreshed after this step's optimizer step, from these weights, with T = 64
-            assert stored == pytest.approx(expected, rel=1e-5), (step, i)
-            c_l[step, i] = stored
+        stored, current = saved_c_l(tmp_path, checkpoints / f"step-{step}")
+        assert stored == pytest.approx(current, rel=1e-5), step
+        c_l[step] = stored
     return c_l
 
 
 def check_run(tmp_path: Path, config: str) -> None:
+    """8 steps, checkpoints every 2 (K = 4); then the step-8 checkpoint is removed and the same
+    command resumes from step 6 and runs steps 7-8 again."""
     start = time.perf_counter()
-    log, checkpoints = run_torchtitan_train(tmp_path, config)
+    log, checkpoints = run_torchtitan_train(tmp_path, config, interval=2)
     seen = losses(log)
     print(f"torchtitan.train {config}: {STEPS} steps in {time.perf_counter() - start:.1f} s, losses",
           {k: round(v, 3) for k, v in sorted(seen.items())})
@@ -144,9 +158,25 @@ def check_run(tmp_path: Path, config: str) -> None:
     # measured (--debug.seed 0, lr 8e-4, 2 warm-up steps): steps 1-3 mean 7.93, steps 6-8 mean 7.17;
     # unseeded runs dropped 0.48-0.66: 0.3 leaves room for other CPUs' rounding
     assert sum(last) / 3 < sum(first) / 3 - 0.3, seen
+
+    # refreshed at steps 4 and 8 (K = 4) from the weights of that step ...
     c_l = check_c_l(tmp_path, checkpoints, (REFRESH_EVERY, STEPS))
-    # the weights moved between the two refreshes, and so did c_ℓ
-    assert all(c_l[REFRESH_EVERY, i] != pytest.approx(c_l[STEPS, i], rel=1e-3) for i in range(LAYERS))
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(c_l[REFRESH_EVERY], c_l[STEPS]))
+    # ... and not in between: at step 6 c_ℓ is still step 4's, not that of step 6's weights
+    stored, current = saved_c_l(tmp_path, checkpoints / "step-6")
+    assert stored == pytest.approx(c_l[REFRESH_EVERY], rel=1e-6)
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(stored, current))
+
+    # resume from step 6: the refresh counts optimizer steps from the loaded optimizer state, so it
+    # comes at step 8 (a count restarted at the resume would refresh at step 10)
+    shutil.rmtree(checkpoints / f"step-{STEPS}")
+    log, _ = run_torchtitan_train(tmp_path, config, interval=2)
+    resumed = losses(log)
+    print("resumed from step 6, losses", {k: round(v, 3) for k, v in sorted(resumed.items())})
+    assert sorted(resumed) == [7, 8], log[-4000:]
+    # the same steps again (seeded, data position and λ/c_ℓ restored): measured equal to 5 decimals
+    assert [resumed[7], resumed[8]] == pytest.approx([seen[7], seen[8]], abs=1e-3)
+    check_c_l(tmp_path, checkpoints, (STEPS,))
 
 
 def test_torchtitan_trainer_runs_powlu_bhyt_and_refreshes_c_l(tmp_path: Path) -> None:
