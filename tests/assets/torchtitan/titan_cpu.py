@@ -2,12 +2,20 @@
 machine, with steadylm's PowLU + BHyT debug config. Not part of the library: on GPUs the README's
 command needs none of this.
 
-Run as a script, this module is ``python -m torchtitan.train`` with two shims installed first::
+Run as a script, this module is ``python -m torchtitan.train`` with shims 1, 3 and 4 installed
+first; ``--module titan_cpu`` gives the configs below (shim 2). One process (what torchrun sets)::
 
-    LOCAL_RANK=0 RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \\
+    LOCAL_RANK=0 RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \\
     PYTHONPATH=tests/assets/torchtitan python tests/assets/torchtitan/titan_cpu.py \\
-        --module titan_cpu --config llama3_debugmodel_powlu_bhyt_cpu --hf_assets_path TOKENIZER_DIR \\
-        --dataloader.dataset_path C4_TEST_DIR --training.steps 10 ...
+        --module titan_cpu --config llama3_debugmodel_powlu_bhyt_cpu_reference \\
+        --hf_assets_path TOKENIZER_DIR --dataloader.dataset_path C4_TEST_DIR \\
+        --training.steps 8 --training.seq_len 64 --training.local_batch_size 4
+
+or ``torchrun --nproc_per_node 2 tests/assets/torchtitan/titan_cpu.py ...`` with
+``--parallelism.tensor_parallel_degree 2`` (or ``data_parallel_shard_degree 2``) and
+``--parallelism.spmd_backend partial_dtensor`` (the default ``spmd_types`` backend fails over 2
+CPU ranks for torchtitan's stock Llama-3 too). tests/test_torchtitan_trainer.py builds the tiny
+corpus and tokenizer (TOKENIZER_DIR, C4_TEST_DIR) these runs read.
 
 What torchtitan 0.3.0 needs on CPU, each seen failing without it:
 
