@@ -35,6 +35,11 @@ def _gain(t: Tensor, weight: Tensor, has_weight: bool) -> Tensor:
     return t * weight.to(t.dtype) if has_weight else t
 
 
+def _weight_grad(d: Tensor, normalised: Tensor, weight: Tensor, wanted: bool) -> Tensor | None:
+    """γ's gradient ``Σ_tokens d ⊙ y`` for ``out = γ ⊙ y`` (in γ's dtype), or None when not wanted."""
+    return (d * normalised).sum(dim=0).to(weight.dtype) if wanted else None
+
+
 # --------------------------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------------------------
@@ -206,6 +211,13 @@ def _sech2(a: Tensor) -> Tensor:
     return 4.0 * e / (one_plus * one_plus)
 
 
+def _tanh_site(arg: Tensor, d: Tensor, weight: Tensor, has_weight: bool) -> tuple[Tensor, Tensor]:
+    """A tanh norm's site ``γ ⊙ tanh(arg)`` given its output gradient ``d``: ``tanh(arg)`` and
+    ``h = dL/d(arg) = (d ⊙ γ)·sech²(arg)``."""
+    t = _tanh(arg)
+    return t, _gain(d, weight, has_weight) * _sech2(arg)
+
+
 # --------------------------------------------------------------------------------------------
 # norms
 # --------------------------------------------------------------------------------------------
@@ -306,7 +318,7 @@ def rms_norm_bwd(
     x_hat = (xc * scale) * inv
     # dx = r·(g − x̂·mean(g·x̂)), with r = S·r_S applied as two factors.
     dx = ((g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)) * scale) * inv
-    d_weight = (d * x_hat).sum(dim=0).to(weight.dtype) if need_weight_grad else None
+    d_weight = _weight_grad(d, x_hat, weight, need_weight_grad)
     return dx.to(x.dtype), d_weight
 
 
@@ -335,11 +347,9 @@ def dyt_bwd(
     xc, d = x.to(ct), dy.to(ct)
     a = alpha.to(ct)
     arg = a * xc
-    t = _tanh(arg)
-    g = _gain(d, weight, has_weight)
-    h = g * _sech2(arg)  # dL/d(αx)
+    t, h = _tanh_site(arg, d, weight, has_weight)  # h = dL/d(αx)
     dx = (h * a).to(x.dtype)
-    d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
+    d_weight = _weight_grad(d, t, weight, need_weight_grad)
     # Row sums first, then their sum: keeps the fp32 accumulation chains short (d, then tokens).
     d_alpha = (h * xc).sum(dim=-1).sum().to(alpha.dtype) if need_alpha_grad else None
     d_bias = d.sum(dim=0) if need_bias_grad else None
@@ -401,9 +411,7 @@ def bhyt_bwd(
         xc, variance, eps=eps, use_variance=use_variance, allow_upscale=allow_upscale
     )
     arg = c * x_hat
-    t = _tanh(arg)
-    g = _gain(d, weight, has_weight)
-    h = g * _sech2(arg)  # dL/d(arg), arg = c·x̂
+    t, h = _tanh_site(arg, d, weight, has_weight)  # h = dL/d(arg), arg = c·x̂
     # Σ_row h·x̂ carries the gradient of the statistic (mean(x²) or the given variance) and of λ.
     row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
     if use_variance:
@@ -414,7 +422,7 @@ def bhyt_bwd(
         # arg = c·x·r(x), r = (mean(x²)+ε)^-½  ⇒  dx = c·r·(h − x̂·mean(h·x̂)).
         dx = (((h - x_hat * (row_hx / x.shape[-1])) * c) * scale) * inv
         d_variance = None
-    d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
+    d_weight = _weight_grad(d, t, weight, need_weight_grad)
     d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam, d_variance
 
@@ -477,12 +485,10 @@ def bhyt_ms_bwd(
     inv = torch.rsqrt(v + eps)
     x_hat = xc * inv
     arg = c * x_hat
-    t = _tanh(arg)
-    g = _gain(d, weight, has_weight)
-    h = g * _sech2(arg)
+    t, h = _tanh_site(arg, d, weight, has_weight)
     row_hx = (h * x_hat).sum(dim=-1, keepdim=True)
     dv_total = dv.to(ct) + (-0.5 * c) * inv * (inv * row_hx)
     dx = (h * c) * inv + (dv_total * (2.0 / x.shape[-1])) * xc
-    d_weight = (d * t).sum(dim=0).to(weight.dtype) if need_weight_grad else None
+    d_weight = _weight_grad(d, t, weight, need_weight_grad)
     d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam
