@@ -199,9 +199,10 @@ TWO_RANKS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(TWO_RANKS))
 def test_torchtitan_trainer_on_2_ranks(tmp_path: Path, layout: str) -> None:
-    """torchrun, 2 CPU ranks (gloo): TP = 2 with sequence parallelism (torchtitan's default) — λ
-    distributed by its declaration (``Replicate`` on TP, like γ), the BHyT sites on
-    sequence-sharded DTensors — or FSDP2 over 2 ranks (shim 4 in titan_cpu.py). c_ℓ, refreshed from
+    """torchrun, 2 CPU ranks (gloo), steadylm's fused ops: TP = 2 with sequence parallelism
+    (torchtitan's default) — λ distributed by its declaration (``Replicate`` on TP, like γ), the
+    BHyT sites on sequence-sharded DTensors, PowLU on the column-sharded hidden activations (both
+    on the local tensors) — or FSDP2 over 2 ranks (shim 4 in titan_cpu.py). c_ℓ, refreshed from
     the full (all-gathered) W_V/W_O, is the unsharded model's in the checkpoint.
     ``--parallelism.spmd_backend partial_dtensor``: with torchtitan's default ``spmd_types``
     backend, TP or FSDP over 2 CPU ranks fails in ``apply_fsdp_to_decoder`` → ``fully_shard`` ("all
@@ -209,7 +210,7 @@ def test_torchtitan_trainer_on_2_ranks(tmp_path: Path, layout: str) -> None:
     'weight'") for the stock ``llama3_debugmodel`` as well. Measured ~10-15 s each on 2 cores."""
     start = time.perf_counter()
     log, checkpoints = run_torchtitan_train(
-        tmp_path, "llama3_debugmodel_powlu_bhyt_cpu_reference", steps=REFRESH_EVERY, batch=2, nproc=2,
+        tmp_path, "llama3_debugmodel_powlu_bhyt_cpu", steps=REFRESH_EVERY, batch=2, nproc=2,
         flags=(*TWO_RANKS[layout], "--parallelism.spmd_backend", "partial_dtensor"))
     seen = losses(log)
     print(f"torchtitan.train {layout} on 2 ranks: {REFRESH_EVERY} steps in {time.perf_counter() - start:.1f} s, "
@@ -217,3 +218,21 @@ def test_torchtitan_trainer_on_2_ranks(tmp_path: Path, layout: str) -> None:
     assert ("tp=2" if layout == "tp" else "dp_shard=2") in log
     assert sorted(seen) == list(range(1, REFRESH_EVERY + 1)) and all(math.isfinite(v) for v in seen.values())
     check_c_l(tmp_path, checkpoints, (REFRESH_EVERY,))
+
+
+def test_bhyt_sites_and_powlu_on_tensor_parallel_dtensors_match_one_process(tmp_path: Path) -> None:
+    """The TP path of the modules, small: under torchrun with 2 CPU ranks, a BHyT block's two sites
+    (fused ops) on sequence-sharded and on replicated DTensors, and the PowLU FFN activation on a
+    column-sharded hidden dimension, against the same modules on the full tensors: outputs,
+    the statistic v and every gradient (x, h, γ, λ of both sites; gate, up). Measured: exact but
+    for γ/λ under sequence sharding (sums of two per-rank partials: ≤ 3e-6 relative)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(ASSETS / "bhyt_tp_check.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["worst"]["ffn.sharding_changed"] == 0.0  # the hidden dimension stayed sharded
+        assert max(report["worst"].values()) <= 1e-5, report

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torchtitan.config import derive, override
 from torchtitan.models.common import RMSNorm
 from torchtitan.models.llama3.model import Llama3TransformerBlock
@@ -50,6 +51,16 @@ def lam_sharding(sharding: ShardingConfig | None) -> ShardingConfig | None:
     if sharding is None or "lam" in sharding.state_shardings or "weight" not in sharding.state_shardings:
         return sharding
     return replace(sharding, state_shardings={**sharding.state_shardings, "lam": sharding.state_shardings["weight"]})
+
+
+class _LocalParams:
+    """A BHyT site's attributes with γ and λ replaced (their local tensors), for ``BHyT.forward``."""
+
+    def __init__(self, site: BHyT, weight: Tensor, lam: Tensor) -> None:
+        self._site, self.weight, self.lam = site, weight, lam
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._site, name)
 
 
 class SteadyLMBHyT(BHyT, Module):
@@ -90,7 +101,38 @@ class SteadyLMBHyT(BHyT, Module):
     # fails (KeyError) on a defaulted one the caller left out.
     def forward(self, input: Tensor, *, variance: Tensor | None = None,  # noqa: A002 - torchtitan's name
                 with_mean_square: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if isinstance(input, DTensor):
+            return self._forward_local(input, variance, with_mean_square)
         return BHyT.forward(self, input, variance, with_mean_square=with_mean_square)
+
+    def _forward_local(self, x: DTensor, variance: Tensor | None, with_mean_square: bool) -> Any:
+        """The site on torchtitan's tensor-parallel activations (DTensor backends): per token, so
+        it runs on each rank's tokens as they are (replicated, or sharded on a token dimension —
+        sequence parallelism), with γ and λ replicated; their gradients, sums over this rank's
+        tokens, are ``Partial`` when the tokens are sharded (what DTensor gives torchtitan's own
+        RMSNorm). The fused ops flatten the tokens, which on a sequence-sharded DTensor would
+        all-gather them; on local tensors they stay where they are."""
+        last = x.ndim - 1
+        if any(isinstance(p, Partial) or (isinstance(p, Shard) and p.dim % x.ndim == last) for p in x.placements):
+            x = x.redistribute(placements=[Replicate() if isinstance(p, Partial) or (
+                isinstance(p, Shard) and p.dim % x.ndim == last) else p for p in x.placements])
+        mesh, placements = x.device_mesh, tuple(x.placements)
+        grads = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+
+        def local(t: Tensor | None, grad: bool = False) -> Tensor | None:
+            if not isinstance(t, DTensor):
+                return t
+            if t.placements != placements and t.ndim == x.ndim:  # the statistic v: x's layout
+                t = t.redistribute(placements=placements)
+            return t.to_local(grad_placements=grads) if grad else t.to_local()
+
+        out = BHyT.forward(_LocalParams(self, local(self.weight, True), local(self.lam, True)), local(x),
+                           local(variance), with_mean_square=with_mean_square)
+
+        def wrap(t: Tensor) -> DTensor:
+            return DTensor.from_local(t, mesh, placements, run_check=False)
+
+        return (wrap(out[0]), wrap(out[1])) if with_mean_square else wrap(out)
 
 
 class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):

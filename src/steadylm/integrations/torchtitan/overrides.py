@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torchtitan.config import derive, override
 from torchtitan.models.common.feed_forward import FeedForward
 
@@ -36,7 +37,24 @@ class SteadyLMFeedForward(FeedForward):
         self.act = get_activation(config.activation, config.impl, **config.activation_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x), self.w3(x)))
+        gate, up = self.w1(x), self.w3(x)
+        if isinstance(gate, DTensor):
+            return self.w2(self._act_local(gate, up))
+        return self.w2(self.act(gate, up))
+
+    def _act_local(self, gate: DTensor, up: DTensor) -> DTensor:
+        """The activation on torchtitan's tensor-parallel hidden activations (DTensor backends; the
+        hidden dimension column-sharded): elementwise, so it runs on each rank's shard as it is.
+        The fused ops flatten their inputs first, which on a DTensor sharded on the hidden
+        dimension would all-gather it (and a steadylm custom op has no DTensor rule); on the local
+        tensors nothing moves."""
+        placements = [Replicate() if isinstance(p, Partial) else p for p in gate.placements]
+        if tuple(placements) != tuple(gate.placements):
+            gate = gate.redistribute(placements=placements)
+        if tuple(up.placements) != tuple(placements):
+            up = up.redistribute(placements=placements)
+        out = self.act(gate.to_local(), up.to_local())
+        return DTensor.from_local(out, gate.device_mesh, placements, run_check=False)
 
 
 def _replace(cfg: FeedForward.Config, activation: str, impl: str, kwargs: dict[str, Any]) -> SteadyLMFeedForward.Config:
