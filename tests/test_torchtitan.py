@@ -313,4 +313,5 @@ def test_c_l_context_length_and_interval_follow_the_command_line() -> None:
     config = parsed("llama3_8b_powlu_bhyt", "--training.seq_len", "4096", "--training.steps", "1000")
     config.model_spec.model.update_from_config(config=config)
     # K unset: SPEC's default max(1, min(1000, steps // 50))
-    assert all(layer.context_length == 4096 and layer.refresh_every == 20 for layer in config.model_spec.model.layers)
+    assert all(layer.context_length == 4096 and layer.refresh_every == 20
+               for layer in config.model_spec.model.layers)

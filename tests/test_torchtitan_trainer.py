@@ -75,8 +75,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, batch: int = BATCH,
-                         nproc: int = 1, interval: int = REFRESH_EVERY, flags: tuple[str, ...] = ()) -> tuple[str, Path]:
+def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, batch: int = BATCH, nproc: int = 1,
+                         interval: int = REFRESH_EVERY, flags: tuple[str, ...] = ()) -> tuple[str, Path]:
     """``python titan_cpu.py ARGS`` in the environment torchrun gives one process, or under
     ``torchrun --nproc_per_node NPROC``; one thread per rank (a tiny model: threads cost more than
     they give on a shared 2-core machine)."""
@@ -85,8 +85,8 @@ def run_torchtitan_train(tmp_path: Path, config: str, *, steps: int = STEPS, bat
         write_corpus_and_tokenizer(tmp_path)
     out = tmp_path / "out"  # a second run with the same tmp_path resumes from its last checkpoint
     port = str(free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ASSETS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ASSETS), os.environ.get("PYTHONPATH", "")])}
     if nproc == 1:
         env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
