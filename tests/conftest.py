@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import os
 
-# One Inductor cache directory per ATEN_CPU_CAPABILITY (so the suite passes under default / avx2 /
-# avx512 on one machine, and its child processes inherit the choice): steadylm.kernels sets it at
-# import, before anything compiles; see kernels/_compile.py for the torch cache-key bug it avoids.
-import steadylm.kernels  # noqa: E402,F401
-import torch  # noqa: E402
+import torch
 
 # Triton's kernels (kernels/triton_norms.py) run on CPU through Triton's interpreter, which must be
 # switched on before Triton is imported (its @triton.jit reads TRITON_INTERPRET at decoration time,
@@ -30,6 +26,12 @@ import torch  # noqa: E402
 CUDA_AVAILABLE = torch.cuda.is_available()
 if not CUDA_AVAILABLE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One Inductor cache directory per ATEN_CPU_CAPABILITY (so the suite passes under default / avx2 /
+# avx512 on one machine, and its child processes inherit the choice): steadylm.kernels sets it at
+# import, before anything compiles; see kernels/_compile.py for the torch cache-key bug it avoids.
+# After TRITON_INTERPRET: steadylm.kernels imports Triton.
+import steadylm.kernels  # noqa: E402,F401
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -997,3 +997,15 @@ def check_bhyt_second_site(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_bhyt_second_site_statistic_matches_spec(dtype, eager_kernels):
     check_bhyt_second_site(dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the compiled Triton kernels are tested instead")
+def test_triton_interpreter_is_on_wherever_triton_is_installed(triton_on_cpu):
+    """The Triton tests above skip when the interpreter is off; where triton is installed (the dev
+    extra) that would be a set-up bug — TRITON_INTERPRET set after Triton was imported, as once
+    happened when tests/conftest.py imported steadylm.kernels first — so it fails here instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (it is in the dev extra)")
+    assert triton_on_cpu, "triton is installed but its interpreter is off: TRITON_INTERPRET came too late"
