@@ -70,8 +70,9 @@ class SteadyLMBHyT(BHyT, Module):
     ``eps``, ``param_init``, ``sharding_config``), so torchtitan's sharding plans, which set a
     norm's ``sharding_config``, apply to it; :func:`lam_sharding` adds λ's placement when it is
     built. ``forward``'s only positional argument is ``input``, the name torchtitan's norm plans
-    key their input placements by. Initialisation (``init_states``): γ by ``param_init["weight"]`` (ones
-    when absent), λ = λ0 (unless ``param_init`` names ``lam``).
+    key their input placements by; on a DTensor input (TP) it runs on the local tensors
+    (:meth:`_forward_local`). Initialisation (``init_states``): γ by ``param_init["weight"]``
+    (ones when absent), λ = λ0 (unless ``param_init`` names ``lam``).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -93,8 +94,14 @@ class SteadyLMBHyT(BHyT, Module):
     def _init_self_parameters(self) -> None:
         init = self._param_init or {}
         with torch.no_grad():
-            init["weight"](self.weight) if "weight" in init else self.weight.fill_(1.0)
-            init["lam"](self.lam) if "lam" in init else self.lam.fill_(self.lam_init)
+            if "weight" in init:
+                init["weight"](self.weight)
+            else:
+                self.weight.fill_(1.0)
+            if "lam" in init:
+                init["lam"](self.lam)
+            else:
+                self.lam.fill_(self.lam_init)
 
     # ``variance`` is keyword-only: torchtitan 0.3.0's input redistribution (Module.parallelize,
     # which runs even on one rank) rebuilds the call from every positional parameter of forward and
