@@ -315,3 +315,14 @@ def test_c_l_context_length_and_interval_follow_the_command_line() -> None:
     # K unset: SPEC's default max(1, min(1000, steps // 50))
     assert all(layer.context_length == 4096 and layer.refresh_every == 20
                for layer in config.model_spec.model.layers)
+
+
+def test_c_l_refuses_a_projection_shard_that_is_not_a_dtensor() -> None:
+    # torchtitan's spmd_types backend keeps TP shards as plain local tensors: c_ℓ of the slice
+    # would be wrong without a word, so the refresh says what to do instead
+    model, _ = built_bhyt(vo_scale=1.0)
+    block = model.layers["0"]
+    wqkv = block.attention.qkv_linear.wqkv
+    wqkv.weight = torch.nn.Parameter(wqkv.weight.detach()[: wqkv.weight.shape[0] // 2].clone())
+    with pytest.raises(RuntimeError, match="spmd_backend partial_dtensor"):
+        block.refresh_bhyt_correction()

@@ -183,13 +183,24 @@ class SteadyLMBHyTBlock(BHyTPair, Llama3TransformerBlock):
         n_heads = attention.n_heads
         n_kv_heads = getattr(attention, "n_kv_heads", None) or n_heads
         qkv = attention.qkv_linear
+        w_o = full_tensor(attention.wo.weight)
         if hasattr(qkv, "wv"):  # separate q/k/v projections
-            return qkv.wv.weight, attention.wo.weight, n_heads, n_kv_heads
-        # fused wqkv (torchtitan's default): rows [kv head, (q heads per kv, k, v), head_dim]; the
-        # whole weight first (a collective when FSDP/TP shard it, on every rank alike)
-        w = full_tensor(qkv.wqkv.weight)
-        w_v = w.reshape(-1, qkv.r_dim, qkv.head_dim, w.shape[-1])[:, qkv.heads_per_kv + 1]
-        return w_v.reshape(-1, w.shape[-1]), attention.wo.weight, n_heads, n_kv_heads
+            w_v = full_tensor(qkv.wv.weight)
+        else:
+            # fused wqkv (torchtitan's default): rows [kv head, (q heads per kv, k, v), head_dim];
+            # the whole weight first (a collective when FSDP/TP shard it, on every rank alike)
+            w = full_tensor(qkv.wqkv.weight)
+            w_v = w.reshape(-1, qkv.r_dim, qkv.head_dim, w.shape[-1])[:, qkv.heads_per_kv + 1]
+            w_v = w_v.reshape(-1, w.shape[-1])
+        head_dim, dim = attention.head_dim, self.bhyt_sites[0].weight.shape[0]
+        if tuple(w_v.shape) != (n_kv_heads * head_dim, dim) or tuple(w_o.shape) != (dim, n_heads * head_dim):
+            # a shard that is not a DTensor (torchtitan's spmd_types backend keeps TP shards as plain
+            # local tensors): c_ℓ of a slice of W_V W_O would be silently wrong
+            raise RuntimeError(
+                f"BHyT c_ℓ needs the whole W_V/W_O, got W_V {tuple(w_v.shape)} and W_O {tuple(w_o.shape)} "
+                f"(expected {(n_kv_heads * head_dim, dim)} and {(dim, n_heads * head_dim)}): tensor-parallel "
+                "shards that are not DTensors; run with --parallelism.spmd_backend partial_dtensor (or full_dtensor)")
+        return w_v, w_o, n_heads, n_kv_heads
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
         # torchtitan initialises every Module child (the sites: γ = 1, λ = λ0); c_ℓ needs the
