@@ -85,6 +85,18 @@ def llama3_debugmodel_powlu_bhyt_cpu_reference() -> Any:
     return _debugmodel_cpu("reference")
 
 
+def llama3_debugmodel_cpu() -> Any:
+    """torchtitan's own ``llama3_debugmodel`` with shim 2, for steadylm's ``--override.imports``."""
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.llama3 import config_registry as llama3
+
+    config = llama3.llama3_debugmodel()
+    for layer in config.model_spec.model.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    config.validator.enable = False
+    return config
+
+
 def install_cpu_device() -> None:
     """Shim 1: torchtitan's device type and module on a CPU-only machine."""
     import torchtitan.tools.utils as tt_utils
