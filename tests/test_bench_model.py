@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from steadylm.bench import model as bench_model
+from steadylm.bench import step as bench_step
 from steadylm.bench.memory import state_bytes, train_peak_bytes
 from steadylm.bench.ops import CSV_COLUMNS, append_csv
 from steadylm.cli import main
@@ -144,7 +145,7 @@ def _nano_peak(batch: int, seq: int = 16, dim: int = 128):
     model = build_model(ModelConfig.from_preset("nano", dim=dim, ffn_dim=3 * dim, impl="reference"), device=device)
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    step, optimizer = bench_model._train_step(model, False, tokens, device, "fp32")
+    step, optimizer = bench_step.train_step(model, False, tokens, device, "fp32")
     step()  # warm-up: AdamW's state is created here
     return train_peak_bytes(step, model, optimizer, device), model, optimizer
 

@@ -38,11 +38,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import steadylm
 from steadylm.bench.memory import train_peak_bytes
+from steadylm.bench.step import autocast as _autocast
+from steadylm.bench.step import train_step
 from steadylm.bench.timing import quantile, synchronize, time_call
 from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError
@@ -144,12 +145,6 @@ class Row:
         return [self.tokens_per_call / t for t in self.times_s]
 
 
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------------------------
 # the models and their calls
 # --------------------------------------------------------------------------------------------
@@ -179,50 +174,15 @@ def build_hf_llama(preset: str, device: torch.device, seed: int) -> nn.Module | 
     if cfg.n_experts:
         return None
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
     except ImportError:
         return None
+    from steadylm.integrations.transformers.convert import plain_hf_config
+
     torch.manual_seed(seed)
-    hf_config = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attn_implementation="sdpa",
-    )
+    hf_config = plain_hf_config(cfg, "LlamaForCausalLM")
+    hf_config._attn_implementation = "sdpa"  # HF's default on CPU too; stated, not left to chance
     return LlamaForCausalLM(hf_config).to(device)
-
-
-def _logits(model: nn.Module, tokens: Tensor) -> Tensor:
-    out = model(tokens)
-    return out if isinstance(out, Tensor) else out.logits
-
-
-def _train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device,
-                dtype: str) -> tuple[Callable[[], None], torch.optim.Optimizer]:  # fmt: skip
-    """The training step of ``model`` (and its optimizer, whose state the peak memory counts)."""
-    forward = torch.compile(model) if compiled else model
-    groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
-    optimizer = torch.optim.AdamW(groups, lr=1e-5)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
-    model.train()
-
-    def step() -> None:
-        with _autocast(device, dtype):
-            logits = _logits(forward, inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(model, "after_optimizer_step"):
-            model.after_optimizer_step(1, 10**9)
-
-    return step, optimizer
 
 
 def _generate_call(model: nn.Module, mode: str, prompt: Tensor, new: int, device: torch.device, dtype: str) -> Callable[[], None]:
@@ -379,9 +339,9 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                 keep.append(model)
                 say(f"[{preset}] {variant} {mode}: building and warming up")
                 train_key = (preset, variant, mode, "train")
-                train_step, optimizer = _train_step(model, mode == "compiled", train_tokens, device, config.dtype)
+                train_step_fn, optimizer = train_step(model, mode == "compiled", train_tokens, device, config.dtype)
                 if "train" in config.measures and not variant.startswith("hf-steadylm:"):  # generation rows
-                    calls[train_key] = train_step
+                    calls[train_key] = train_step_fn
                     optimizers[train_key] = (model, optimizer)
                     rows.append(Row(*train_key, tokens_per_call=config.batch * config.seq))
                 if "generate" in config.measures and (hf_model is None or mode == "eager"):
@@ -391,7 +351,7 @@ def run_model_bench(config: ModelBenchConfig, progress: Callable[[str], None] | 
                         calls[key] = _generate_call(model, mode, prompts[b], config.new_tokens, device, config.dtype)
                         rows.append(Row(*key, tokens_per_call=b * config.new_tokens))
                 if config.profile and mode == "eager" and hf_model is None:
-                    shares[(preset, variant)] = profile_shares(model, train_step, device)
+                    shares[(preset, variant)] = profile_shares(model, train_step_fn, device)
         for row in rows:
             if row.preset == preset:
                 for _ in range(config.warmup + 1):  # the first call compiles

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from steadylm.bench.timing import spread, time_call
 from steadylm.kernels import ops
@@ -66,21 +65,14 @@ def _policy(device: str, inline: frozenset[str]) -> Iterator[None]:
 
 
 def _step_fn(preset: str, variant: str, batch: int, seq: int, device: torch.device, seed: int):
+    from steadylm.bench.step import train_step
     from steadylm.models import ModelConfig, build_model
 
     activation, norm = variant.split("+")
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_preset(preset, activation=activation, norm=norm), device=device)
-    compiled = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
-
-    def step() -> None:
-        logits = compiled(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, _ = train_step(model, True, tokens, tokens.device)
     return step
 
 

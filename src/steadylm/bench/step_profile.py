@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CATEGORIES", "OP_CATEGORY", "main", "profile_step"]
@@ -134,18 +133,6 @@ def _ancestors(event) -> Iterator:
         parent = parent.cpu_parent
 
 
-def _train_step(model: nn.Module, forward: Callable, tokens: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step() -> None:
-        logits = forward(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def profile_step(
     variant: str, preset: str = "micro", batch: int = 8, seq: int = 256, compiled: bool = False, seed: int = 0,
     repeats: int = 3,
@@ -155,6 +142,7 @@ def profile_step(
     from torch.autograd.profiler import record_function
     from torch.profiler import profile
 
+    from steadylm.bench.step import train_step
     from steadylm.models import ModelConfig, build_model
 
     activation, norm = variant.split("+")
@@ -162,8 +150,7 @@ def profile_step(
     model = build_model(ModelConfig.from_preset(preset, activation=activation, norm=norm))
     model.train()
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
-    forward = torch.compile(model) if compiled else model
-    step = _train_step(model, forward, tokens)
+    step, _ = train_step(model, compiled, tokens, tokens.device)
     runs = []
     with _labelled(model) if not compiled else contextlib.nullcontext():
         step()

@@ -19,7 +19,7 @@ from steadylm.errors import CheckpointError, ConfigError
 from steadylm.models.hf_format import hf_name, plain_hf_architecture
 from steadylm.models import ModelConfig, Transformer, build_model
 
-__all__ = ["export_model", "export_run", "exported_architecture", "has_tokenizer"]
+__all__ = ["export_model", "export_run", "exported_architecture", "has_tokenizer", "plain_hf_config"]
 
 
 def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
@@ -28,7 +28,10 @@ def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
     return {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling}
 
 
-def _plain_hf_config(config: ModelConfig, arch: str) -> Any:
+def plain_hf_config(config: ModelConfig, arch: str = "LlamaForCausalLM") -> Any:
+    """The transformers config of the plain architecture ``arch`` (Llama, Qwen2 or Qwen3) with
+    ``config``'s shapes, RoPE, ε, tying and init range: what export writes for a SwiGLU + RMSNorm
+    model, and the same-shape HF model the benchmarks compare with."""
     import transformers
 
     common = dict(
@@ -87,7 +90,7 @@ def export_model(
     if arch is not None:
         import transformers
 
-        hf_config = _plain_hf_config(config, arch)
+        hf_config = plain_hf_config(config, arch)
         hf_model = getattr(transformers, arch)(hf_config)
     else:
         hf_config = SteadyLMConfig(steadylm=config.to_dict(), architectures=["SteadyLMForCausalLM"])

@@ -1,0 +1,50 @@
+"""The training step every benchmark times or profiles (``bench model``, ``bench.step_profile``,
+``bench.op_choice``): one definition, so that their numbers describe the same work."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["autocast", "logits_of", "train_step"]
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for ``dtype="bf16"``, nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def logits_of(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Logits of a steadylm model (a tensor) or a Hugging Face one (``.logits``)."""
+    out = model(tokens)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device,
+               dtype: str = "fp32") -> tuple[Callable[[], None], torch.optim.Optimizer]:  # fmt: skip
+    """The training step every benchmark times or profiles: forward (``torch.compile(model)`` if
+    ``compiled``), cross-entropy on ``tokens`` shifted by one, backward, AdamW, and the model's
+    ``after_optimizer_step``; returned with its optimizer (whose state the peak memory counts)."""
+    forward = torch.compile(model) if compiled else model
+    groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=1e-5)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    model.train()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits = logits_of(forward, inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step(1, 10**9)
+
+    return step, optimizer
