@@ -6,6 +6,9 @@ keeps its traceback. Each subclasses the builtin a Python user would expect to c
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class SteadyLMError(Exception):
     """Base class: a problem with the user's input, reported without a traceback by the CLI."""
@@ -49,3 +52,17 @@ class RunPreempted(SteadyLMError, RuntimeError):
     exits with :attr:`exit_code` (75, EX_TEMPFAIL) so a job script can requeue."""
 
     exit_code = 75
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any], *, hint: str | None = None,
+                 error: type[SteadyLMError] = ConfigError) -> None:
+    """Raise ``error`` (:class:`ConfigError` unless told) with the one wording of a bad choice,
+    ``"{name} must be one of [...], got {value!r}"`` (then ``"; {hint}"`` if given), unless
+    ``value`` is in ``allowed`` (a sequence, or a registry dict: its names, in the order given)."""
+    choices = list(allowed)
+    try:
+        ok = value in choices
+    except TypeError:  # pragma: no cover - a value that cannot be compared is not a choice
+        ok = False
+    if not ok:
+        raise error(f"{name} must be one of {choices}, got {value!r}" + (f"; {hint}" if hint else ""))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from steadylm.bench.model import ModelBenchConfig, ModelBenchResult, paired_ratio, run_model_bench
 from steadylm.bench.timing import spread
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 
 __all__ = ["CLAIMS", "Claim", "ClaimLine", "claim_config", "claim_lines", "render_claim", "run_claim"]
 
@@ -62,10 +62,8 @@ class ClaimLine:
 
 
 def _get(name: str) -> Claim:
-    try:
-        return CLAIMS[name]
-    except KeyError:
-        raise ConfigError(f"claim must be one of {sorted(CLAIMS)}, got {name!r}") from None
+    check_choice("claim", name, sorted(CLAIMS))
+    return CLAIMS[name]
 
 
 def claim_config(base: ModelBenchConfig, name: str) -> ModelBenchConfig:

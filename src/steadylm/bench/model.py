@@ -46,7 +46,7 @@ from steadylm.bench.step import autocast as _autocast
 from steadylm.bench.step import train_step
 from steadylm.bench.timing import quantile, synchronize, time_call
 from steadylm.config_fields import spec_field
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 
 __all__ = [
     "BASELINE",
@@ -114,8 +114,7 @@ class ModelBenchConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if not self.gen_batches or any(not isinstance(b, int) or b < 1 for b in self.gen_batches):
             raise ConfigError(f"gen_batches must be integers >= 1, got {list(self.gen_batches)}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, ("fp32", "bf16"))
 
     def variants(self) -> list[str]:
         """``activation+norm`` names, the baseline first."""

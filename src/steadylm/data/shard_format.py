@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from steadylm.errors import DataError
+from steadylm.errors import DataError, check_choice
 
 __all__ = [
     "AUTO_VERIFY_BYTES",
@@ -125,8 +125,7 @@ class PreparedIndex:
             return value
 
         dtype = need(raw, "dtype", str)
-        if dtype not in SHARD_DTYPES:
-            raise DataError(f"{path}: dtype must be one of {', '.join(SHARD_DTYPES)}, got {dtype!r}")
+        check_choice(f"{path}: dtype", dtype, SHARD_DTYPES, error=DataError)
         vocab_size = need(raw, "vocab_size", int)
         eos_id = need(raw, "eos_id", int)
         if vocab_size < 1 or vocab_size > np.iinfo(SHARD_DTYPES[dtype]).max + 1:

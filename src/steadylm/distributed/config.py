@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from steadylm.config_fields import spec_field
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 
 __all__ = ["PARALLEL_MODES", "ParallelConfig"]
 
@@ -34,15 +34,13 @@ class ParallelConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.mode not in PARALLEL_MODES:
-            raise ConfigError(f"parallel.mode must be one of {list(PARALLEL_MODES)}, got {self.mode!r}")
+        check_choice("parallel.mode", self.mode, PARALLEL_MODES)
         for name in ("fsdp_bf16", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"parallel.{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsdp_bf16 and self.mode != "fsdp":
             raise ConfigError("parallel.fsdp_bf16 needs parallel.mode = 'fsdp'")
-        if self.backend not in (None, "gloo", "nccl"):
-            raise ConfigError(f"parallel.backend must be null, 'gloo' or 'nccl', got {self.backend!r}")
+        check_choice("parallel.backend", self.backend, (None, "gloo", "nccl"))
         if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
                 or not math.isfinite(self.timeout_s) or self.timeout_s <= 0):
             raise ConfigError(f"parallel.timeout_s must be a number > 0, got {self.timeout_s!r}")

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.models.forms import (
     BLOCK_FORMS,
     FINAL_NORM_CHOICES,
@@ -204,11 +204,11 @@ class ModelConfig:
         _check_bool("tie_embeddings", self.tie_embeddings)
         _check_bool("qk_norm", self.qk_norm)
         _check_bool("qkv_bias", self.qkv_bias)
-        _check_choice("impl", self.impl, IMPLS)
+        check_choice("ModelConfig.impl", self.impl, IMPLS)
 
-        _check_choice("norm", self.norm, block_form_names())
+        check_choice("ModelConfig.norm", self.norm, block_form_names())
         if self.final_norm is not None:
-            _check_choice("final_norm", self.final_norm, final_norm_names())
+            check_choice("ModelConfig.final_norm", self.final_norm, final_norm_names())
         _check_real("norm_eps", self.norm_eps, low=0.0)
         _check_real("bhyt_kappa", self.bhyt_kappa, low=0.0, low_open=True)
         _check_real("bhyt_lambda_attn", self.bhyt_lambda_attn, low=0.0, low_open=True)
@@ -259,10 +259,7 @@ class ModelConfig:
 
     def _validate_activation(self) -> None:
         # The nn registry owns the activation names and their hyper-parameter checks.
-        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"ModelConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_choice("ModelConfig.activation", self.activation, sorted(ACTIVATIONS))
         if not isinstance(self.activation_kwargs, dict):
             raise ConfigError("ModelConfig.activation_kwargs must be a dict of keyword arguments")
         if self.layer_activation_kwargs is not None and len(self.layer_activation_kwargs) != self.n_layers:
@@ -379,11 +376,6 @@ def _check_real(
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"ModelConfig.{name} must be true or false, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"ModelConfig.{name} must be one of {list(choices)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.nn.norms import NORM_SPECS, NORMS, Site, get_norm_spec
 
 __all__ = [
@@ -98,10 +98,8 @@ def final_norm_names() -> tuple[str, ...]:
 
 def register_block_form(form: BlockForm) -> BlockForm:
     """Add a block form to :data:`BLOCK_FORMS`."""
-    if form.block not in ("prenorm", "bhyt"):
-        raise ConfigError(f"BlockForm.block must be 'prenorm' or 'bhyt', got {form.block!r}")
-    if form.final_norm not in final_norm_names():
-        raise ConfigError(f"BlockForm.final_norm must be one of {list(final_norm_names())}, got {form.final_norm!r}")
+    check_choice("BlockForm.block", form.block, ("prenorm", "bhyt"))
+    check_choice("BlockForm.final_norm", form.final_norm, final_norm_names())
     get_norm_spec(form.norm)
     BLOCK_FORMS[form.name] = form
     return form
@@ -117,11 +115,10 @@ def get_block_form(name: str) -> BlockForm:
     """The form ``name``: a registered one, or the pre-norm form of a norm registered with
     :func:`steadylm.nn.register_norm` alone. Unknown names raise ``ConfigError`` listing the known ones."""
     form = BLOCK_FORMS.get(name)
-    if form is not None:
-        return form
-    if name in NORM_SPECS:
-        return BlockForm(name, name)
-    raise ConfigError(f"ModelConfig.norm must be one of {list(block_form_names())}, got {name!r}")
+    if form is None:  # a registered norm's pre-norm form, or no form at all
+        check_choice("ModelConfig.norm", name, block_form_names())
+        form = BlockForm(name, name)
+    return form
 
 
 register_block_form(BlockForm("rmsnorm", "rmsnorm"))

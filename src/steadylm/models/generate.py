@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.models.attention import KVCache, RotaryEmbedding
 from steadylm.nn import BHyTPair
 
@@ -137,8 +137,7 @@ def validate_generate_args(
         raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if decode not in DECODE_MODES:
-        raise ConfigError(f"decode must be one of {list(DECODE_MODES)}, got {decode!r}")
+    check_choice("decode", decode, DECODE_MODES)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.kernels.grouped import grouped_linear, grouped_mm_applies, operand_dtype
 from steadylm.nn import GatedFFN
 from steadylm.nn.activations import Activation
@@ -105,8 +105,7 @@ class RoutedExperts(nn.Module):
 
     def uses_grouped(self, x: Tensor) -> bool:
         """Whether this forward takes the grouped path (``dispatch`` resolved for input ``x``)."""
-        if self.dispatch not in ("auto", "grouped", "loop"):
-            raise ConfigError(f"RoutedExperts.dispatch must be 'auto', 'grouped' or 'loop', got {self.dispatch!r}")
+        check_choice("RoutedExperts.dispatch", self.dispatch, ("auto", "grouped", "loop"))
         if self.dispatch == "loop" or not self.groupable():
             if self.dispatch == "grouped":
                 raise ConfigError("RoutedExperts.dispatch='grouped' needs plain bias-free nn.Linear experts")

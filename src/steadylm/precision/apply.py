@@ -12,14 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.precision.linear import (
     ROLES,
     SCALINGS,
     STATS_MODES,
     Col,
     FP8Linear,
-    _check_choice,
     _snr_db,
     sum_counters_over_ranks,
 )
@@ -59,9 +58,9 @@ def apply_fp8(
     ``exclude`` (default: the output head; the MoE router is a plain parameter, never converted).
     Weights are shared, not copied. Returns the converted module names.
     """
-    _check_choice("fp8_scope", scope, SCOPES)
-    _check_choice("fp8_scaling", scaling, SCALINGS)
-    _check_choice("fp8 stats", stats, STATS_MODES)
+    check_choice("fp8_scope", scope, SCOPES)
+    check_choice("fp8_scaling", scaling, SCALINGS)
+    check_choice("fp8 stats", stats, STATS_MODES)
     targets: list[tuple[nn.Module, str, str]] = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():

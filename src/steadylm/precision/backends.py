@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.precision.apply import DEFAULT_EXCLUDE, _is_ffn_linear, apply_fp8
 
 __all__ = ["FP8_BACKENDS", "TORCHAO_RECIPES", "apply_fp8_backend"]
@@ -42,12 +42,10 @@ def apply_fp8_backend(model: nn.Module, *, backend: str = "steadylm", scope: str
     ``scaling`` applies to the steadylm backend, ``recipe`` to torchao; ``fsdp`` turns on torchao's
     float8 all-gather (tensorwise only) for a model about to be sharded with FSDP2.
     """
-    if backend not in FP8_BACKENDS:
-        raise ConfigError(f"train.fp8_backend must be one of {list(FP8_BACKENDS)}, got {backend!r}")
+    check_choice("train.fp8_backend", backend, FP8_BACKENDS)
     if backend == "steadylm":
         return apply_fp8(model, scope=scope, scaling=scaling)
-    if recipe not in TORCHAO_RECIPES:
-        raise ConfigError(f"train.fp8_recipe must be one of {list(TORCHAO_RECIPES)}, got {recipe!r}")
+    check_choice("train.fp8_recipe", recipe, TORCHAO_RECIPES)
     config_cls, convert = _torchao_float8()
     config = config_cls.from_recipe_name(recipe)
     if fsdp and recipe == "tensorwise":

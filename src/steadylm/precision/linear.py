@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.precision.formats import E4M3, E5M2, FP8Format, fp8_mm
 
 __all__ = ["COUNTER_FIELDS", "Col", "sum_counters_over_ranks", "FP8Linear", "ROLES", "SCALINGS", "STATS_MODES", "quantize"]
@@ -109,11 +109,6 @@ def _snr_db(signal: float, noise: float) -> float:
     if noise <= 0:
         return float("inf") if signal > 0 else float("nan")
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @torch.no_grad()
@@ -234,8 +229,8 @@ class FP8Linear(nn.Linear):
         stats: str = "sampled",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        _check_choice("scaling", scaling, SCALINGS)
-        _check_choice("stats", stats, STATS_MODES)
+        check_choice("scaling", scaling, SCALINGS)
+        check_choice("stats", stats, STATS_MODES)
         if not isinstance(history_len, int) or isinstance(history_len, bool) or history_len < 1:
             raise ConfigError(f"history_len must be an integer >= 1, got {history_len!r}")
         self.scaling = scaling

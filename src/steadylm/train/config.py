@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steadylm.config_fields import spec_field
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.precision.apply import SCOPES as _FP8_SCOPES
 from steadylm.precision.backends import FP8_BACKENDS
 from steadylm.precision.backends import TORCHAO_RECIPES as FP8_RECIPES
@@ -37,11 +37,6 @@ def _check_real(name: str, value: Any, low: float, high: float = math.inf, *, lo
     if too_low or too_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
         raise ConfigError(f"TrainConfig.{name} must be in {interval}, got {value}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"TrainConfig.{name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass
@@ -121,17 +116,17 @@ class TrainConfig:
         _check_int("warmup_steps", self.warmup_steps, 0, self.steps)
         _check_real("weight_decay", self.weight_decay, 0.0)
         _check_real("grad_clip", self.grad_clip, 0.0)
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("TrainConfig.precision", self.precision, PRECISIONS)
         _check_int("seed", self.seed, 0, (1 << 63) - 1)
         _check_int("eval_every", self.eval_every, 0)
         _check_int("eval_batches", self.eval_batches, 1)
         _check_int("ckpt_every", self.ckpt_every, 0)
         _check_int("log_every", self.log_every, 1)
         _check_int("probe_every", self.probe_every, 0)
-        _check_choice("fp8_scope", self.fp8_scope, _FP8_SCOPES)
-        _check_choice("fp8_scaling", self.fp8_scaling, _FP8_SCALINGS)
-        _check_choice("fp8_backend", self.fp8_backend, FP8_BACKENDS)
-        _check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        check_choice("TrainConfig.fp8_scope", self.fp8_scope, _FP8_SCOPES)
+        check_choice("TrainConfig.fp8_scaling", self.fp8_scaling, _FP8_SCALINGS)
+        check_choice("TrainConfig.fp8_backend", self.fp8_backend, FP8_BACKENDS)
+        check_choice("TrainConfig.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         _check_int("grad_accum", self.grad_accum, 1)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "

@@ -35,7 +35,7 @@ from typing import Any
 
 from steadylm.config_fields import add_field_flags, parse_value, spec_field, type_name, unwrap_optional
 from steadylm.distributed.config import ParallelConfig
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.train.config import TrainConfig
 
 __all__ = [
@@ -104,8 +104,7 @@ class ModelSpec:
     def validate(self) -> None:
         from steadylm.models import PRESETS, ModelConfig
 
-        if self.preset not in PRESETS:
-            raise ConfigError(f"model.preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        check_choice("model.preset", self.preset, PRESETS)
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - names)
         if unknown:

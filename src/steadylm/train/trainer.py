@@ -60,6 +60,7 @@ from steadylm.errors import (
     OutputError,
     RunDirectoryInUse,
     SteadyLMError,
+    check_choice,
 )
 from steadylm.probes.spikes import above_start
 from steadylm.train.checkpoint import (
@@ -515,8 +516,7 @@ class Trainer:
         A divergence does not raise; see :attr:`TrainResult.diverged_at` and
         :meth:`TrainResult.raise_if_diverged`.
         """
-        if resume not in (True, False, "auto"):
-            raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
+        check_choice("resume", resume, (True, False, "auto"))
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or not 1 <= stop_after <= self.config.steps):
             raise ConfigError(f"stop_after must be an integer in [1, steps={self.config.steps}], got {stop_after!r}")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from steadylm import functional
-from steadylm.errors import ConfigError
+from steadylm.errors import ConfigError, check_choice
 from steadylm.models.hf_format import HIDDEN_ACTS, activation_kwargs_from_config
 from steadylm.models import default_refresh_interval
 from steadylm.nn import ACTIVATIONS, Activation, BHyT, BHyTPair, DyT, RMSNorm
@@ -222,13 +222,11 @@ def _patched_class(base: type[nn.Module], mixin: type, spec: _Spec) -> type[nn.M
 
 
 def _spec(activation: str | None, norm: str | None, fused: bool, kwargs: dict[str, Any]) -> _Spec:
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ConfigError(f"apply_steadylm activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if norm is not None and norm not in PATCH_NORMS:
-        raise ConfigError(
-            f"apply_steadylm norm must be one of {list(PATCH_NORMS)} (the forms that fit an HF decoder "
-            f"layer; dyt, lns, peri_ln and MoE need an exported steadylm model), got {norm!r}"
-        )
+    if activation is not None:
+        check_choice("apply_steadylm activation", activation, sorted(ACTIVATIONS))
+    if norm is not None:
+        check_choice("apply_steadylm norm", norm, PATCH_NORMS, hint="the forms that fit an HF decoder layer; "
+                     "dyt, lns, peri_ln and MoE need an exported steadylm model")
     block_keys = {"lam_attn", "lam_ffn", "kappa", "context_length"}
     block = {k: kwargs.pop(k) for k in list(kwargs) if k in block_keys}
     if activation is not None:
