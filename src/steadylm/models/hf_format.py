@@ -26,7 +26,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,10 +35,13 @@ from steadylm.errors import CheckpointError, ConfigError
 from steadylm.models import ModelConfig, Transformer, build_model
 
 __all__ = [
+    "CONFIG_KEYS",
     "HIDDEN_ACTS",
     "SEGMENTS",
+    "ConfigKey",
     "SUPPORTED_ARCHITECTURES",
     "activation_kwargs_from_config",
+    "hf_config_fields",
     "hf_config_to_model_config",
     "hf_name",
     "import_hf",
@@ -157,6 +160,49 @@ def _field(cfg: dict[str, Any], name: str, kind: type, default: Any = _REQUIRED,
     return kind(value)
 
 
+class ConfigKey(NamedTuple):
+    """A ``config.json`` key of the plain HF architectures and the :class:`ModelConfig` attribute
+    that holds its value; ``kind``, ``default`` (when the file lacks it), ``minimum`` and
+    ``positive`` are how import reads it (:func:`_field`)."""
+
+    hf: str
+    attr: str
+    kind: type
+    default: Any = _REQUIRED
+    minimum: float | None = None
+    positive: bool = False
+
+
+#: The one mapping of HF config names to :class:`ModelConfig` names: export writes these keys
+#: (:func:`hf_config_fields`: the plain Llama/Qwen config, the ``steadylm`` type's derived fields)
+#: and import reads them (:func:`hf_config_to_model_config`).
+CONFIG_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey("vocab_size", "vocab_size", int, minimum=1),
+    ConfigKey("hidden_size", "dim", int, minimum=1),
+    ConfigKey("intermediate_size", "ffn_dim", int, minimum=1),
+    ConfigKey("num_hidden_layers", "n_layers", int, minimum=1),
+    ConfigKey("num_attention_heads", "n_heads", int, minimum=1),
+    ConfigKey("num_key_value_heads", "n_kv_heads", int, None, minimum=1),  # None: n_heads
+    ConfigKey("head_dim", "head_dim", int, 0, minimum=0),  # 0: dim // n_heads
+    ConfigKey("max_position_embeddings", "max_seq_len", int, 2048, minimum=1),
+    ConfigKey("rms_norm_eps", "norm_eps", float, 1e-6, positive=True),
+    ConfigKey("tie_word_embeddings", "tie_embeddings", bool, False),
+    ConfigKey("initializer_range", "init_std", float, 0.02, positive=True),
+)
+
+
+def hf_config_fields(config: ModelConfig) -> dict[str, Any]:
+    """``config``'s values under the HF config keys of :data:`CONFIG_KEYS` (what export writes)."""
+    return {key.hf: getattr(config, key.attr) for key in CONFIG_KEYS}
+
+
+def _read_config_keys(cfg: dict[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The :data:`CONFIG_KEYS` values of a ``config.json`` by :class:`ModelConfig` attribute, each
+    checked (one :class:`ConfigError` naming the field); attributes in ``skip`` are not read."""
+    return {key.attr: _field(cfg, key.hf, key.kind, key.default, minimum=key.minimum, positive=key.positive)
+            for key in CONFIG_KEYS if key.attr not in skip}
+
+
 _ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -216,9 +262,11 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
         raise ConfigError("config.json mlp_bias=true is not supported (steadylm FFNs have no biases)")
     if family in ("llama", "mistral", "qwen3") and cfg.get("attention_bias"):
         raise ConfigError(f"config.json attention_bias=true ({arch}) is not supported")
-    dim, n_heads = _field(cfg, "hidden_size", int, minimum=1), _field(cfg, "num_attention_heads", int, minimum=1)
-    head_dim = _field(cfg, "head_dim", int, 0, minimum=0) or dim // n_heads
-    seq = int(max_seq_len if max_seq_len is not None else _field(cfg, "max_position_embeddings", int, 2048, minimum=1))
+    values = _read_config_keys(cfg, skip=("max_seq_len",) if max_seq_len is not None else ())
+    if max_seq_len is not None:
+        values["max_seq_len"] = int(max_seq_len)
+    dim, n_heads, seq = values["dim"], values["n_heads"], values["max_seq_len"]
+    head_dim = values.pop("head_dim") or dim // n_heads
     window = _field(cfg, "sliding_window", int, None, minimum=1)
     uses_window = family == "mistral" or _field(cfg, "use_sliding_window", bool, False)
     if uses_window and window is not None and int(window) < seq:
@@ -230,24 +278,15 @@ def hf_config_to_model_config(cfg: dict[str, Any], *, max_seq_len: int | None = 
     activation, fixed = HIDDEN_ACTS.get(act_name, ("swiglu", {}))
     activation_kwargs = {**fixed, **activation_kwargs_from_config(activation, cfg)}
     return ModelConfig(
-        vocab_size=_field(cfg, "vocab_size", int, minimum=1),
-        dim=dim,
-        n_layers=_field(cfg, "num_hidden_layers", int, minimum=1),
-        n_heads=n_heads,
-        n_kv_heads=_field(cfg, "num_key_value_heads", int, n_heads, minimum=1),
-        ffn_dim=_field(cfg, "intermediate_size", int, minimum=1),
-        max_seq_len=seq,
+        **values,
         head_size=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
         activation=activation,
         activation_kwargs=activation_kwargs,
         norm="rmsnorm",
-        norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6, positive=True),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        tie_embeddings=_field(cfg, "tie_word_embeddings", bool, False),
-        init_std=_field(cfg, "initializer_range", float, 0.02, positive=True),
     )
 
 

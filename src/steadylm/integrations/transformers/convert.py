@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steadylm.errors import CheckpointError, ConfigError
-from steadylm.models.hf_format import hf_name, plain_hf_architecture
+from steadylm.models.hf_format import hf_config_fields, hf_name, plain_hf_architecture
 from steadylm.models import ModelConfig, Transformer, build_model
 
 __all__ = ["export_model", "export_run", "exported_architecture", "has_tokenizer", "plain_hf_config"]
@@ -34,22 +34,8 @@ def plain_hf_config(config: ModelConfig, arch: str = "LlamaForCausalLM") -> Any:
     model, and the same-shape HF model the benchmarks compare with."""
     import transformers
 
-    common = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        hidden_act="silu",
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=_rope_parameters(config),
-        tie_word_embeddings=config.tie_embeddings,
-        initializer_range=config.init_std,
-        architectures=[arch],
-    )
+    common = dict(hf_config_fields(config), hidden_act="silu", rope_parameters=_rope_parameters(config),
+                  architectures=[arch])
     if arch == "LlamaForCausalLM":
         return transformers.LlamaConfig(**common)
     if arch == "Qwen2ForCausalLM":

@@ -26,7 +26,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from steadylm.errors import ConfigError
-from steadylm.models.hf_format import SEGMENTS
+from steadylm.models.hf_format import SEGMENTS, hf_config_fields
 from steadylm.models import ModelConfig, MoE, RotaryEmbedding, Transformer
 from steadylm.nn import BHyTPair
 
@@ -61,19 +61,10 @@ class SteadyLMConfig(PretrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         mc = self.model_config()
         self.steadylm = mc.to_dict()
-        self.vocab_size = mc.vocab_size
-        self.hidden_size = mc.dim
-        self.intermediate_size = mc.ffn_dim
-        self.num_hidden_layers = mc.n_layers
-        self.num_attention_heads = mc.n_heads
-        self.num_key_value_heads = int(mc.n_kv_heads or mc.n_heads)
-        self.head_dim = mc.head_dim
-        self.max_position_embeddings = mc.max_seq_len
+        for key, value in hf_config_fields(mc).items():
+            setattr(self, key, value)
         self.hidden_act = mc.activation
-        self.rms_norm_eps = mc.norm_eps
         self.rope_theta = mc.rope_theta
-        self.tie_word_embeddings = mc.tie_embeddings
-        self.initializer_range = mc.init_std
         super().__post_init__(**kwargs)
 
     def model_config(self) -> ModelConfig:
