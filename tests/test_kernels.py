@@ -949,6 +949,14 @@ def test_bhyt_and_mean_square_matches_float64_reference(dtype, device, eager_ker
     check_bhyt_and_mean_square(dtype, device, torch.Generator().manual_seed(41))
 
 
+def test_reference_bhyt_and_mean_square_passes_the_same_check_on_ordinary_fp32_rows():
+    # functional.bhyt_and_mean_square is what reference-impl BHyT blocks run (mean_square, then
+    # bhyt with variance=v), mirroring the fused op's name and signature. Ordinary fp32 rows only:
+    # unfused, subnormal outputs lose bits in v's rounding and bf16 dx is the sum of two rounded
+    # gradients (measured: outside the fused bounds there) — the fused op's reason to exist.
+    check_bhyt_and_mean_square(torch.float32, "cpu", torch.Generator().manual_seed(41), impl=F, which=("ordinary",))
+
+
 class _BHyTLayer(torch.nn.Module, BHyTPair):
     """The smallest layer with the BHyT block form: value and output projections, two sites."""
 

@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "SWIGLU_CLIP_VARIANTS",
     "bhyt",
+    "bhyt_and_mean_square",
     "bhyt_variance_correction",
     "dyt",
     "layer_norm",
@@ -330,6 +331,19 @@ def bhyt(
     if weight is not None:
         out = out * _upcast(weight)
     return out.to(x.dtype)
+
+
+def bhyt_and_mean_square(
+    x: Tensor, weight: Tensor | None, lam: Tensor | float, kappa: float = 10.0, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """The BHyT block's first site and its statistic: ``(bhyt(x, weight, lam, kappa, eps,
+    variance=v), v)`` with ``v = mean_square(x)``, the v the block hands to its second site.
+
+    The reference of :func:`steadylm.kernels.bhyt_and_mean_square` (which computes both in one
+    kernel): the same values, two steps.
+    """
+    v = mean_square(x)
+    return bhyt(x, weight, lam, kappa, eps, variance=v), v
 
 
 def bhyt_variance_correction(

@@ -88,6 +88,8 @@ def _placeholder(like: Tensor) -> Tensor:
 def _scalar_param(value: Tensor | float, like: Tensor, name: str) -> Tensor:
     """A learnable scalar (0-dim tensor) or a float turned into a constant 0-dim tensor."""
     if isinstance(value, Tensor):
+        if value.dim() == 0:
+            return value
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-dim tensor or float), got shape {tuple(value.shape)}")
         return value.reshape(())
@@ -133,7 +135,9 @@ def _apply(name: str, *args: Any) -> Any:
     """Op ``name`` on ``args`` — the custom op's arguments, tensors already flattened: the forward
     kernel alone when no gradient is wanted (placeholders never require one), the traced
     ``autograd.Function`` where :data:`COMPILED_INLINE` inlines it, else the custom op."""
-    if _forward_only(*(a for a in args if isinstance(a, Tensor))):
+    # Checked without building a tuple of the tensors first: in a decode step the op's own work is
+    # a few microseconds, so its Python overhead is a measurable share of the step.
+    if not torch.is_grad_enabled() or _forward_only(*(a for a in args if isinstance(a, Tensor))):
         return library.PARTS[name].forward(*args)
     if _inline(name, args[0]):
         return _TRACED[name].apply(*args)

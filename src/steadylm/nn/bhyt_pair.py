@@ -169,7 +169,7 @@ class BHyTPair:
         the recorded statistics: it is computed (without gradient) only while ``record_stats`` is
         on, else ``None``.
         """
-        attn_norm = self.bhyt_sites[0]
+        attn_norm = getattr(self, self.BHYT_SITES[0])
         if not self.bhyt_exact:
             return attn_norm(x, with_mean_square=True)
         v = None
@@ -180,7 +180,7 @@ class BHyTPair:
 
     def bhyt_ffn_input(self, h: Tensor, v: Tensor | None) -> Tensor:
         """The FFN input from the block's mid-point ``h`` and the first site's ``v``."""
-        ffn_norm = self.bhyt_sites[1]
+        ffn_norm = getattr(self, self.BHYT_SITES[1])
         if self.bhyt_exact:
             out = ffn_norm(h)
             if self.record_stats and v is not None:

@@ -180,6 +180,7 @@ class BHyT(_GainNorm):
         self.lam_init = float(lam_init)  # λ0, for re-initialisation (e.g. by HF's loader)
         self.lam = scalar_parameter(lam_init)
         self._op = resolve_op(self.impl, "bhyt")
+        self._op_with_mean_square = resolve_op(self.impl, "bhyt_and_mean_square")
         self.register_load_state_dict_pre_hook(_upgrade_hook(("lam",)))
 
     def forward(
@@ -198,12 +199,7 @@ class BHyT(_GainNorm):
             return self._op(x, self.weight, self.lam, self.kappa, self.eps, variance)
         if variance is not None:
             raise ConfigError("BHyT: with_mean_square computes v itself; pass variance=None")
-        if self.impl == "fused":
-            from steadylm import kernels
-
-            return kernels.bhyt_and_mean_square(x, self.weight, self.lam, self.kappa, self.eps)
-        v = functional.mean_square(x)
-        return self._op(x, self.weight, self.lam, self.kappa, self.eps, v), v
+        return self._op_with_mean_square(x, self.weight, self.lam, self.kappa, self.eps)
 
     @torch.no_grad()
     def saturation(self, x: Tensor, variance: Tensor | None = None) -> Tensor:
