@@ -40,7 +40,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -219,6 +219,20 @@ class _RunState:
         rate = self.window_tokens / self.window_time if self.window_time > 0 else 0.0
         self.window_tokens, self.window_time = 0, 0.0
         return rate
+
+    def result_fields(self) -> dict[str, Any]:
+        """The :class:`TrainResult` fields this state holds: every field of the same name as it is
+        (the two counters as int and float), ``steps_done``, ``tokens_per_s`` and ``checkpoint_dir``."""
+        shared = {f.name for f in fields(TrainResult)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        values.update(
+            steps_done=self.step,
+            tokens_seen=int(self.tokens_seen),
+            train_time_s=float(self.train_time_s),
+            tokens_per_s=self.tokens_seen / self.train_time_s if self.train_time_s > 0 else 0.0,
+            checkpoint_dir=self.last_checkpoint,
+        )
+        return values
 
 
 @dataclass
@@ -633,26 +647,12 @@ class Trainer:
         self._log(metrics, row)
 
     def _result(self, state: _RunState) -> TrainResult:
+        out = self.out_dir
         return TrainResult(
-            steps_done=state.step,
+            **state.result_fields(),
             total_steps=self.config.steps,
-            final_loss=state.final_loss,
-            final_val_loss=state.final_val_loss,
-            best_val_loss=state.best_val_loss,
-            diverged_at=state.diverged_at,
-            divergence_reason=state.divergence_reason,
-            loss_above_start_at=state.loss_above_start_at,
-            start_loss=state.start_loss,
-            tokens_seen=int(state.tokens_seen),
-            tokens_per_s=state.tokens_seen / state.train_time_s if state.train_time_s > 0 else 0.0,
-            train_time_s=float(state.train_time_s),
-            resumed_from=state.resumed_from,
             num_params=self._num_params(),
-            out_dir=self.out_dir,
-            config_path=self.out_dir / "config.json",
-            metrics_jsonl=self.out_dir / "metrics.jsonl",
-            metrics_csv=self.out_dir / "metrics.csv",
-            checkpoint_dir=state.last_checkpoint,
-            preempted_at=state.preempted_at,
+            out_dir=out, config_path=out / "config.json",
+            metrics_jsonl=out / "metrics.jsonl", metrics_csv=out / "metrics.csv",
             preempt_signal=self._preemption.requested if state.preempted_at else None,
         )
