@@ -473,6 +473,16 @@ def test_failed_prepare_leaves_no_output_and_keeps_the_old_one(tmp_path: Path, r
 # ----------------------------------------------------------------------------------------------
 
 
+def test_cli_prepare_flags_are_prepare_corpus_keywords() -> None:
+    """``data prepare`` passes its flags to prepare_corpus by name: every flag but the corpus, the
+    output and --quiet is a keyword of it, and every keyword but use_cache/progress is a flag."""
+    from steadylm.cli import _build_parser
+
+    args = _build_parser("data").parse_args(["data", "prepare", "SRC", "OUT"])
+    flags = set(vars(args)) - {"command", "plugin", "action", "src", "out", "quiet"}
+    assert flags == prepare_module.PREPARE_KEYWORDS - {"use_cache", "progress"}
+
+
 def test_cli_prepare_verify_and_one_line_errors(
     tmp_path: Path, ruth: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -374,6 +375,13 @@ def prepare_corpus(
 
 
 # -- command line -------------------------------------------------------------------------------
+#: The keyword-only parameters of :func:`prepare_corpus`. A ``data prepare`` flag whose argparse
+#: destination is one of these names (``--vocab-size`` -> ``vocab_size``) is passed to it as is.
+PREPARE_KEYWORDS = frozenset(
+    name for name, p in inspect.signature(prepare_corpus).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     prepare = actions.add_parser(
@@ -448,18 +456,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[data prepare] {message}", file=sys.stderr, flush=True)
 
-    result = prepare_corpus(
-        args.src,
-        args.out,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        eos_token=args.eos_token,
-        text_field=args.text_field,
-        workers=args.workers,
-        shard_tokens=args.shard_tokens,
-        overwrite=args.overwrite,
-        progress=None if args.quiet else progress,
-    )
+    flags = {name: value for name, value in vars(args).items() if name in PREPARE_KEYWORDS}
+    result = prepare_corpus(args.src, args.out, progress=None if args.quiet else progress, **flags)
     index = result.index
     print(
         f"prepared {result.num_documents:,} documents ({result.num_bytes / 1e6:,.1f} MB) into "
