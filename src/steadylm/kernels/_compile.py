@@ -66,15 +66,16 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn)
 
 
-def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the compiled version of ``fn`` (or ``fn`` itself when compilation is off).
+def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What to call for ``fn``: its compiled version, or ``fn`` itself when compilation is off.
 
-    Under an outer ``torch.compile`` the plain function is called: Dynamo is already tracing and
-    would inline the inner compiled wrapper anyway.
+    Under an outer ``torch.compile`` the plain function: Dynamo is already tracing and would
+    inline the inner compiled wrapper anyway. Returned rather than called here so that the
+    arguments are passed once (a decode step's ops are small enough for that to show).
     """
     if not _compile_enabled or torch.compiler.is_compiling():
-        return fn(*args, **kwargs)
-    return _compiled(fn)(*args, **kwargs)
+        return fn
+    return _compiled(fn)
 
 
 def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
@@ -82,5 +83,6 @@ def _mark_rows_dynamic(*tensors: Tensor | None) -> None:
     if torch.compiler.is_compiling() or not _compile_enabled:
         return
     for t in tensors:
-        if t is not None and t.dim() >= 1:
+        # Sizes 0 and 1 are specialised by Dynamo whatever the mark says: skip marking them.
+        if t is not None and t.dim() >= 1 and t.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(t, 0)

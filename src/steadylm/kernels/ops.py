@@ -152,7 +152,7 @@ def _apply(name: str, *args: Any) -> Any:
 def _gated(name: str, gate: Tensor, up: Tensor, *hparams: Any) -> Tensor:
     """Flatten, then op ``name`` with its hyper-parameters."""
     _check_same_shape(gate, up)
-    return _apply(name, gate.reshape(-1), up.reshape(-1), *hparams).reshape(gate.shape)
+    return _apply(name, gate.reshape(-1), up.reshape(-1), *hparams).reshape_as(gate)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -190,7 +190,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     eps = F_ref.validate_eps(eps)
     d = x.shape[-1]
     _check_weight(weight, d)
-    return _apply("rms_norm", x.reshape(-1, d), _optional(weight, x), eps, weight is not None).reshape(x.shape)
+    return _apply("rms_norm", x.reshape(-1, d), _optional(weight, x), eps, weight is not None).reshape_as(x)
 
 
 def mean_square(x: Tensor) -> Tensor:
@@ -208,7 +208,7 @@ def dyt(x: Tensor, weight: Tensor | None, alpha: Tensor | float, bias: Tensor | 
     alpha_t = _scalar_param(alpha, x, "alpha")
     flags = (weight is not None, bias is not None)
     out = _apply("dyt", x.reshape(-1, d), _optional(weight, x), alpha_t, _optional(bias, x), *flags)
-    return out.reshape(x.shape)
+    return out.reshape_as(x)
 
 
 def bhyt(
@@ -235,7 +235,7 @@ def bhyt(
         v = _placeholder(x)
     lam_t = _scalar_param(lam, x, "lam")
     flags = (kappa, eps, weight is not None, variance is not None)
-    return _apply("bhyt", x.reshape(-1, d), _optional(weight, x), lam_t, v, *flags).reshape(x.shape)
+    return _apply("bhyt", x.reshape(-1, d), _optional(weight, x), lam_t, v, *flags).reshape_as(x)
 
 
 def bhyt_and_mean_square(
@@ -255,4 +255,4 @@ def bhyt_and_mean_square(
     lam_t = _scalar_param(lam, x, "lam")
     x2 = x.reshape(-1, d)
     out, v = _apply("bhyt_and_mean_square", x2, _optional(weight, x), lam_t, kappa, eps, weight is not None)
-    return out.reshape(x.shape), v.reshape(tuple(x.shape[:-1]) + (1,))
+    return out.reshape_as(x), v.reshape(tuple(x.shape[:-1]) + (1,))
