@@ -38,10 +38,10 @@ from steadylm.kernels import _compile, _math, triton_norms
 __all__ = ["OPS", "PARTS", "OpParts"]
 
 
-def _kernel(fn_name: str) -> Callable[..., Any]:
-    """The compiled (or plain) ``_math`` function ``fn_name``; by name at call time, because tests
-    monkeypatch ``_math`` functions."""
-    return _compile._kernel(getattr(_math, fn_name))
+def _kernel(fn_name: str, like: Tensor) -> Callable[..., Any]:
+    """The compiled (or plain) ``_math`` function ``fn_name`` for inputs like ``like``; by name at
+    call time, because tests monkeypatch ``_math`` functions."""
+    return _compile._kernel(getattr(_math, fn_name), like)
 
 
 def _mark(*tensors: Tensor | None) -> None:
@@ -83,7 +83,7 @@ def _norm_backward(kernel: str, x: Tensor, eps: float, args: tuple, flags: dict,
     if triton_norms.usable(x, eps):  # CUDA: one pass for dx and the parameter gradients
         return getattr(triton_norms, kernel)(*args, **flags)
     _mark(*marked)
-    return _kernel(kernel)(*args, **flags)
+    return _kernel(kernel, x)(*args, **flags)
 
 
 @dataclass(frozen=True)
@@ -141,34 +141,34 @@ def _clip_hparams(variant: str, limit: float, alpha: float) -> tuple[float, ...]
 
 def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     _mark(gate, up)
-    return _kernel("swiglu_fwd")(gate, up)
+    return _kernel("swiglu_fwd", gate)(gate, up)
 
 
 def _swiglu_backward(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
-    return _kernel("swiglu_bwd")(gate, up, dy)
+    return _kernel("swiglu_bwd", gate)(gate, up, dy)
 
 
 def _powlu_glu(gate: Tensor, up: Tensor, m: float) -> Tensor:
     _mark(gate, up)
-    return _kernel("powlu_glu_fwd")(gate, up, m)
+    return _kernel("powlu_glu_fwd", gate)(gate, up, m)
 
 
 def _powlu_glu_backward(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
-    return _kernel("powlu_glu_bwd")(gate, up, dy, m)
+    return _kernel("powlu_glu_bwd", gate)(gate, up, dy, m)
 
 
 def _swiglu_clip(gate: Tensor, up: Tensor, limit: float, variant: str, alpha: float) -> Tensor:
     _mark(gate, up)
-    return _kernel(_CLIP_FNS[variant] + "_fwd")(gate, up, *_clip_hparams(variant, limit, alpha))
+    return _kernel(_CLIP_FNS[variant] + "_fwd", gate)(gate, up, *_clip_hparams(variant, limit, alpha))
 
 
 def _swiglu_clip_backward(
     gate: Tensor, up: Tensor, dy: Tensor, limit: float, variant: str, alpha: float
 ) -> tuple[Tensor, Tensor]:
     _mark(gate, up, dy)
-    return _kernel(_CLIP_FNS[variant] + "_bwd")(gate, up, dy, *_clip_hparams(variant, limit, alpha))
+    return _kernel(_CLIP_FNS[variant] + "_bwd", gate)(gate, up, dy, *_clip_hparams(variant, limit, alpha))
 
 
 def _gated_fake(gate: Tensor, up: Tensor, *hparams: Any) -> Tensor:
@@ -205,7 +205,7 @@ def _gated(forward: Callable[..., Any], backward: Callable[..., Any]) -> OpParts
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
     _mark(x)
-    return _kernel("rms_norm_fwd")(x, weight, eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps))
+    return _kernel("rms_norm_fwd", x)(x, weight, eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps))
 
 
 def _rms_norm_backward(
@@ -232,12 +232,12 @@ def _rms_norm_backward_fake(x, weight, dy, eps, has_weight, need_weight_grad):
 def _mean_square(x: Tensor) -> Tensor:
     _mark(x)
     # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
-    return _kernel("mean_square_fwd")(x, allow_upscale=True)
+    return _kernel("mean_square_fwd", x)(x, allow_upscale=True)
 
 
 def _mean_square_backward(x: Tensor, dv: Tensor) -> Tensor:
     _mark(x, dv)
-    return _kernel("mean_square_bwd")(x, dv)
+    return _kernel("mean_square_bwd", x)(x, dv)
 
 
 def _mean_square_fake(x: Tensor) -> Tensor:
@@ -267,7 +267,7 @@ def _ms_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
 
 def _dyt(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
     _mark(x)
-    return _kernel("dyt_fwd")(x, weight, alpha, bias, has_weight=has_weight, has_bias=has_bias)
+    return _kernel("dyt_fwd", x)(x, weight, alpha, bias, has_weight=has_weight, has_bias=has_bias)
 
 
 def _dyt_backward(
@@ -282,7 +282,7 @@ def _dyt_backward(
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _mark(x, dy)
-    dx, dw, da, db = _kernel("dyt_bwd")(x, weight, alpha, dy, has_weight=has_weight, need_weight_grad=need_weight_grad,
+    dx, dw, da, db = _kernel("dyt_bwd", x)(x, weight, alpha, dy, has_weight=has_weight, need_weight_grad=need_weight_grad,
                           need_alpha_grad=need_alpha_grad, need_bias_grad=need_bias_grad)
     db = db.to(bias.dtype) if db is not None else None
     return dx, _or_absent(dw, weight), _or_absent(da, alpha), _or_absent(db, bias)
@@ -312,7 +312,7 @@ def _bhyt(
     use_variance: bool,
 ) -> Tensor:
     _mark(x, variance if use_variance else None)
-    return _kernel("bhyt_fwd")(x, weight, lam, variance, kappa=kappa, eps=eps, has_weight=has_weight,
+    return _kernel("bhyt_fwd", x)(x, weight, lam, variance, kappa=kappa, eps=eps, has_weight=has_weight,
                 use_variance=use_variance, allow_upscale=_allow_upscale(eps))
 
 
@@ -354,7 +354,7 @@ def _bhyt_and_mean_square(
     x: Tensor, weight: Tensor, lam: Tensor, kappa: float, eps: float, has_weight: bool
 ) -> tuple[Tensor, Tensor]:
     _mark(x)
-    return _kernel("bhyt_ms_fwd")(x, weight, lam, kappa=kappa, eps=eps, has_weight=has_weight)
+    return _kernel("bhyt_ms_fwd", x)(x, weight, lam, kappa=kappa, eps=eps, has_weight=has_weight)
 
 
 def _bhyt_and_mean_square_backward(
@@ -371,7 +371,7 @@ def _bhyt_and_mean_square_backward(
     need_lam_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _mark(x, v, dy, dv)
-    dx, dw, dl = _kernel("bhyt_ms_bwd")(x, weight, lam, dy, dv, kappa=kappa, eps=eps, has_weight=has_weight,
+    dx, dw, dl = _kernel("bhyt_ms_bwd", x)(x, weight, lam, dy, dv, kappa=kappa, eps=eps, has_weight=has_weight,
                       need_weight_grad=need_weight_grad, need_lam_grad=need_lam_grad, v=v)
     return dx, _or_absent(dw, weight), _or_absent(dl, lam)
 
