@@ -313,6 +313,13 @@ def _rank_pids(agent: subprocess.Popen[str], nproc: int, timeout: float = 120) -
     pytest.fail("torchrun did not start its ranks")
 
 
+def ranks_stderr(err: str) -> str:
+    """What the ranks printed before torchrun's own failure summary (which fills the tail)."""
+    cut = err.find("ChildFailedError")
+    cut = err.rfind("\n", 0, err.rfind("failed (exitcode", 0, cut if cut >= 0 else len(err)))
+    return err[max(0, cut - 3000) : cut] if cut > 0 else err[-3000:]
+
+
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "steadylm", *args], env=env, text=True, stdout=subprocess.PIPE,
@@ -322,7 +329,7 @@ def torchrun(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step(env: dict[str, str], tmp_path: Path) -> None:
     reference, run = tmp_path / "reference", tmp_path / "run"
     ref = torchrun(train_args(reference, STEPS, "--parallel", "ddp"), env)
-    assert ref.wait(timeout=600) == 0, ref.communicate()[1][-2000:]
+    assert ref.wait(timeout=600) == 0, ranks_stderr(ref.communicate()[1])
 
     agent = torchrun(train_args(run, STEPS, "--parallel", "ddp"), env)
     pids = _rank_pids(agent, 2)
@@ -336,7 +343,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step(env: dict[str, str],
 
     resumed = torchrun(train_args(run, STEPS, "--parallel", "ddp", "--resume"), env)
     _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-2000:]
+    assert resumed.returncode == 0, ranks_stderr(err)
     assert losses(run) == losses(reference)
 
 
