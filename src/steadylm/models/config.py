@@ -289,8 +289,7 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (see :data:`PRESETS`) with ``overrides`` applied, validated."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {list(PRESETS)}")
+        check_choice("model preset", name, PRESETS)
         unknown = sorted(set(overrides) - _field_names())
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}; fields are {sorted(_field_names())}")
