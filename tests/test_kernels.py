@@ -630,6 +630,17 @@ def test_same_names_and_signatures_as_functional():
         ], name
 
 
+def test_triton_backwards_keep_the_math_kernels_signatures():
+    """The Triton backwards are drop-ins for the ``_math`` kernels of the same name: the library's
+    norm ops call either with the arguments it reads off the ``_math`` signature."""
+    import inspect
+
+    from steadylm.kernels import _math, triton_norms
+
+    for name in ("rms_norm_bwd", "bhyt_bwd"):
+        assert inspect.signature(getattr(triton_norms, name)) == inspect.signature(getattr(_math, name)), name
+
+
 # --------------------------------------------------------------------------------------------
 # compiled kernels (one small shape per op, so each op compiles once forward + once backward)
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ The public, validated entry points are in :mod:`steadylm.kernels.ops`; call thos
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -77,35 +78,112 @@ def _stat_like(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], 1), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def _norm_backward(kernel: str, x: Tensor, eps: float, args: tuple, flags: dict, marked: tuple) -> tuple:
-    """A norm's backward ``kernel`` (``rms_norm_bwd``/``bhyt_bwd``) on ``args`` (``x`` first) with
-    keyword ``flags``: on CUDA the one-pass Triton kernel, else the compiled ``_math`` one."""
-    if triton_norms.usable(x, eps):  # CUDA: one pass for dx and the parameter gradients
-        return getattr(triton_norms, kernel)(*args, **flags)
-    _mark(*marked)
-    return _kernel(kernel, x)(*args, **flags)
-
-
 @dataclass(frozen=True)
 class OpParts:
     """One fused op, written once (see the module doc)."""
 
-    forward: Callable[..., Any]  # the forward custom op's body (its signature is the op's schema)
-    backward: Callable[..., Any]  # the backward custom op's body
+    forward: Callable[..., Any]  # the forward custom op's body (the schema: its signature, or forward_schema)
+    backward: Callable[..., Any]  # the backward custom op's body (likewise: backward_schema)
     forward_fake: Callable[..., Any]
     backward_fake: Callable[..., Any]
     setup: Callable[[Any, tuple, Any], None]  # autograd setup_context(ctx, inputs, output)
     autograd: Callable[[Callable[..., Any]], Callable[..., Any]]  # backward callable -> backward(ctx, *grads)
+    forward_schema: str | None = None  # the norms: built from their _math kernels' signatures (_NormOp)
+    backward_schema: str | None = None
 
 
-def _norm_parts(
-    forward: Callable[..., Any],
-    backward: Callable[..., Any],
-    forward_fake: Callable[..., Any],
-    backward_fake: Callable[..., Any],
-    gates: tuple[int | None, ...],
-    passed: tuple[int, ...],
-) -> OpParts:
+@dataclass(frozen=True)
+class _Call:
+    """How a norm op's body calls its ``_math`` kernel: the op takes ``names`` (positionally), the
+    kernel its positional ``tensors`` and its keyword-only ``flags``."""
+
+    kernel: str  # looked up by name at call time (tests monkeypatch _math and triton_norms)
+    names: tuple[str, ...]
+    tensors: tuple[str, ...]
+    flags: tuple[str, ...]
+    schema: str
+
+    @classmethod
+    def of(cls, kernel: str, outputs: int, first: tuple[str, ...] = ()) -> _Call:
+        """The op takes ``first`` (tensors), the kernel's other tensors, then its other keyword-only
+        arguments (flags), positional, less ``allow_upscale``; it returns ``outputs`` tensors."""
+        sig = inspect.signature(getattr(_math, kernel), eval_str=True).parameters
+        tensors = tuple(n for n, p in sig.items() if p.kind is p.POSITIONAL_OR_KEYWORD)
+        flags = tuple(n for n, p in sig.items() if p.kind is p.KEYWORD_ONLY)
+        assert all(sig[n].annotation is Tensor for n in tensors), kernel
+        op_tensors = first + tuple(n for n in tensors if n not in first)
+        op_flags = tuple(n for n in flags if n not in op_tensors and n != "allow_upscale")
+        arguments = [f"Tensor {n}" for n in op_tensors] + [f"{sig[n].annotation.__name__} {n}" for n in op_flags]
+        returns = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
+        return cls(kernel, op_tensors + op_flags, tensors, flags, f"({', '.join(arguments)}) -> {returns}")
+
+    def args(self, a: dict[str, Any]) -> tuple[list[Tensor], dict[str, Any]]:
+        """The kernel's arguments from the op's (``a``, by name)."""
+        flags = {n: _allow_upscale(a["eps"]) if n == "allow_upscale" else a[n] for n in self.flags}
+        return [a[n] for n in self.tensors], flags
+
+
+#: A body's arguments, by name -> some of its tensors (or None).
+_Rows = Callable[[dict[str, Any]], tuple[Tensor | None, ...]]
+
+
+@dataclass(frozen=True)
+class _NormOp:
+    """A norm's forward and backward op bodies and fakes, their parameter lists read off its
+    ``_math`` kernels ``<name>_fwd`` and ``<name>_bwd``.
+
+    Why: a kernel's signature is where that list is written (the Triton drop-in of
+    :mod:`.triton_norms` keeps the same contract); restating it here as each body's signature, for
+    ``custom_op`` to infer the schema from, was one more copy to keep in step by hand. So the
+    schemas are built from the kernels' signatures (:meth:`_Call.of`) and the bodies take their
+    arguments generically, by name: the forward op the forward kernel's tensors, then its flags;
+    the backward op ``x``, each parameter it returns a gradient for (as named by the kernel's
+    ``need_<param>_grad`` flags; DyT's ``bias`` too, which its kernel does not read), ``dy``, then
+    its flags (the BHyT block's op also takes its forward's statistic ``v`` before ``dy``: ``saved``).
+    Flags are positional in the schema and never include ``allow_upscale``, which is derived from
+    ``eps`` (:func:`_allow_upscale`).
+    """
+
+    fwd: _Call
+    bwd: _Call
+    params: tuple[str, ...]  # the inputs besides x whose gradients the backward op returns
+    rows: _Rows  # the tensors besides x and dy whose dim 0 is the rows (to mark dynamic)
+
+    @classmethod
+    def of(cls, name: str, rows: _Rows = lambda a: (), saved: tuple[str, ...] = (), outputs: int = 1) -> _NormOp:
+        """Kernels ``<name>_fwd`` (returning ``outputs`` tensors) and ``<name>_bwd``."""
+        flags = inspect.signature(getattr(_math, f"{name}_bwd")).parameters
+        params = tuple(n[len("need_") : -len("_grad")] for n in flags if n.startswith("need_") and n.endswith("_grad"))
+        bwd = _Call.of(f"{name}_bwd", 1 + len(params), first=("x", *params, *saved))
+        return cls(_Call.of(f"{name}_fwd", outputs), bwd, params, rows)
+
+    def forward(self, *args: Any) -> Tensor:
+        a = dict(zip(self.fwd.names, args))
+        tensors, flags = self.fwd.args(a)
+        _mark(a["x"], *self.rows(a))
+        return _kernel(self.fwd.kernel, a["x"])(*tensors, **flags)
+
+    def backward(self, *args: Any) -> tuple[Tensor, ...]:
+        a = dict(zip(self.bwd.names, args))
+        tensors, flags = self.bwd.args(a)
+        if hasattr(triton_norms, self.bwd.kernel) and triton_norms.usable(a["x"], a["eps"]):
+            # CUDA: the one-pass Triton drop-in, dx and the parameter gradients together.
+            dx, *grads = getattr(triton_norms, self.bwd.kernel)(*tensors, **flags)
+        else:
+            _mark(a["x"], a["dy"], *self.rows(a))
+            dx, *grads = _kernel(self.bwd.kernel, a["x"])(*tensors, **flags)
+        # Each gradient in its parameter's dtype (DyT's kernel never sees β: its dβ is fp32).
+        return (dx, *(_or_absent(g if g is None else g.to(a[p].dtype), a[p]) for p, g in zip(self.params, grads)))
+
+    def forward_fake(self, *args: Any) -> Tensor:
+        return torch.empty_like(args[0])
+
+    def backward_fake(self, *args: Any) -> tuple[Tensor, ...]:
+        a = dict(zip(self.bwd.names, args))
+        return _grads_like(a["x"], *((a[p], a[f"need_{p}_grad"]) for p in self.params))
+
+
+def _norm_parts(op: _NormOp, gates: tuple[int | None, ...], passed: tuple[int, ...]) -> OpParts:
     """A norm whose inputs are its tensors (``x``, then its parameters) and then its flags, and
     whose backward op takes the saved tensors, ``dy``, the flags at indices ``passed`` and, per
     parameter, whether its gradient is wanted: its input needs one and its flag (the index in
@@ -125,7 +203,13 @@ def _norm_parts(
 
         return backward_fn
 
-    return OpParts(forward, backward, forward_fake, backward_fake, setup, autograd)
+    parts = (op.forward, op.backward, op.forward_fake, op.backward_fake, setup, autograd)
+    return OpParts(*parts, forward_schema=op.fwd.schema, backward_schema=op.bwd.schema)
+
+
+def _bhyt_rows(a: dict[str, Any]) -> tuple[Tensor | None, ...]:
+    """BHyT's rows besides x (and dy): a given variance is ``[tokens, 1]``."""
+    return (a["variance"] if a["use_variance"] else None,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,32 +283,6 @@ def _gated(forward: Callable[..., Any], backward: Callable[..., Any]) -> OpParts
 
 
 # --------------------------------------------------------------------------------------------
-# RMSNorm
-# --------------------------------------------------------------------------------------------
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
-    _mark(x)
-    return _kernel("rms_norm_fwd", x)(x, weight, eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps))
-
-
-def _rms_norm_backward(
-    x: Tensor, weight: Tensor, dy: Tensor, eps: float, has_weight: bool, need_weight_grad: bool
-) -> tuple[Tensor, Tensor]:
-    flags = dict(eps=eps, has_weight=has_weight, allow_upscale=_allow_upscale(eps), need_weight_grad=need_weight_grad)
-    dx, dw = _norm_backward("rms_norm_bwd", x, eps, (x, weight, dy), flags, (x, dy))
-    return dx, _or_absent(dw, weight)
-
-
-def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float, has_weight: bool) -> Tensor:
-    return torch.empty_like(x)
-
-
-def _rms_norm_backward_fake(x, weight, dy, eps, has_weight, need_weight_grad):
-    return _grads_like(x, (weight, need_weight_grad))
-
-
-# --------------------------------------------------------------------------------------------
 # mean square (the BHyT block statistic on its own)
 # --------------------------------------------------------------------------------------------
 
@@ -261,127 +319,17 @@ def _ms_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# DyT
-# --------------------------------------------------------------------------------------------
-
-
-def _dyt(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
-    _mark(x)
-    return _kernel("dyt_fwd", x)(x, weight, alpha, bias, has_weight=has_weight, has_bias=has_bias)
-
-
-def _dyt_backward(
-    x: Tensor,
-    weight: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
-    dy: Tensor,
-    has_weight: bool,
-    need_weight_grad: bool,
-    need_alpha_grad: bool,
-    need_bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _mark(x, dy)
-    dx, dw, da, db = _kernel("dyt_bwd", x)(x, weight, alpha, dy, has_weight=has_weight, need_weight_grad=need_weight_grad,
-                          need_alpha_grad=need_alpha_grad, need_bias_grad=need_bias_grad)
-    db = db.to(bias.dtype) if db is not None else None
-    return dx, _or_absent(dw, weight), _or_absent(da, alpha), _or_absent(db, bias)
-
-
-def _dyt_fake(x, weight, alpha, bias, has_weight, has_bias):
-    return torch.empty_like(x)
-
-
-def _dyt_backward_fake(x, weight, alpha, bias, dy, has_weight, need_w, need_alpha, need_bias):
-    return _grads_like(x, (weight, need_w), (alpha, need_alpha), (bias, need_bias))
-
-
-# --------------------------------------------------------------------------------------------
-# BHyT (one site, own statistic or a given variance)
-# --------------------------------------------------------------------------------------------
-
-
-def _bhyt(
-    x: Tensor,
-    weight: Tensor,
-    lam: Tensor,
-    variance: Tensor,
-    kappa: float,
-    eps: float,
-    has_weight: bool,
-    use_variance: bool,
-) -> Tensor:
-    _mark(x, variance if use_variance else None)
-    return _kernel("bhyt_fwd", x)(x, weight, lam, variance, kappa=kappa, eps=eps, has_weight=has_weight,
-                use_variance=use_variance, allow_upscale=_allow_upscale(eps))
-
-
-def _bhyt_backward(
-    x: Tensor,
-    weight: Tensor,
-    lam: Tensor,
-    variance: Tensor,
-    dy: Tensor,
-    kappa: float,
-    eps: float,
-    has_weight: bool,
-    use_variance: bool,
-    need_weight_grad: bool,
-    need_lam_grad: bool,
-    need_variance_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    flags = dict(kappa=kappa, eps=eps, has_weight=has_weight, use_variance=use_variance, allow_upscale=_allow_upscale(eps),
-                 need_weight_grad=need_weight_grad, need_lam_grad=need_lam_grad, need_variance_grad=need_variance_grad)
-    marked = (x, dy, variance if use_variance else None)
-    dx, dw, dl, dv = _norm_backward("bhyt_bwd", x, eps, (x, weight, lam, variance, dy), flags, marked)
-    return dx, _or_absent(dw, weight), _or_absent(dl, lam), _or_absent(dv, variance)
-
-
-def _bhyt_fake(x, weight, lam, variance, kappa, eps, has_weight, use_variance):
-    return torch.empty_like(x)
-
-
-def _bhyt_backward_fake(x, weight, lam, variance, dy, kappa, eps, has_weight, use_variance, need_w, need_lam, need_var):
-    return _grads_like(x, (weight, need_w), (lam, need_lam), (variance, need_var))
-
-
-# --------------------------------------------------------------------------------------------
 # BHyT block, first site: output and the block statistic v from one kernel
 # --------------------------------------------------------------------------------------------
 
 
-def _bhyt_and_mean_square(
-    x: Tensor, weight: Tensor, lam: Tensor, kappa: float, eps: float, has_weight: bool
-) -> tuple[Tensor, Tensor]:
-    _mark(x)
-    return _kernel("bhyt_ms_fwd", x)(x, weight, lam, kappa=kappa, eps=eps, has_weight=has_weight)
+#: v is the forward's second output, saved for the backward; the block's backward takes it and its
+#: gradient dv (``[tokens, 1]``, like v).
+_BMS = _NormOp.of("bhyt_ms", lambda a: (a.get("v"), a.get("dv")), saved=("v",), outputs=2)
 
 
-def _bhyt_and_mean_square_backward(
-    x: Tensor,
-    weight: Tensor,
-    lam: Tensor,
-    v: Tensor,
-    dy: Tensor,
-    dv: Tensor,
-    kappa: float,
-    eps: float,
-    has_weight: bool,
-    need_weight_grad: bool,
-    need_lam_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    _mark(x, v, dy, dv)
-    dx, dw, dl = _kernel("bhyt_ms_bwd", x)(x, weight, lam, dy, dv, kappa=kappa, eps=eps, has_weight=has_weight,
-                      need_weight_grad=need_weight_grad, need_lam_grad=need_lam_grad, v=v)
-    return dx, _or_absent(dw, weight), _or_absent(dl, lam)
-
-
-def _bms_fake(x, weight, lam, kappa, eps, has_weight):
+def _bms_fake(x: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), _stat_like(x)
-
-
-def _bms_backward_fake(x, weight, lam, v, dy, dv, kappa, eps, has_weight, need_w, need_lam):
-    return _grads_like(x, (weight, need_w), (lam, need_lam))
 
 
 def _bms_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
@@ -414,16 +362,17 @@ PARTS: dict[str, OpParts] = {
     "powlu_glu": _gated(_powlu_glu, _powlu_glu_backward),
     "swiglu_clip": _gated(_swiglu_clip, _swiglu_clip_backward),
     # flags: (eps, has_weight); γ's gradient needs has_weight.
-    "rms_norm": _norm_parts(_rms_norm, _rms_norm_backward, _rms_norm_fake, _rms_norm_backward_fake, (1,), (0, 1)),
+    "rms_norm": _norm_parts(_NormOp.of("rms_norm"), (1,), (0, 1)),
     "mean_square": OpParts(
         _mean_square, _mean_square_backward, _mean_square_fake, _mean_square_backward_fake, _ms_setup, _ms_autograd
     ),
     # flags: (has_weight, has_bias); parameters γ, α, β.
-    "dyt": _norm_parts(_dyt, _dyt_backward, _dyt_fake, _dyt_backward_fake, (0, None, 1), (0,)),
+    "dyt": _norm_parts(_NormOp.of("dyt"), (0, None, 1), (0,)),
     # flags: (kappa, eps, has_weight, use_variance); parameters γ, λ and the given variance.
-    "bhyt": _norm_parts(_bhyt, _bhyt_backward, _bhyt_fake, _bhyt_backward_fake, (2, None, 3), (0, 1, 2, 3)),
+    "bhyt": _norm_parts(_NormOp.of("bhyt", _bhyt_rows), (2, None, 3), (0, 1, 2, 3)),
     "bhyt_and_mean_square": OpParts(
-        _bhyt_and_mean_square, _bhyt_and_mean_square_backward, _bms_fake, _bms_backward_fake, _bms_setup, _bms_autograd
+        _BMS.forward, _BMS.backward, _bms_fake, _BMS.backward_fake, _bms_setup, _bms_autograd,
+        forward_schema=_BMS.fwd.schema, backward_schema=_BMS.bwd.schema,
     ),
 }
 
@@ -431,8 +380,10 @@ PARTS: dict[str, OpParts] = {
 def _register(name: str) -> tuple[Any, Any]:
     """``steadylm::<name>`` and ``steadylm::<name>_backward`` from ``PARTS[name]``, fakes and autograd."""
     parts = PARTS[name]
-    forward = torch.library.custom_op(f"steadylm::{name}", parts.forward, mutates_args=())
-    backward = torch.library.custom_op(f"steadylm::{name}_backward", parts.backward, mutates_args=())
+    forward = torch.library.custom_op(f"steadylm::{name}", parts.forward, mutates_args=(), schema=parts.forward_schema)
+    backward = torch.library.custom_op(
+        f"steadylm::{name}_backward", parts.backward, mutates_args=(), schema=parts.backward_schema
+    )
     forward.register_fake(parts.forward_fake)
     backward.register_fake(parts.backward_fake)
     forward.register_autograd(parts.autograd(backward), setup_context=parts.setup)
