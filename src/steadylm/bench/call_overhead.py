@@ -1,12 +1,15 @@
 """What one fused-op call costs when the op has almost no work: the eager decode case.
 
 In an eager decode step every norm and activation sees 1-8 rows, so a call's cost is its overhead:
-the Python wrapper in :mod:`steadylm.kernels.ops`, Dynamo's frame evaluation and guards, the AOT
-runtime wrapper, and (for a dynamic row count) Inductor's OpenMP region. This times, per call and
-side by side in one process, the layers of that stack and the block-level pairs a decode step runs,
-next to the eager ATen RMSNorm a Hugging Face Llama runs:
+the Python wrapper in :mod:`steadylm.kernels.ops`, Dynamo's frame evaluation and guards (skipped
+by the direct builds), the AOT runtime wrapper, and (for a dynamic row count) Inductor's OpenMP
+region. This times, per call and side by side in one process, the layers of that stack and the
+block-level pairs a decode step runs, next to the eager ATen RMSNorm a Hugging Face Llama runs:
 
-* ``kernel <name>``: the compiled ``_math`` function alone (the build :mod:`.._compile` picks);
+* ``kernel <name>``: the compiled ``_math`` function alone through Dynamo (the build
+  :func:`.._compile._kernel` picks when gradients are wanted);
+* ``direct <name>``: the same kernel as a direct build (:func:`.._compile.forward`: traced and
+  compiled by Inductor without Dynamo), what a forward-only call runs on CPU;
 * ``ops.<op>``: the public fused op (validation, flattening, the no-grad fast path);
 * ``RMSNorm pair`` / ``BHyT pair``: a micro-preset layer's two norm sites as its forward runs them
   (the BHyT pair: first site with its statistic, the frozen shift add, second site);
@@ -78,6 +81,11 @@ def _cases(rows: int, dim: int, ffn_dim: int) -> dict[str, Callable[[], Any]]:
         "kernel bhyt_fwd (variance)": lambda: bhyt_kernel(flat, weight, lam.reshape(()), v_flat, kappa=10.0,
                                                           eps=1e-6, has_weight=True, use_variance=True,
                                                           allow_upscale=False),
+        "direct rms_norm_fwd": lambda: _compile.forward(_math.rms_norm_fwd, (0,), flat, weight, eps=1e-6,
+                                                         has_weight=True, allow_upscale=False),
+        "direct bhyt_fwd (variance)": lambda: _compile.forward(_math.bhyt_fwd, (0, 3), flat, weight, lam.reshape(()),
+                                                                v_flat, kappa=10.0, eps=1e-6, has_weight=True,
+                                                                use_variance=True, allow_upscale=False),
         "ops.rms_norm": lambda: ops.rms_norm(x, weight, 1e-6),
         "ops.bhyt_and_mean_square": lambda: ops.bhyt_and_mean_square(x, weight, lam, 10.0, 1e-6),
         "ops.bhyt (variance)": lambda: ops.bhyt(x, weight, lam, 10.0, 1e-6, variance=variance),

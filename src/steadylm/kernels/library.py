@@ -45,6 +45,12 @@ def _kernel(fn_name: str, like: Tensor) -> Callable[..., Any]:
     return _compile._kernel(getattr(_math, fn_name), like)
 
 
+def _forward(fn_name: str, rows: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
+    """Forward kernel ``fn_name`` on ``args`` (``rows``: the positions of those whose dim 0 is the
+    row count): a direct build when no gradient is wanted (:func:`steadylm.kernels._compile.forward`)."""
+    return _compile.forward(getattr(_math, fn_name), rows, *args, **kwargs)
+
+
 def _mark(*tensors: Tensor | None) -> None:
     _compile._mark_rows_dynamic(*tensors)
 
@@ -123,8 +129,8 @@ class _Call:
         return [a[n] for n in self.tensors], flags
 
 
-#: A body's arguments, by name -> some of its tensors (or None).
-_Rows = Callable[[dict[str, Any]], tuple[Tensor | None, ...]]
+#: A body's arguments, by name -> the names of its tensors besides x and dy whose dim 0 is the rows.
+_Rows = Callable[[dict[str, Any]], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ class _NormOp:
     fwd: _Call
     bwd: _Call
     params: tuple[str, ...]  # the inputs besides x whose gradients the backward op returns
-    rows: _Rows  # the tensors besides x and dy whose dim 0 is the rows (to mark dynamic)
+    rows: _Rows  # the tensors besides x and dy whose dim 0 is the rows (dynamic in the builds)
 
     @classmethod
     def of(cls, name: str, rows: _Rows = lambda a: (), saved: tuple[str, ...] = (), outputs: int = 1) -> _NormOp:
@@ -160,8 +166,8 @@ class _NormOp:
     def forward(self, *args: Any) -> Tensor:
         a = dict(zip(self.fwd.names, args))
         tensors, flags = self.fwd.args(a)
-        _mark(a["x"], *self.rows(a))
-        return _kernel(self.fwd.kernel, a["x"])(*tensors, **flags)
+        rows = (0, *(self.fwd.tensors.index(n) for n in self.rows(a)))  # x is the kernel's first tensor
+        return _forward(self.fwd.kernel, rows, *tensors, **flags)
 
     def backward(self, *args: Any) -> tuple[Tensor, ...]:
         a = dict(zip(self.bwd.names, args))
@@ -170,7 +176,7 @@ class _NormOp:
             # CUDA: the one-pass Triton drop-in, dx and the parameter gradients together.
             dx, *grads = getattr(triton_norms, self.bwd.kernel)(*tensors, **flags)
         else:
-            _mark(a["x"], a["dy"], *self.rows(a))
+            _mark(a["x"], a["dy"], *(a[n] for n in self.rows(a)))
             dx, *grads = _kernel(self.bwd.kernel, a["x"])(*tensors, **flags)
         # Each gradient in its parameter's dtype (DyT's kernel never sees β: its dβ is fp32).
         return (dx, *(_or_absent(g if g is None else g.to(a[p].dtype), a[p]) for p, g in zip(self.params, grads)))
@@ -207,9 +213,9 @@ def _norm_parts(op: _NormOp, gates: tuple[int | None, ...], passed: tuple[int, .
     return OpParts(*parts, forward_schema=op.fwd.schema, backward_schema=op.bwd.schema)
 
 
-def _bhyt_rows(a: dict[str, Any]) -> tuple[Tensor | None, ...]:
+def _bhyt_rows(a: dict[str, Any]) -> tuple[str, ...]:
     """BHyT's rows besides x (and dy): a given variance is ``[tokens, 1]``."""
-    return (a["variance"] if a["use_variance"] else None,)
+    return ("variance",) if a["use_variance"] else ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +230,7 @@ def _clip_hparams(variant: str, limit: float, alpha: float) -> tuple[float, ...]
 
 
 def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    _mark(gate, up)
-    return _kernel("swiglu_fwd", gate)(gate, up)
+    return _forward("swiglu_fwd", (0, 1), gate, up)
 
 
 def _swiglu_backward(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,8 +239,7 @@ def _swiglu_backward(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tens
 
 
 def _powlu_glu(gate: Tensor, up: Tensor, m: float) -> Tensor:
-    _mark(gate, up)
-    return _kernel("powlu_glu_fwd", gate)(gate, up, m)
+    return _forward("powlu_glu_fwd", (0, 1), gate, up, m)
 
 
 def _powlu_glu_backward(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
@@ -244,8 +248,7 @@ def _powlu_glu_backward(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple
 
 
 def _swiglu_clip(gate: Tensor, up: Tensor, limit: float, variant: str, alpha: float) -> Tensor:
-    _mark(gate, up)
-    return _kernel(_CLIP_FNS[variant] + "_fwd", gate)(gate, up, *_clip_hparams(variant, limit, alpha))
+    return _forward(_CLIP_FNS[variant] + "_fwd", (0, 1), gate, up, *_clip_hparams(variant, limit, alpha))
 
 
 def _swiglu_clip_backward(
@@ -288,9 +291,8 @@ def _gated(forward: Callable[..., Any], backward: Callable[..., Any]) -> OpParts
 
 
 def _mean_square(x: Tensor) -> Tensor:
-    _mark(x)
     # Always rescue tiny rows: there is no ε here, so their Σx² would lose precision to underflow.
-    return _kernel("mean_square_fwd", x)(x, allow_upscale=True)
+    return _forward("mean_square_fwd", (0,), x, allow_upscale=True)
 
 
 def _mean_square_backward(x: Tensor, dv: Tensor) -> Tensor:
@@ -325,7 +327,7 @@ def _ms_autograd(backward_op: Callable[..., Any]) -> Callable[..., Any]:
 
 #: v is the forward's second output, saved for the backward; the block's backward takes it and its
 #: gradient dv (``[tokens, 1]``, like v).
-_BMS = _NormOp.of("bhyt_ms", lambda a: (a.get("v"), a.get("dv")), saved=("v",), outputs=2)
+_BMS = _NormOp.of("bhyt_ms", lambda a: ("v", "dv") if "dv" in a else (), saved=("v",), outputs=2)
 
 
 def _bms_fake(x: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:

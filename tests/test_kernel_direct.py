@@ -1,0 +1,144 @@
+"""Forward-only fused calls run *direct builds* (``kernels._compile.forward``).
+
+In an eager decode step each fused op has a few microseconds of work, and Dynamo's frame
+evaluation and guards around the compiled kernel cost more than that. With grad mode off on CPU
+the forward kernel is traced once to an ATen graph and compiled by Inductor without Dynamo; the
+build is keyed on everything it specialises on, so it needs no guards. These tests hold it to the
+Dynamo build's exact bits, to one build for every row count, and to its limits (gradients,
+compiled models, non-contiguous inputs and other devices take the Dynamo build).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steadylm.kernels import _compile, _math, ops
+
+pytestmark = pytest.mark.skipif(
+    not _compile.compile_enabled(), reason="fused kernels run eagerly (STEADYLM_COMPILE_KERNELS=0)"
+)
+
+D = 96  # not a multiple of the 16-lane vector: the builds' tail loops run too
+
+
+def _rows(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``n`` rows of width D, with huge and tiny rows among them (the norms' rescue paths)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    if n >= 3:
+        x[1] *= 1e30 if dtype == torch.float32 else 1e20
+        x[2] *= 1e-30 if dtype == torch.float32 else 1e-20
+    return x.to(dtype)
+
+
+def _cases(dtype: torch.dtype, n: int) -> dict[str, tuple]:
+    x = _rows(n, dtype, 0)
+    gate, up = _rows(n, dtype, 1).clamp(-40, 40), _rows(n, dtype, 2).clamp(-40, 40)
+    w = (1.0 + 0.1 * torch.randn(D, generator=torch.Generator().manual_seed(3))).to(dtype)
+    variance = torch.rand(n, 1, generator=torch.Generator().manual_seed(4)) + 0.5
+    lam = torch.tensor(1.7)
+    return {
+        "swiglu": (ops.swiglu, gate, up),
+        "powlu_glu": (ops.powlu_glu, gate, up, 3.0),
+        "swiglu_clip gptoss": (ops.swiglu_clip, gate, up, 7.0, "gptoss", 1.702),
+        "swiglu_clip clamp": (ops.swiglu_clip, gate, up, 5.0, "clamp"),
+        "rms_norm": (ops.rms_norm, x, w, 1e-6),
+        "rms_norm no weight": (ops.rms_norm, x, None, 1e-6),
+        "mean_square": (ops.mean_square, x),
+        "dyt": (ops.dyt, x, w, torch.tensor(0.8), w * 0.1),
+        "bhyt": (ops.bhyt, x, w, lam, 10.0, 1e-6),
+        "bhyt variance": (ops.bhyt, x, w, lam, 10.0, 1e-6, variance),
+        "bhyt_and_mean_square": (ops.bhyt_and_mean_square, x, w, lam, 10.0, 1e-6),
+    }
+
+
+def _flat(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 5, 400], ids=["1row", "5rows", "400rows"])
+def test_direct_builds_give_the_dynamo_builds_bits(dtype, n):
+    # 400 × 96 elements is above SERIAL_BELOW: the parallel build; 1 and 5 rows: the serial one.
+    for name, (op, *args) in _cases(dtype, n).items():
+        with torch.enable_grad():  # nothing requires grad: the forward kernel through Dynamo
+            dynamo = _flat(op(*args))
+        with torch.no_grad():  # the direct build
+            direct = _flat(op(*args))
+        for a, b in zip(direct, dynamo):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a, b), f"{name}: direct and Dynamo builds differ ({dtype}, {n} rows)"
+
+
+def _builds(fn) -> list[tuple]:
+    return [key for key in _compile._DIRECT if key[0] is fn]
+
+
+def test_one_direct_build_serves_every_row_count():
+    w = torch.ones(D)
+    with torch.no_grad():
+        ops.rms_norm(torch.randn(3, D), w)
+        before = len(_builds(_math.rms_norm_fwd))
+        for rows in (1, 2, 7, 33, 64):
+            ops.rms_norm(torch.randn(rows, 1, D), w)
+    assert before >= 1 and len(_builds(_math.rms_norm_fwd)) == before
+
+
+def test_direct_builds_are_serial_below_the_grain_size(monkeypatch):
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    w = torch.ones(256)
+    with torch.no_grad():
+        ops.rms_norm(torch.randn(4, 1, 256), w)
+        ops.rms_norm(torch.randn(8, 256, 256), w)
+    assert [key[1] for key in _compile._DIRECT] == [True, False]  # (fn, serial, ...)
+
+
+def test_grad_mode_compiled_models_and_strided_inputs_take_the_dynamo_build(monkeypatch):
+    built = []
+    real = _compile._build_direct
+
+    def spy(fn, *rest):
+        built.append(fn.__name__)
+        return real(fn, *rest)
+
+    monkeypatch.setattr(_compile, "_build_direct", spy)
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    w = torch.ones(D)
+    with torch.enable_grad():
+        ops.rms_norm(torch.randn(4, D), w)  # grad mode on, nothing requires grad: the Dynamo build
+    with torch.no_grad():
+        ops.rms_norm(torch.randn(D, 8).t(), w)  # rows not contiguous
+        ops.rms_norm(torch.randn(0, D), w)  # no rows
+
+        @torch.compile(fullgraph=True)
+        def compiled(t):
+            return ops.rms_norm(t, w) * 2
+
+        compiled(torch.randn(4, D))  # traced into the outer graph
+    assert built == []
+    with torch.no_grad():
+        ops.rms_norm(torch.randn(4, D), w)
+    assert built == ["rms_norm_fwd"]
+
+
+def test_the_custom_ops_forward_runs_the_direct_build(monkeypatch):
+    # Autograd runs a custom op's body with grad mode off, so a training forward takes the direct
+    # build too (its bits are the Dynamo build's: above); the backward kernels keep Dynamo's.
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    x = torch.randn(4, D, requires_grad=True)
+    w = torch.ones(D, requires_grad=True)
+    ops.rms_norm(x, w).sum().backward()
+    assert [key[0].__name__ for key in _compile._DIRECT] == ["rms_norm_fwd"]
+    assert x.grad is not None and w.grad is not None
+
+
+def test_switched_off_and_on_give_the_same_bits(monkeypatch):
+    x, w = _rows(6, torch.float32, 5), torch.ones(D)
+    with torch.no_grad():
+        direct = ops.bhyt_and_mean_square(x, w, 2.0)
+        monkeypatch.setattr(_compile, "_direct_enabled", False)
+        monkeypatch.setattr(_compile, "_build_direct", None)  # would fail if reached
+        dynamo = ops.bhyt_and_mean_square(x, w, 2.0)
+    for a, b in zip(direct, dynamo):
+        assert torch.equal(a, b)
