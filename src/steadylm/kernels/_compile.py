@@ -95,14 +95,15 @@ def _kernel(fn: Callable[..., Any], like: Tensor) -> Callable[..., Any]:
     return _compiled(fn, like.device.type == "cpu" and like.numel() < SERIAL_BELOW)
 
 
-#: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`). Measured on CPU: a
-#: decode-sized RMSNorm forward costs 13 µs through Dynamo and 6 µs called directly (HF's eager
-#: 7-op RMSNorm: 9.4 µs). CUDA keeps the Dynamo builds until the same is measured there.
+#: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`).
+#: Measured on CPU: a decode-sized RMSNorm kernel costs 13 µs through Dynamo and 6 µs called
+#: directly (HF's eager 7-op RMSNorm: 9.4 µs). CUDA keeps the Dynamo builds until measured there.
 DIRECT_DEVICES: frozenset[str] = frozenset({"cpu"})
 
 _direct_enabled: bool = os.environ.get("STEADYLM_DIRECT_KERNELS", "1").strip() not in ("0", "false", "no")
 
-#: (fn, serial, non-tensor arguments, per-argument tensor key) -> the direct build.
+#: (fn, serial, rows, keyword arguments, then per positional argument its value or, for a tensor,
+#: (dtype, device, non-row sizes)) -> the direct build.
 _DIRECT: dict[tuple, Callable[..., Any]] = {}
 
 
@@ -150,13 +151,13 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     whose dim 0 is the token (or element) count.
 
     With grad mode off (decoding, evaluation, and the body of a custom op, which autograd runs
-    without grad mode) on a :data:`DIRECT_DEVICES` device, this runs a *direct build*: the kernel traced once to an ATen graph and compiled by Inductor
-    (``torch._inductor.standalone_compile``), then called without Dynamo's frame evaluation and
-    guards, which are most of a decode-sized call. Its cache key is everything the build
-    specialises on (dtypes, devices, the non-row sizes, the non-tensor arguments), so it needs no
-    guard, and gives the Dynamo build's bits (tests/test_kernel_direct.py). Anything else (grad
-    mode on, under an outer ``torch.compile``, other devices, empty or non-contiguous inputs) takes
-    :func:`_kernel`'s Dynamo build.
+    without grad mode) on a :data:`DIRECT_DEVICES` device, this runs a *direct build*: the kernel
+    traced once to an ATen graph and compiled by Inductor (``torch._inductor.standalone_compile``),
+    then called without Dynamo's frame evaluation and guards, which are most of a decode-sized
+    call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
+    sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
+    (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``,
+    other devices, empty or non-contiguous inputs) takes :func:`_kernel`'s Dynamo build.
     """
     like = args[rows[0]]
     if (
