@@ -164,10 +164,16 @@ class _NormOp:
         return cls(_Call.of(f"{name}_fwd", outputs), bwd, params, rows)
 
     def forward(self, *args: Any) -> Tensor:
-        a = dict(zip(self.fwd.names, args))
-        tensors, flags = self.fwd.args(a)
-        rows = (0, *(self.fwd.tensors.index(n) for n in self.rows(a)))  # x is the kernel's first tensor
-        return _forward(self.fwd.kernel, rows, *tensors, **flags)
+        # The forward op's arguments are its kernel's tensors, then its flags, in the kernel's order
+        # (:meth:`_Call.of` with no ``first``): no mapping by name on this path, which is every
+        # decode step's (its Python is a measurable share of a small call).
+        call = self.fwd
+        n = len(call.tensors)
+        flags = dict(zip(call.names[n:], args[n:]))
+        if "allow_upscale" in call.flags:
+            flags["allow_upscale"] = _allow_upscale(flags["eps"])
+        rows = (0,) + tuple(map(call.tensors.index, self.rows(flags)))  # x is the kernel's first tensor
+        return _forward(call.kernel, rows, *args[:n], **flags)
 
     def backward(self, *args: Any) -> tuple[Tensor, ...]:
         a = dict(zip(self.bwd.names, args))
