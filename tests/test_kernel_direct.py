@@ -158,3 +158,27 @@ def test_switched_off_and_on_give_the_same_bits(monkeypatch):
         dynamo = ops.bhyt_and_mean_square(x, w, 2.0)
     for a, b in zip(direct, dynamo):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_fused_ops_run_their_aten_math_under_a_dispatch_mode(grad_mode):
+    # Fake tensors (shape inference, meta-device init) and make_fx must see the kernels' ATen ops.
+    # Before, a compiled kernel was called on the fake tensors, read their missing data and crashed
+    # the process (SIGSEGV).
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with torch.set_grad_enabled(grad_mode):
+        with FakeTensorMode():
+            for name, (op, *args) in _cases(torch.float32, 5).items():
+                for out in _flat(op(*args)):
+                    assert isinstance(out, FakeTensor) and out.shape[0] == 5, name
+    # make_fx traces through the op (its proxy mode is a dispatch mode): the kernel's math is in
+    # the graph, and the graph computes what the op does.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gate, up = torch.randn(5, D), torch.randn(5, D)
+    with torch.set_grad_enabled(grad_mode):
+        graph = make_fx(ops.swiglu)(gate, up)
+        expected = ops.swiglu(gate, up)
+    assert any("sigmoid" in str(node.target) for node in graph.graph.nodes)
+    assert torch.equal(graph(gate, up), expected)

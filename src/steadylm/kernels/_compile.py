@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 __all__ = ["compile_enabled", "set_compile"]
 
@@ -87,12 +88,19 @@ def _kernel(fn: Callable[..., Any], like: Tensor) -> Callable[..., Any]:
     when compilation is off.
 
     Under an outer ``torch.compile`` the plain function: Dynamo is already tracing and would
-    inline the inner compiled wrapper anyway. Returned rather than called here so that the
+    inline the inner compiled wrapper anyway; under a dispatch mode too (:func:`_under_dispatch_mode`). Returned rather than called here so that the
     arguments are passed once (a decode step's ops are small enough for that to show).
     """
-    if not _compile_enabled or torch.compiler.is_compiling():
+    if not _compile_enabled or torch.compiler.is_compiling() or _under_dispatch_mode():
         return fn
     return _compiled(fn, like.device.type == "cpu" and like.numel() < SERIAL_BELOW)
+
+
+def _under_dispatch_mode() -> bool:
+    """A ``TorchDispatchMode`` is active (fake tensors, ``make_fx``, ``FlopCounterMode``, ...): it
+    must see the kernel's ATen ops, so the plain function runs (a compiled kernel would run them
+    behind its back; called on fake tensors it read their missing data and crashed)."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 #: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`).
@@ -156,8 +164,9 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     then called without Dynamo's frame evaluation and guards, which are most of a decode-sized
     call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
     sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
-    (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``,
-    other devices, empty or non-contiguous inputs) takes :func:`_kernel`'s Dynamo build.
+    (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile`` or
+    a dispatch mode, other devices, tensor subclasses, empty or non-contiguous inputs) takes
+    :func:`_kernel`'s Dynamo build.
     """
     like = args[rows[0]]
     if (
@@ -167,13 +176,16 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
         and like.device.type in DIRECT_DEVICES
         and like.shape[0] > 0
         and not torch.compiler.is_compiling()
+        and not _under_dispatch_mode()
     ):
         # Written as one loop: at decode sizes the key costs as much as a small kernel.
         key: list[Any] = [fn, like.numel() < SERIAL_BELOW, rows, tuple(kwargs.items())]
         tensors = []
         for i, a in enumerate(args):
             if isinstance(a, Tensor):
-                if not a.is_contiguous():  # the build asserts the strides it was compiled for
+                # Plain tensors only (a subclass may reinterpret its storage), laid out as the build
+                # was compiled for (it asserts the strides).
+                if (type(a) is not Tensor and type(a) is not Parameter) or not a.is_contiguous():
                     break
                 key.append((a.dtype, a.device, a.shape[1:] if i in rows else a.shape))
                 tensors.append(a)
