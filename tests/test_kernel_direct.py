@@ -182,3 +182,13 @@ def test_fused_ops_run_their_aten_math_under_a_dispatch_mode(grad_mode):
         expected = ops.swiglu(gate, up)
     assert any("sigmoid" in str(node.target) for node in graph.graph.nodes)
     assert torch.equal(graph(gate, up), expected)
+
+
+def test_fused_ops_under_vmap_give_the_per_sample_results():
+    # torch.func's wrapped tensors have no storage for a direct build to read: they take Dynamo's.
+    x, w = torch.randn(3, 4, D), torch.ones(D)
+    with torch.no_grad():
+        batched = torch.vmap(lambda t: ops.rms_norm(t, w))(x)
+        per_sample = torch.stack([ops.rms_norm(x[i], w) for i in range(3)])
+    assert torch.equal(batched, per_sample)
+

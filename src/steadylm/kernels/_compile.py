@@ -164,9 +164,9 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     then called without Dynamo's frame evaluation and guards, which are most of a decode-sized
     call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
     sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
-    (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile`` or
-    a dispatch mode, other devices, tensor subclasses, empty or non-contiguous inputs) takes
-    :func:`_kernel`'s Dynamo build.
+    (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``, a
+    dispatch mode or a ``torch.func`` transform, other devices, tensor subclasses, empty or
+    non-contiguous inputs) takes :func:`_kernel`'s Dynamo build.
     """
     like = args[rows[0]]
     if (
@@ -177,6 +177,8 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
         and like.shape[0] > 0
         and not torch.compiler.is_compiling()
         and not _under_dispatch_mode()
+        # Inside torch.func transforms (vmap, grad, ...) tensors are wrappers without storage.
+        and torch._C._functorch.peek_interpreter_stack() is None
     ):
         # Written as one loop: at decode sizes the key costs as much as a small kernel.
         key: list[Any] = [fn, like.numel() < SERIAL_BELOW, rows, tuple(kwargs.items())]
