@@ -190,5 +190,7 @@ def test_fused_ops_under_vmap_give_the_per_sample_results():
     with torch.no_grad():
         batched = torch.vmap(lambda t: ops.rms_norm(t, w))(x)
         per_sample = torch.stack([ops.rms_norm(x[i], w) for i in range(3)])
-    assert torch.equal(batched, per_sample)
+    # Under vmap the kernel runs through batching rules (another rounding order than the fused
+    # kernel's): each element within 4 fp32 ulps of its magnitude (measured: 2).
+    torch.testing.assert_close(batched, per_sample, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
