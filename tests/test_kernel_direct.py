@@ -194,3 +194,14 @@ def test_fused_ops_under_vmap_give_the_per_sample_results():
     # kernel's): each element within 4 fp32 ulps of its magnitude (measured: 2).
     torch.testing.assert_close(batched, per_sample, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
+
+def test_a_build_traced_under_autocast_is_kept_apart(monkeypatch):
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    x, w = torch.randn(4, D), torch.ones(D)
+    with torch.no_grad():
+        plain = ops.rms_norm(x, w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = ops.rms_norm(x, w)
+    assert [key[4] for key in _compile._DIRECT] == [None, torch.bfloat16]
+    assert torch.equal(plain, under)  # the kernels use no autocast-listed op: same graph, same bits
+

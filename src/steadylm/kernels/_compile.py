@@ -110,8 +110,8 @@ DIRECT_DEVICES: frozenset[str] = frozenset({"cpu"})
 
 _direct_enabled: bool = os.environ.get("STEADYLM_DIRECT_KERNELS", "1").strip() not in ("0", "false", "no")
 
-#: (fn, serial, rows, keyword arguments, then per positional argument its value or, for a tensor,
-#: (dtype, device, non-row sizes)) -> the direct build.
+#: (fn, serial, rows, keyword arguments, CPU autocast dtype or None, then per positional argument
+#: its value or, for a tensor, (dtype, device, non-row sizes)) -> the direct build.
 _DIRECT: dict[tuple, Callable[..., Any]] = {}
 
 
@@ -181,7 +181,10 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
         # Written as one loop: at decode sizes the key costs as much as a small kernel.
-        key: list[Any] = [fn, like.numel() < SERIAL_BELOW, rows, tuple(kwargs.items())]
+        # CPU autocast is in the key: a build traced under it would keep its casts (today's kernels
+        # use no autocast-listed op, so their graphs are the same either way: checked in tests).
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        key: list[Any] = [fn, like.numel() < SERIAL_BELOW, rows, tuple(kwargs.items()), autocast]
         tensors = []
         for i, a in enumerate(args):
             if isinstance(a, Tensor):
