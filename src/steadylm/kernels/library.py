@@ -153,7 +153,7 @@ class _NormOp:
     fwd: _Call
     bwd: _Call
     params: tuple[str, ...]  # the inputs besides x whose gradients the backward op returns
-    rows: _Rows  # the tensors besides x and dy whose dim 0 is the rows (dynamic in the builds)
+    rows: _Rows  # names of the tensors besides x and dy whose dim 0 is the rows (dynamic in the builds)
 
     @classmethod
     def of(cls, name: str, rows: _Rows = lambda a: (), saved: tuple[str, ...] = (), outputs: int = 1) -> _NormOp:
@@ -163,7 +163,7 @@ class _NormOp:
         bwd = _Call.of(f"{name}_bwd", 1 + len(params), first=("x", *params, *saved))
         return cls(_Call.of(f"{name}_fwd", outputs), bwd, params, rows)
 
-    def forward(self, *args: Any) -> Tensor:
+    def forward(self, *args: Any) -> Tensor | tuple[Tensor, ...]:
         # The forward op's arguments are its kernel's tensors, then its flags, in the kernel's order
         # (:meth:`_Call.of` with no ``first``): no mapping by name on this path, which is every
         # decode step's (its Python is a measurable share of a small call).
