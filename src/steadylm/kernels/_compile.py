@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn import Parameter
 
 __all__ = ["compile_enabled", "set_compile"]
@@ -88,19 +89,27 @@ def _kernel(fn: Callable[..., Any], like: Tensor) -> Callable[..., Any]:
     when compilation is off.
 
     Under an outer ``torch.compile`` the plain function: Dynamo is already tracing and would
-    inline the inner compiled wrapper anyway; under a dispatch mode too (:func:`_under_dispatch_mode`). Returned rather than called here so that the
-    arguments are passed once (a decode step's ops are small enough for that to show).
+    inline the inner compiled wrapper anyway; under a dispatch mode or forward-mode AD too
+    (:func:`_needs_plain_math`). Returned rather than called here so that the arguments are passed
+    once (a decode step's ops are small enough for that to show).
     """
-    if not _compile_enabled or torch.compiler.is_compiling() or _under_dispatch_mode():
+    if not _compile_enabled or torch.compiler.is_compiling() or _needs_plain_math():
         return fn
     return _compiled(fn, like.device.type == "cpu" and like.numel() < SERIAL_BELOW)
 
 
-def _under_dispatch_mode() -> bool:
-    """A ``TorchDispatchMode`` is active (fake tensors, ``make_fx``, ``FlopCounterMode``, ...): it
-    must see the kernel's ATen ops, so the plain function runs (a compiled kernel would run them
-    behind its back; called on fake tensors it read their missing data and crashed)."""
-    return torch._C._len_torch_dispatch_stack() > 0
+def _needs_plain_math() -> bool:
+    """The plain function must run, not a compiled kernel, when
+
+    * a ``TorchDispatchMode`` is active (fake tensors, ``make_fx``, ``FlopCounterMode``, ...): it
+      must see the kernel's ATen ops (a compiled kernel runs them behind its back; called on fake
+      tensors it read their missing data and crashed);
+    * a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): compiled kernels
+      drop the tangents of dual inputs, silently (with grad mode off every op would have returned
+      no tangent), while the ATen ops carry them. torch has no public query for an open level;
+      ``_current_level`` is the module's own record of it (-1: none).
+    """
+    return torch._C._len_torch_dispatch_stack() > 0 or _forward_ad._current_level >= 0
 
 
 #: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`).
@@ -165,8 +174,9 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
     sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
     (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``, a
-    dispatch mode or a ``torch.func`` transform, other devices, tensor subclasses, empty or
-    non-contiguous inputs) takes :func:`_kernel`'s Dynamo build.
+    dispatch mode, forward-mode AD or a ``torch.func`` transform, other devices, tensor subclasses,
+    empty or non-contiguous inputs) takes :func:`_kernel`'s choice: the Dynamo build, or the plain
+    function under a dispatch mode or forward-mode AD.
     """
     like = args[rows[0]]
     if (
@@ -176,7 +186,7 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
         and like.device.type in DIRECT_DEVICES
         and like.shape[0] > 0
         and not torch.compiler.is_compiling()
-        and not _under_dispatch_mode()
+        and not _needs_plain_math()
         # Inside torch.func transforms (vmap, grad, ...) tensors are wrappers without storage.
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
