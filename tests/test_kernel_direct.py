@@ -195,30 +195,43 @@ def test_fused_ops_under_vmap_give_the_per_sample_results():
     torch.testing.assert_close(batched, per_sample, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
 
-@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
-def test_forward_mode_ad_carries_the_tangent_through_every_fused_op(grad_mode):
+@pytest.mark.parametrize("mode", ["no_grad", "grad", "requires_grad"])
+def test_forward_mode_ad_carries_the_tangent_through_every_fused_op(mode):
     # A compiled kernel drops the tangent of a dual input: with grad mode off every op returned
-    # none, silently. Under an open dual level the kernels run their ATen math, which carries it.
+    # none, silently; with an input that requires grad the custom op raised (it has no JVP). Under
+    # an open dual level the ops run their kernels' ATen math, which carries tangents forward and
+    # gradients back.
     import torch.autograd.forward_ad as fwAD
 
     from steadylm import functional
 
+    def within_4_ulps_of_the_row(got: torch.Tensor, expected: torch.Tensor) -> bool:
+        # fp32 math against float64: a norm's tangent or gradient sums D products per row, so an
+        # element's error scales with the row's largest value: within 4 fp32 ulps of it (measured:
+        # 1.6 for tangents).
+        scale = expected.abs().amax(dim=-1, keepdim=True).float()
+        return bool(((got - expected.float()).abs() <= 4 * torch.finfo(torch.float32).eps * scale).all())
+
     tangent = torch.randn(2, D, generator=torch.Generator().manual_seed(7))
     for name, (op, first, *rest) in _cases(torch.float32, 2).items():
         reference = getattr(functional, op.__name__)
+        rest64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rest]
 
         def ref(x64: torch.Tensor) -> torch.Tensor:
-            args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rest]
-            return _flat(reference(x64, *args))[0]
+            return _flat(reference(x64, *rest64))[0]
 
         _, expected = torch.func.jvp(ref, (first.double(),), (tangent.double(),))
-        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
-            got = fwAD.unpack_dual(_flat(op(fwAD.make_dual(first, tangent), *rest))[0]).tangent
-        assert got is not None, name
-        # fp32 math against float64: a norm's tangent sums D products per row, so an element's error
-        # scales with the row's largest tangent: within 4 fp32 ulps of it (measured: 1.6).
-        scale = expected.abs().amax(dim=-1, keepdim=True).float()
-        assert ((got - expected.float()).abs() <= 4 * torch.finfo(torch.float32).eps * scale).all(), name
+        x = first.clone().requires_grad_(mode == "requires_grad")
+        with torch.set_grad_enabled(mode != "no_grad"), fwAD.dual_level():
+            out = _flat(op(fwAD.make_dual(x, tangent), *rest))[0]
+            got = fwAD.unpack_dual(out).tangent
+        assert got is not None and within_4_ulps_of_the_row(got, expected), name
+        if mode == "requires_grad":
+            cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+            out.backward(cotangent)
+            x64 = first.double().requires_grad_()
+            ref(x64).backward(cotangent.double())
+            assert x.grad is not None and within_4_ulps_of_the_row(x.grad, x64.grad), name
 
 
 def test_a_build_traced_under_autocast_is_kept_apart(monkeypatch):

@@ -106,10 +106,15 @@ def _needs_plain_math() -> bool:
       tensors it read their missing data and crashed);
     * a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): compiled kernels
       drop the tangents of dual inputs, silently (with grad mode off every op would have returned
-      no tangent), while the ATen ops carry them. torch has no public query for an open level;
-      ``_current_level`` is the module's own record of it (-1: none).
+      no tangent), while the ATen ops carry them.
     """
-    return torch._C._len_torch_dispatch_stack() > 0 or _forward_ad._current_level >= 0
+    return torch._C._len_torch_dispatch_stack() > 0 or forward_ad_open()
+
+
+def forward_ad_open() -> bool:
+    """A forward-mode AD level is open. torch has no public query for it; ``_current_level`` is the
+    ``forward_ad`` module's own record of the open level (-1: none)."""
+    return _forward_ad._current_level >= 0
 
 
 #: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`).

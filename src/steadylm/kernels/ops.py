@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from steadylm import functional as F_ref
-from steadylm.kernels import library
+from steadylm.kernels import _compile, library
 from steadylm.kernels._compile import compile_enabled, set_compile
 
 __all__ = [
@@ -134,10 +134,16 @@ _TRACED: dict[str, type[torch.autograd.Function]] = {name: _traced(name) for nam
 def _apply(name: str, *args: Any) -> Any:
     """Op ``name`` on ``args`` — the custom op's arguments, tensors already flattened: the forward
     kernel alone when no gradient is wanted (placeholders never require one), the traced
-    ``autograd.Function`` where :data:`COMPILED_INLINE` inlines it, else the custom op."""
+    ``autograd.Function`` where :data:`COMPILED_INLINE` inlines it, else the custom op. Under
+    forward-mode AD the forward kernel's ATen math too: the custom op has no JVP, and the ATen ops
+    carry tangents forward and gradients back (the backward is then autograd's, not the fused one)."""
     # Checked without building a tuple of the tensors first: in a decode step the op's own work is
     # a few microseconds, so its Python overhead is a measurable share of the step.
-    if not torch.is_grad_enabled() or _forward_only(*(a for a in args if isinstance(a, Tensor))):
+    if (
+        not torch.is_grad_enabled()
+        or _forward_only(*(a for a in args if isinstance(a, Tensor)))
+        or _compile.forward_ad_open()
+    ):
         return library.PARTS[name].forward(*args)
     if _inline(name, args[0]):
         return _TRACED[name].apply(*args)
