@@ -77,14 +77,43 @@ _SLOW = pytest.mark.slow
 def test_direct_builds_give_the_dynamo_builds_bits(dtype, n):
     # 400 × 96 elements is above SERIAL_BELOW: the parallel build; 1 and 5 rows: the serial one
     # (a 1-row call: Dynamo specialises the row count, the direct build keeps it symbolic).
+    assert _direct_builds_that_differ(dtype, n) == []
+
+
+def _direct_builds_that_differ(dtype: torch.dtype, n: int) -> list[str]:
+    """The cases whose direct build's outputs are not the Dynamo build's, bit for bit."""
+    differ = []
     for name, (op, *args) in _cases(dtype, n).items():
         with torch.enable_grad():  # nothing requires grad: the forward kernel through Dynamo
             dynamo = _flat(op(*args))
         with torch.no_grad():  # the direct build
             direct = _flat(op(*args))
-        for a, b in zip(direct, dynamo):
-            assert a.dtype == b.dtype and a.shape == b.shape, name
-            assert torch.equal(a, b), f"{name}: direct and Dynamo builds differ ({dtype}, {n} rows)"
+        same = all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(direct, dynamo))
+        if not same or len(direct) != len(dynamo):
+            differ.append(name)
+    return differ
+
+
+def test_the_bits_check_rejects_a_direct_build_one_ulp_off(monkeypatch):
+    # The mutant: every direct build's first output moved by one ulp at one element.
+    real = _compile._build_direct
+
+    def one_ulp_off(*build_args):
+        compiled, single = real(*build_args)
+
+        def nudged(tensors):
+            out = list(compiled(tensors))
+            first = out[0].clone()
+            flat = first.view(-1)
+            flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))
+            out[0] = first
+            return tuple(out)
+
+        return nudged, single
+
+    monkeypatch.setattr(_compile, "_build_direct", one_ulp_off)
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    assert _direct_builds_that_differ(torch.float32, 5) == list(_cases(torch.float32, 5))
 
 
 def _builds(fn) -> list[tuple]:

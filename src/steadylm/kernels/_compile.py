@@ -125,27 +125,36 @@ DIRECT_DEVICES: frozenset[str] = frozenset({"cpu"})
 _direct_enabled: bool = os.environ.get("STEADYLM_DIRECT_KERNELS", "1").strip() not in ("0", "false", "no")
 
 #: (fn, serial, rows, keyword arguments, CPU autocast dtype or None, then per positional argument
-#: its value or, for a tensor, (dtype, device, non-row sizes)) -> the direct build.
-_DIRECT: dict[tuple, Callable[..., Any]] = {}
+#: its value or, for a tensor, (dtype, device, non-row sizes)) -> the direct build and whether its
+#: kernel returns one tensor (:func:`_build_direct`).
+_DIRECT: dict[tuple, tuple[Callable[[list[Tensor]], Any], bool]] = {}
 
 
 def _build_direct(
     fn: Callable[..., Any], serial: bool, args: tuple, kwargs: dict, rows: tuple[int, ...]
-) -> Callable[..., Any]:
+) -> tuple[Callable[[list[Tensor]], Any], bool]:
     """``fn`` traced to an ATen graph (dim 0 of the ``rows`` tensors symbolic, everything else as
-    given) and compiled by Inductor without Dynamo; called with the tensor arguments only."""
+    given) and compiled by Inductor without Dynamo: the compiled graph, called with a list of the
+    tensor arguments (Inductor's boxed convention; it empties the list), and whether ``fn``
+    returns one tensor (the graph returns a tuple either way)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
     template = [None if isinstance(a, Tensor) else a for a in args]
+    single = False
 
-    def graph(*tensors: Tensor) -> Any:
+    def graph(*tensors: Tensor) -> tuple[Tensor, ...]:
+        nonlocal single
         full = list(template)
         for i, t in zip(positions, tensors):
             full[i] = t
-        return fn(*full, **kwargs)
+        out = fn(*full, **kwargs)
+        single = isinstance(out, Tensor)
+        return (out,) if single else tuple(out)
 
     # The example has 2 rows whatever the call had: a 0/1-sized dim would be specialised, and a
     # 1-row decode call should get the same general-row build as 4 rows.
@@ -158,14 +167,14 @@ def _build_direct(
         sizes = [DimDynamic.DYNAMIC if row and d == 0 else DimDynamic.STATIC for d in range(t.dim())]
         fakes.append(mode.from_tensor(example, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
     with mode:
-        traced = make_fx(graph, tracing_mode="real")(*fakes)
-    # standalone_compile(dynamic_shapes="from_graph") takes its fake mode (and so the symbolic row
-    # count) from the outputs' example values, which make_fx records as "val".
-    outputs = next(iter(reversed(traced.graph.nodes))).args[0]
-    for node in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
-        node.meta["example_value"] = node.meta["val"]
+        # Decomposed as AOTAutograd decomposes a graph for Inductor (compile_fx_inner expects it so).
+        traced = make_fx(graph, decomposition_table=select_decomp_table(), tracing_mode="real")(*fakes)
+    # Inductor's own entry for an ATen graph (what AOTAutograd hands it), not standalone_compile:
+    # the latter wraps the same compiled graph in Dynamo's and AOTAutograd's runtime layers, which
+    # cost 3 µs of a 5 µs decode-sized call and have nothing to do for a pure forward kernel.
     with torch._inductor.config.patch({"cpp.threads": 1} if serial else {}):
-        return torch._inductor.standalone_compile(traced, fakes, dynamic_shapes="from_graph")
+        with torch._guards.tracing(torch._guards.TracingContext(mode)):
+            return compile_fx_inner(traced, fakes), single
 
 
 def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
@@ -174,9 +183,9 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
 
     With grad mode off (decoding, evaluation, and the body of a custom op, which autograd runs
     without grad mode) on a :data:`DIRECT_DEVICES` device, this runs a *direct build*: the kernel
-    traced once to an ATen graph and compiled by Inductor (``torch._inductor.standalone_compile``),
-    then called without Dynamo's frame evaluation and guards, which are most of a decode-sized
-    call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
+    traced once to a decomposed ATen graph and compiled by Inductor (``compile_fx_inner``, the
+    entry AOTAutograd uses), then called without Dynamo's frame evaluation, guards and AOTAutograd's
+    runtime wrappers, which are most of a decode-sized call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
     sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
     (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``, a
     dispatch mode, forward-mode AD or a ``torch.func`` transform, other devices, tensor subclasses,
@@ -216,7 +225,9 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
             build = _DIRECT.get(frozen)
             if build is None:
                 build = _DIRECT[frozen] = _build_direct(fn, key[1], args, kwargs, rows)
-            return build(*tensors)
+            compiled, single = build
+            out = compiled(tensors)
+            return out[0] if single else tuple(out)
     for i in rows:
         _mark_rows_dynamic(args[i])
     return _kernel(fn, like)(*args, **kwargs)
