@@ -28,7 +28,7 @@ The public, validated entry points are in :mod:`steadylm.kernels.ops`; call thos
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -154,6 +154,8 @@ class _NormOp:
     bwd: _Call
     params: tuple[str, ...]  # the inputs besides x whose gradients the backward op returns
     rows: _Rows  # names of the tensors besides x and dy whose dim 0 is the rows (dynamic in the builds)
+    #: forward flag values -> (row positions, the kernel's keyword flags): see :meth:`forward`.
+    prepared: dict[tuple, tuple[tuple[int, ...], dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, name: str, rows: _Rows = lambda a: (), saved: tuple[str, ...] = (), outputs: int = 1) -> _NormOp:
@@ -166,14 +168,20 @@ class _NormOp:
     def forward(self, *args: Any) -> Tensor | tuple[Tensor, ...]:
         # The forward op's arguments are its kernel's tensors, then its flags, in the kernel's order
         # (:meth:`_Call.of` with no ``first``): no mapping by name on this path, which is every
-        # decode step's (its Python is a measurable share of a small call).
+        # decode step's (its Python is a measurable share of a small call). The kernel's keyword
+        # flags and row positions depend on the flags alone, so they are worked out once per flag
+        # values (a model has a handful: its ε, κ, whether a gain or a given variance is used).
         call = self.fwd
         n = len(call.tensors)
-        flags = dict(zip(call.names[n:], args[n:]))
-        if "allow_upscale" in call.flags:
-            flags["allow_upscale"] = _allow_upscale(flags["eps"])
-        rows = (0,) + tuple(map(call.tensors.index, self.rows(flags)))  # x is the kernel's first tensor
-        return _forward(call.kernel, rows, *args[:n], **flags)
+        prepared = self.prepared.get(args[n:])
+        if prepared is None:
+            flags = dict(zip(call.names[n:], args[n:]))
+            if "allow_upscale" in call.flags:
+                flags["allow_upscale"] = _allow_upscale(flags["eps"])
+            rows = (0,) + tuple(map(call.tensors.index, self.rows(flags)))  # x is the kernel's first tensor
+            prepared = self.prepared[args[n:]] = (rows, flags)
+        rows, flags = prepared
+        return _compile.forward(getattr(_math, call.kernel), rows, *args[:n], **flags)
 
     def backward(self, *args: Any) -> tuple[Tensor, ...]:
         a = dict(zip(self.bwd.names, args))
