@@ -184,9 +184,10 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     With grad mode off (decoding, evaluation, and the body of a custom op, which autograd runs
     without grad mode) on a :data:`DIRECT_DEVICES` device, this runs a *direct build*: the kernel
     traced once to a decomposed ATen graph and compiled by Inductor (``compile_fx_inner``, the
-    entry AOTAutograd uses), then called without Dynamo's frame evaluation, guards and AOTAutograd's
-    runtime wrappers, which are most of a decode-sized call. Its cache key is everything the build specialises on (dtypes, devices, the non-row
-    sizes, the non-tensor arguments), so it needs no guard; it gives the Dynamo build's bits
+    entry AOTAutograd uses), then called without Dynamo's frame evaluation, guards and
+    AOTAutograd's runtime wrappers, which are most of a decode-sized call. Its cache key is
+    everything the build specialises on (dtypes, devices, the non-row sizes, the non-tensor
+    arguments), so it needs no guard; it gives the Dynamo build's bits
     (tests/test_kernel_direct.py). Anything else (grad mode on, under an outer ``torch.compile``, a
     dispatch mode, forward-mode AD or a ``torch.func`` transform, other devices, tensor subclasses,
     empty or non-contiguous inputs) takes :func:`_kernel`'s choice: the Dynamo build, or the plain

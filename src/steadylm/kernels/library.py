@@ -155,7 +155,9 @@ class _NormOp:
     params: tuple[str, ...]  # the inputs besides x whose gradients the backward op returns
     rows: _Rows  # names of the tensors besides x and dy whose dim 0 is the rows (dynamic in the builds)
     #: forward flag values -> (row positions, the kernel's keyword flags): see :meth:`forward`.
-    prepared: dict[tuple, tuple[tuple[int, ...], dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
+    prepared: dict[tuple, tuple[tuple[int, ...], dict[str, Any]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def of(cls, name: str, rows: _Rows = lambda a: (), saved: tuple[str, ...] = (), outputs: int = 1) -> _NormOp:
