@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
-    if min(args.new_tokens, args.rounds, args.batch, args.prompt) < 1 or (args.threads is not None and args.threads < 1):
+    counts = [args.new_tokens, args.rounds, args.batch, args.prompt] + ([args.threads] if args.threads is not None else [])
+    if min(counts) < 1:
         parser.error("--new-tokens, --rounds, --batch, --prompt and --threads must be >= 1")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any("+" not in v for v in variants):
