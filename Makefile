@@ -55,6 +55,10 @@ gpu-check:
 		--norms rmsnorm,bhyt --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model.md
 	$(GPU_PY) -m steadylm.cli bench model --device cuda --presets nano-moe --activations swiglu \
 		--norms rmsnorm --no-hf --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model-moe.md
+	# What a decode-sized call costs on CUDA through Dynamo, then with direct builds opted in (decides DIRECT_DEVICES).
+	$(GPU_PY) -m steadylm.bench.call_overhead --device cuda --rows 1 8 | tee $(GPU_OUT)/call-overhead-cuda.md
+	STEADYLM_DIRECT_DEVICES=cpu,cuda $(GPU_PY) -m steadylm.bench.call_overhead --device cuda --rows 1 8 \
+		| tee $(GPU_OUT)/call-overhead-cuda-direct.md
 	@echo "gpu-check: results in $(GPU_OUT)"
 	@test "$$(cat $(GPU_OUT)/cuda-tests.status)" = 0 || { echo "gpu-check: CUDA tests FAILED (see $(GPU_OUT)/cuda-tests.txt)"; exit 1; }
 

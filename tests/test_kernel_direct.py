@@ -116,6 +116,42 @@ def test_the_bits_check_rejects_a_direct_build_one_ulp_off(monkeypatch):
     assert _direct_builds_that_differ(torch.float32, 5) == list(_cases(torch.float32, 5))
 
 
+def test_direct_devices_come_from_the_environment_setting():
+    assert _compile._direct_devices("cpu") == {"cpu"}
+    assert _compile._direct_devices(" cpu, CUDA ,") == {"cpu", "cuda"}
+    assert _compile._direct_devices("") == frozenset()
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STEADYLM_DIRECT_DEVICES": "cpu,cuda"}
+    code = "from steadylm.kernels import _compile; print(sorted(_compile.DIRECT_DEVICES))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['cpu', 'cuda']"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_direct_builds_opted_in_give_the_dynamo_builds_bits(dtype, monkeypatch):
+    # CUDA keeps the Dynamo builds by default; STEADYLM_DIRECT_DEVICES=cpu,cuda opts it in. Opted
+    # in, its direct builds must give the Dynamo builds' bits as the CPU ones do.
+    monkeypatch.setattr(_compile, "DIRECT_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    for n in (1, 5, 400):
+        for name, (op, *args) in _cases(dtype, n).items():
+            args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            with torch.enable_grad():
+                dynamo = _flat(op(*args))
+            with torch.no_grad():
+                direct = _flat(op(*args))
+            for a, b in zip(direct, dynamo):
+                assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
+                # NaN-aware: the overflow rows give NaN in both.
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (name, n)
+    assert any(isinstance(part, tuple) and torch.device("cuda", 0) in part for key in _compile._DIRECT for part in key)
+
+
 def _builds(fn) -> list[tuple]:
     return [key for key in _compile._DIRECT if key[0] is fn]
 

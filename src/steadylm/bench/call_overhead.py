@@ -16,7 +16,11 @@ block-level pairs a decode step runs, next to the eager ATen RMSNorm a Hugging F
 * ``eager RMSNorm (HF)``: ``w * (x * rsqrt(mean(x²) + ε))`` in ATen ops, as ``LlamaRMSNorm``.
 
 Each figure is the minimum over ``--repeats`` batches of ``--calls`` calls of the process CPU time
-per call (the minimum: the least disturbed batch on a shared machine), under ``torch.no_grad``.
+per call (the minimum: the least disturbed batch on a shared machine), under ``torch.no_grad``. On
+CUDA (``--device cuda``) that is the host's cost of launching a call, which bounds a decode step
+whose kernels are tiny; each batch ends with a synchronize, so a call that outruns the GPU pays for
+the wait. Direct builds run on CUDA only with ``STEADYLM_DIRECT_DEVICES=cpu,cuda`` (the measurement
+that decides whether CUDA should have them).
 
     python -m steadylm.bench.call_overhead --rows 1 4 --threads 1 2
 """
@@ -35,32 +39,34 @@ from steadylm.kernels import _compile, _math, ops
 __all__ = ["call_costs", "main"]
 
 
-def _per_call_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
+def _per_call_us(fn: Callable[[], Any], calls: int, repeats: int, device: torch.device) -> float:
     fn()  # compile / warm up outside the timing
     best = float("inf")
     for _ in range(repeats):
         start = time.process_time()
         for _ in range(calls):
             fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, (time.process_time() - start) / calls)
     return best * 1e6
 
 
-def _cases(rows: int, dim: int, ffn_dim: int) -> dict[str, Callable[[], Any]]:
+def _cases(rows: int, dim: int, ffn_dim: int, device: torch.device) -> dict[str, Callable[[], Any]]:
     from steadylm.models import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    x = torch.randn(rows, 1, dim)
-    weight = torch.ones(dim)
-    lam = torch.tensor([2.0])
-    variance = torch.rand(rows, 1, 1)
-    gate, up = torch.randn(rows, 1, ffn_dim), torch.randn(rows, 1, ffn_dim)
+    x = torch.randn(rows, 1, dim).to(device)
+    weight = torch.ones(dim, device=device)
+    lam = torch.tensor([2.0], device=device)
+    variance = torch.rand(rows, 1, 1).to(device)
+    gate, up = torch.randn(rows, 1, ffn_dim).to(device), torch.randn(rows, 1, ffn_dim).to(device)
     flat = x.reshape(rows, dim)
     if rows > 1:  # as the fused ops mark them: the dynamic-row build
         torch._dynamo.maybe_mark_dynamic(flat, 0)
     shape = dict(dim=dim, ffn_dim=ffn_dim, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256)
-    rms_layer = Transformer(ModelConfig.from_preset("micro", norm="rmsnorm", **shape)).layers[0]
-    bhyt_layer = Transformer(ModelConfig.from_preset("micro", norm="bhyt", **shape)).layers[0]
+    rms_layer = Transformer(ModelConfig.from_preset("micro", norm="rmsnorm", **shape)).layers[0].to(device)
+    bhyt_layer = Transformer(ModelConfig.from_preset("micro", norm="bhyt", **shape)).layers[0].to(device)
     bhyt_layer.begin_inference()  # as a generate call does: the shift frozen once
 
     def bhyt_pair() -> torch.Tensor:
@@ -98,15 +104,16 @@ def _cases(rows: int, dim: int, ffn_dim: int) -> dict[str, Callable[[], Any]]:
 
 
 def call_costs(rows: int, threads: int, *, dim: int = 256, ffn_dim: int = 704, calls: int = 4000,
-               repeats: int = 7) -> dict[str, float]:
+               repeats: int = 7, device: str | torch.device = "cpu") -> dict[str, float]:
     """µs per call of each case at ``rows`` rows (micro-preset widths by default) on ``threads``
-    intra-op threads; the thread count is restored afterwards."""
+    intra-op threads, inputs on ``device``; the thread count is restored afterwards."""
+    device = torch.device(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            cases = _cases(rows, dim, ffn_dim)
-            return {name: _per_call_us(fn, calls, repeats) for name, fn in cases.items()}
+            cases = _cases(rows, dim, ffn_dim, device)
+            return {name: _per_call_us(fn, calls, repeats, device) for name, fn in cases.items()}
     finally:
         torch.set_num_threads(before)
 
@@ -119,17 +126,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ffn-dim", type=int, default=704, help="FFN width (micro: 704)")
     parser.add_argument("--calls", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be one of ['cpu', 'cuda'], got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
     if min(args.rows + args.threads + [args.calls, args.repeats]) < 1:
         parser.error("--rows, --threads, --calls and --repeats must be >= 1")
     if args.dim < 4 or args.dim % 4 or args.ffn_dim < 1:
         parser.error("--dim must be a multiple of 4 (4 heads) and --ffn-dim >= 1")
     columns = [(r, t) for r in args.rows for t in args.threads]
     results = {col: call_costs(col[0], col[1], dim=args.dim, ffn_dim=args.ffn_dim, calls=args.calls,
-                               repeats=args.repeats) for col in columns}
+                               repeats=args.repeats, device=args.device) for col in columns}
     names = list(next(iter(results.values())))
-    print(f"# µs per call (CPU time, min of {args.repeats} × {args.calls} calls, no grad); compile builds: "
-          f"{'on' if _compile.compile_enabled() else 'off'}")
+    print(f"# µs per call on {args.device} (CPU time, min of {args.repeats} × {args.calls} calls, no grad); "
+          f"compile builds: {'on' if _compile.compile_enabled() else 'off'}; direct builds on: "
+          f"{','.join(sorted(_compile.DIRECT_DEVICES)) or 'none'}")
     print("| call | " + " | ".join(f"rows {r}, {t} thr" for r, t in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name in names:

@@ -117,14 +117,21 @@ def forward_ad_open() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def _direct_devices(setting: str) -> frozenset[str]:
+    """Device types from a comma-separated ``STEADYLM_DIRECT_DEVICES`` value (e.g. ``cpu,cuda``)."""
+    return frozenset(name.strip().lower() for name in setting.split(",") if name.strip())
+
+
 #: Devices whose forward kernels run as direct builds when grad mode is off (:func:`forward`).
-#: Measured on CPU: a decode-sized RMSNorm kernel costs 13 µs through Dynamo and 6 µs called
-#: directly (HF's eager 7-op RMSNorm: 9.4 µs). CUDA keeps the Dynamo builds until measured there.
-DIRECT_DEVICES: frozenset[str] = frozenset({"cpu"})
+#: Measured on CPU: a decode-sized RMSNorm kernel costs 11–13 µs through Dynamo and 6 µs called
+#: directly (HF's eager 7-op RMSNorm: 9 µs). CUDA keeps the Dynamo builds until measured there:
+#: ``STEADYLM_DIRECT_DEVICES=cpu,cuda`` opts it in, for that measurement (``python -m
+#: steadylm.bench.call_overhead --device cuda``; the bits check is ``tests/test_kernel_direct.py``).
+DIRECT_DEVICES: frozenset[str] = _direct_devices(os.environ.get("STEADYLM_DIRECT_DEVICES", "cpu"))
 
 _direct_enabled: bool = os.environ.get("STEADYLM_DIRECT_KERNELS", "1").strip() not in ("0", "false", "no")
 
-#: (fn, serial, rows, keyword arguments, CPU autocast dtype or None, then per positional argument
+#: (fn, serial, rows, keyword arguments, the device's autocast dtype or None, then per positional argument
 #: its value or, for a tensor, (dtype, device, non-row sizes)) -> the direct build and whether its
 #: kernel returns one tensor (:func:`_build_direct`).
 _DIRECT: dict[tuple, tuple[Callable[[list[Tensor]], Any], bool]] = {}
@@ -194,11 +201,12 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
     function under a dispatch mode or forward-mode AD.
     """
     like = args[rows[0]]
+    device_type = "cpu" if like.is_cpu else like.device.type
     if (
         _direct_enabled
         and _compile_enabled
         and not torch.is_grad_enabled()
-        and like.device.type in DIRECT_DEVICES
+        and device_type in DIRECT_DEVICES
         and like.shape[0] > 0
         and not torch.compiler.is_compiling()
         and not _needs_plain_math()
@@ -206,10 +214,12 @@ def forward(fn: Callable[..., Any], rows: tuple[int, ...], *args: Any, **kwargs:
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
         # Written as one loop: at decode sizes the key costs as much as a small kernel.
-        # CPU autocast is in the key: a build traced under it would keep its casts (today's kernels
-        # use no autocast-listed op, so their graphs are the same either way: checked in tests).
-        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        key: list[Any] = [fn, like.numel() < SERIAL_BELOW, rows, tuple(kwargs.items()), autocast]
+        # The device's autocast state is in the key: a build traced under it would keep its casts
+        # (today's kernels use no autocast-listed op, so their graphs are the same either way:
+        # checked in tests).
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        serial = like.is_cpu and like.numel() < SERIAL_BELOW
+        key: list[Any] = [fn, serial, rows, tuple(kwargs.items()), autocast]
         tensors = []
         for i, a in enumerate(args):
             if isinstance(a, Tensor):
