@@ -106,6 +106,19 @@ def _check_weight(weight: Tensor | None, d: int, name: str = "weight") -> None:
         raise ValueError(f"{name} must have shape ({d},) (the hidden size), got {tuple(weight.shape)}")
 
 
+def _fresh(output: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """The traced forward's outputs as new views of themselves.
+
+    Why: every ``_math`` kernel ends in ``.to(x.dtype)``, a no-op that returns its operand when
+    the dtype already matches. Under torch 2.11 (measured; 2.13 is fine), an ``autograd.Function``
+    traced by Dynamo whose forward returns such a pass-through gets a wrong backward: the gradient
+    of every input is off (x's by up to 40× on a tiny RMSNorm block), with no error. A view is a
+    new tensor object and costs nothing in the compiled graph."""
+    if isinstance(output, tuple):
+        return tuple(t.view_as(t) for t in output)
+    return output.view_as(output)
+
+
 def _traced(name: str) -> type[torch.autograd.Function]:
     """The ``autograd.Function`` that a compiled model traces through for op ``name``: the custom
     op's own parts (:data:`.library.PARTS`), with the backward implementation called in place of
@@ -116,7 +129,7 @@ def _traced(name: str) -> type[torch.autograd.Function]:
     class Traced(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *inputs: Any) -> Any:
-            output = parts.forward(*inputs)
+            output = _fresh(parts.forward(*inputs))
             parts.setup(ctx, inputs, output)
             return output
 
