@@ -13,6 +13,7 @@ The model code never sees any of this.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -65,6 +66,15 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+
+def _no_buffer_sync(ddp: type) -> dict[str, bool]:
+    """DDP's keyword for "do not sync buffers in forward" (our models' buffers are RoPE tables,
+    identical on every rank): ``forward_sync_buffers`` since torch 2.13, which deprecates the
+    older ``broadcast_buffers`` (torch 2.11 has only that one)."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
 def parallelize(model: nn.Module, config: ParallelConfig, env: DistEnv, device: torch.device) -> ParallelModel:
     """Apply ``config`` to ``model`` (already on ``device``). In one process with ``mode='none'``
     only ``compile`` applies."""
@@ -100,9 +110,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, env: DistEnv, device: 
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False,
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync(DistributedDataParallel)
         )
         return ParallelModel(model, wrapped, "ddp")
     return ParallelModel(model, model, "none")
