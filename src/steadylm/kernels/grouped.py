@@ -49,13 +49,19 @@ def grouped_mm_applies(device: torch.device, dtype: torch.dtype, in_features: in
     return in_features % _GROUPED_MM_ALIGN == 0 and out_features % _GROUPED_MM_ALIGN == 0
 
 
+#: The loop ops read the group ends on the host (``.tolist()``), which a CUDA graph cannot capture:
+#: tagged, Inductor keeps them out of the graphs of ``mode="reduce-overhead"`` (the compiled decode
+#: step on CUDA) instead of failing at capture (measured on an H200 with an fp32 MoE model).
+_HOST_READ_TAGS: tuple[Any, ...] = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
 def operand_dtype(x: Tensor) -> torch.dtype:
     """The dtype :func:`grouped_linear` computes in for input ``x`` (the autocast dtype when on)."""
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-@torch.library.custom_op("steadylm::grouped_linear", mutates_args=())
+@torch.library.custom_op("steadylm::grouped_linear", mutates_args=(), tags=_HOST_READ_TAGS)
 def _grouped_linear_loop(x: Tensor, weight: Tensor, ends: Tensor) -> Tensor:
     """``x [rows, in]``, ``weight [E, out, in]`` (any strides), ``ends [E]`` -> ``[rows, out]``."""
     out = x.new_empty(x.shape[0], weight.shape[1])
@@ -72,7 +78,7 @@ def _(x: Tensor, weight: Tensor, ends: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("steadylm::grouped_linear_wgrad", mutates_args=())
+@torch.library.custom_op("steadylm::grouped_linear_wgrad", mutates_args=(), tags=_HOST_READ_TAGS)
 def _grouped_linear_wgrad(dy: Tensor, x: Tensor, ends: Tensor) -> Tensor:
     """Weight gradient of :func:`_grouped_linear_loop`: ``dw[e] = dy[rows e].T @ x[rows e]``."""
     dw = dy.new_zeros(ends.shape[0], dy.shape[1], x.shape[1])
