@@ -39,6 +39,18 @@ from steadylm.nn import BHyTPair
 EXP = LOG = 4
 # σ(x) = 1/(1 + exp(−x)): the exp, the add, the division.
 SIGMOID = EXP + 2
+#: Per device: U32 units of relative error per unit of |argument| in exp. Exps built on ex2 (CUDA's
+#: fast path, which Inductor's Triton code and ours take) round a·log2(e) before ex2: an absolute
+#: error of |a|·U32 in the exponent, i.e. |a|·U32 relative in exp(a). Sleef's exp on CPU reduces
+#: the argument in extra precision, without that term. Measured on an H200 (torch 2.11): swiglu
+#: at g ≈ −12 was 11.8·U32 off, over the CPU-only bound's 10.
+EXP_ARG = {"cpu": 0.0, "cuda": 1.0}
+
+
+def _sigmoid_rel(x: Tensor, device: str) -> Tensor:
+    """σ(x)'s relative error in U32: SIGMOID, plus exp's argument rounding on ``device``
+    (:data:`EXP_ARG`), which σ passes on scaled by its relative condition in exp(−x), 1 − σ(x)."""
+    return SIGMOID + EXP_ARG[device] * x.abs() * (1 - torch.sigmoid(x))
 # sqrt is correctly rounded (1); rsqrt ≤ 1 ulp (2).
 SQRT, RSQRT = 1, 2
 # The [13/6] rational tanh of kernels._math: measured 3.6e-7 = 6.04·U32 relative over the fp32 range
@@ -99,26 +111,29 @@ def _gated_underflow(g: Tensor, *factors: Tensor) -> Tensor:
     return out
 
 
-def _gated_bounds(op: str, hp: dict, acts: list[Tensor], params: list[Tensor], dy: Tensor) -> list[Bound]:
+def _gated_bounds(
+    op: str, hp: dict, acts: list[Tensor], params: list[Tensor], dy: Tensor, device: str = "cpu"
+) -> list[Bound]:
     g, u = acts
     if op == "swiglu":
         s = torch.sigmoid(g)
+        s_rel = _sigmoid_rel(g, device)
         return [
             # y = g·σ·u: σ, then two products.
-            ((SIGMOID + 2) * (g * s * u).abs(), _gated_underflow(g, u)),
-            # dgate = dy·u·σ·(1 + g(1 − σ)): σ (SIGMOID) and 1 − σ (σ's absolute error, times |g|:
-            # SIGMOID), then 5 products/sums; all relative to |dy·u|·σ·(1 + |g|), the magnitude of
+            ((s_rel + 2) * (g * s * u).abs(), _gated_underflow(g, u)),
+            # dgate = dy·u·σ·(1 + g(1 − σ)): σ (s_rel) and 1 − σ (σ's absolute error, times |g|:
+            # s_rel), then 5 products/sums; all relative to |dy·u|·σ·(1 + |g|), the magnitude of
             # the terms of 1 + g(1 − σ), which cancel near g ≈ −1.28 (silu's minimum).
-            ((2 * SIGMOID + 5) * (dy * u).abs() * s * (1 + g.abs()), _gated_underflow(g, u, dy)),
+            ((2 * s_rel + 5) * (dy * u).abs() * s * (1 + g.abs()), _gated_underflow(g, u, dy)),
             # dup = dy·g·σ.
-            ((SIGMOID + 2) * (dy * g * s).abs(), _gated_underflow(g, dy)),
+            ((s_rel + 2) * (dy * g * s).abs(), _gated_underflow(g, dy)),
         ]
     if op == "powlu_glu":
-        return _powlu_bounds(hp.get("m", 3.0), g, u, dy)
-    return _clip_bounds(hp, g, u, dy)
+        return _powlu_bounds(hp.get("m", 3.0), g, u, dy, device)
+    return _clip_bounds(hp, g, u, dy, device)
 
 
-def _powlu_bounds(m: float, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
+def _powlu_bounds(m: float, g: Tensor, u: Tensor, dy: Tensor, device: str = "cpu") -> list[Bound]:
     """f_m(z) = z^p·σ(z), p = m/(√z + 1) for z > 0; silu(z) for z ≤ 0 (SPEC §1)."""
     pos = g > 0
     z = torch.where(pos, g, torch.ones_like(g))
@@ -130,7 +145,9 @@ def _powlu_bounds(m: float, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
     f = torch.where(pos, torch.exp(p * log_z) * s, g * s)
     # z^p = exp(p·ln z): p·ln z carries sqrt, +1, division, log and product (SQRT + 2 + LOG + 1)
     # relative error, which exp turns into that times |p·ln z| relative; + exp's own, σ's, 1 product.
-    f_rel = torch.where(pos, (SQRT + 3 + LOG) * big_p + EXP + SIGMOID + 1, torch.full_like(g, SIGMOID + 1.0))
+    # On an ex2-based exp, rounding p·ln z·log2(e) adds |p·ln z| more (EXP_ARG).
+    s_rel = _sigmoid_rel(g, device)
+    f_rel = torch.where(pos, (SQRT + 3 + LOG + EXP_ARG[device]) * big_p + EXP + s_rel + 1, s_rel + 1.0)
     du = dy * u
     # d gate, z > 0 (kernels._math._powlu_gate_and_grad): du·f·σ(−z) + du·f·p·F/z with
     # F = 1 − (r/(r+1))·ln z/2. Magnitudes of the two terms, F's parts taken absolutely (F cancels
@@ -140,7 +157,7 @@ def _powlu_bounds(m: float, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
     t1 = (du * f * s_neg).abs()
     t2 = (du * f * p / z).abs() * (1 + (r / (r + 1)) * log_z.abs() / 2)
     d_gate = torch.where(
-        pos, (f_rel + 2) * (t1 + t2) + SIGMOID * t1 + 14 * t2, (2 * SIGMOID + 5) * du.abs() * s * (1 + g.abs())
+        pos, (f_rel + 2) * (t1 + t2) + _sigmoid_rel(-g, device) * t1 + 14 * t2, (2 * s_rel + 5) * du.abs() * s * (1 + g.abs())
     )
     # Underflow: as for every gated activation (σ(±z), z^p for tiny z, products), and on the z > 0
     # side of d(gate) a subnormal du·f is then multiplied by p·F/z.
@@ -152,7 +169,7 @@ def _powlu_bounds(m: float, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
     ]
 
 
-def _clip_bounds(hp: dict, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
+def _clip_bounds(hp: dict, g: Tensor, u: Tensor, dy: Tensor, device: str = "cpu") -> list[Bound]:
     """SwiGLU-Clip (SPEC §1); gradients are exactly 0 where a clamp is active (bound 0 there)."""
     limit, variant, alpha = hp["limit"], hp.get("variant", "gptoss"), hp.get("alpha", 1.702)
     uc = u.clamp(-limit, limit)
@@ -161,7 +178,7 @@ def _clip_bounds(hp: dict, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
         gc = g.clamp(max=limit)
         s = torch.sigmoid(alpha * gc)
         # Rounding α·g' (relative 1) moves σ(α g') by |α g'|(1 − σ) relative.
-        s_rel = SIGMOID + (alpha * gc).abs() * (1 - s)
+        s_rel = _sigmoid_rel(alpha * gc, device) + (alpha * gc).abs() * (1 - s)
         u1 = uc.abs() + 1  # |u'| + 1: the magnitude of u' + 1, which cancels at u' = −1
         out = ((s_rel + 3) * (gc * s).abs() * u1, _gated_underflow(alpha * gc, gc, u1))
         # dgate = dy·(u' + 1)·(σ + α(g'σ)(1 − σ)): σ's error on both terms, 1 − σ's absolute error
@@ -173,15 +190,16 @@ def _clip_bounds(hp: dict, g: Tensor, u: Tensor, dy: Tensor) -> list[Bound]:
         return [out, (d_gate, d_gate_uf), (d_up, _gated_underflow(alpha * gc, gc, dy))]
     if variant == "step":
         s = torch.sigmoid(g)
+        s_rel = _sigmoid_rel(g, device)
         silu = (g * s).clamp(max=limit)
-        out = ((SIGMOID + 2) * (silu * uc).abs(), _gated_underflow(g, uc))
+        out = ((s_rel + 2) * (silu * uc).abs(), _gated_underflow(g, uc))
         # dgate = dy·u'·silu'(g) where silu(g) ≤ L: as swiglu's.
-        d_gate = torch.where(g * s <= limit, (2 * SIGMOID + 5) * (dy * uc).abs() * s * (1 + g.abs()), 0.0)
-        d_up = torch.where(up_live, (SIGMOID + 2) * (dy * silu).abs(), 0.0)
+        d_gate = torch.where(g * s <= limit, (2 * s_rel + 5) * (dy * uc).abs() * s * (1 + g.abs()), 0.0)
+        d_up = torch.where(up_live, (s_rel + 2) * (dy * silu).abs(), 0.0)
         return [out, (d_gate, _gated_underflow(g, uc, dy)), (d_up, _gated_underflow(g, dy))]
     # "clamp": swiglu of (min(g, L), clamp(u, −L, L)), gradients masked by both clamps.
     gc = g.clamp(max=limit)
-    out, (d_gate, d_gate_uf), (d_up, d_up_uf) = _gated_bounds("swiglu", {}, [gc, uc], [], dy)
+    out, (d_gate, d_gate_uf), (d_up, d_up_uf) = _gated_bounds("swiglu", {}, [gc, uc], [], dy, device)
     return [out, (torch.where(g <= limit, d_gate, 0.0), d_gate_uf), (torch.where(up_live, d_up, 0.0), d_up_uf)]
 
 
@@ -339,10 +357,11 @@ class Case:
             return fn(x, params[0], params[1], *params[2:], **self.hp)
         return fn(x, params[0], params[1], **self.hp, **({"variance": params[2]} if len(params) > 2 else {}))
 
-    def bounds(self, acts: list[Tensor], params: list[Tensor], dy: Tensor) -> list[Bound]:
+    def bounds(self, acts: list[Tensor], params: list[Tensor], dy: Tensor, device: str = "cpu") -> list[Bound]:
+        """Per result, (bound, underflow) for an implementation on ``device`` (its exp, :data:`EXP_ARG`)."""
         if self.is_norm:
             return _norm_bounds(self.op, self.hp, acts, params, dy)
-        return _gated_bounds(self.op, self.hp, acts, params, dy)
+        return _gated_bounds(self.op, self.hp, acts, params, dy, torch.device(device).type)
 
 
 def _randn(shape, dtype, gen, scale=1.0):
@@ -426,7 +445,7 @@ def check_case(case: Case, acts: list[Tensor], params: list[Tensor], dtype: torc
     assert got[0].dtype == acts[0].dtype
     acts64 = [t.double() for t in acts]
     params64 = [t.double() for t in params]
-    bounds = case.bounds(acts64, params64, dy64)
+    bounds = case.bounds(acts64, params64, dy64, device)
     names = result_names(case, len(acts), len(params))
     assert len(bounds) == len(got) == len(names)
     for i, (k, r, (bound, underflow), name) in enumerate(zip(got, ref, bounds, names)):
