@@ -38,27 +38,36 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/steadylm bench ops
 
-# On a CUDA machine: the CUDA variants of the tests, `bench ops` and `bench model`, all results (CSV +
-# markdown + test log) under $(GPU_OUT). GPU_PY is a Python whose torch is a CUDA build (the .venv of
-# `make setup` pins the CPU wheel), with steadylm importable, e.g. `make gpu-check GPU_PY=python3`
-# after `pip install -e .[dev]`. Sized to finish in <= 10 minutes on one H100 (compiles dominate).
+# On a CUDA machine: the CUDA variants of the tests, then the measurements issue 18 asks for on CUDA,
+# all results (markdown + test log) under $(GPU_OUT). GPU_PY is a Python whose torch is a CUDA build
+# (the .venv of `make setup` pins the CPU wheel), e.g. `make gpu-check GPU_PY=python3`; the checkout's
+# src/ goes first on PYTHONPATH, so steadylm need not be installed there. Measured on an H200 with
+# torch 2.11 (session 8; BENCHMARKS.md): tests 79 s on 12 xdist workers (they were serial here
+# before, and are mostly Triton/Inductor compiles), call costs 2 x ~35 s, bench ops 52 s, the claim
+# 141 s, bench model (train, 4 variants + HF) 80 s: ~8 min with op_choice, inside a 15-minute lease.
 GPU_PY  ?= $(PY)
 GPU_OUT ?= runs/gpu-check
+GPU_RUN := PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
+GPU_XDIST := $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n 12 --dist load")
 gpu-check:
 	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch.cuda.is_available() is False for $(GPU_PY)')"
 	mkdir -p $(GPU_OUT)
-	$(GPU_PY) -m pytest -q -m cuda > $(GPU_OUT)/cuda-tests.txt 2>&1; echo $$? > $(GPU_OUT)/cuda-tests.status; \
-		tail -n 30 $(GPU_OUT)/cuda-tests.txt
-	$(GPU_PY) -m steadylm.cli bench ops --device cuda --dtypes bf16,fp32 --repeats 10 \
-		--csv $(GPU_OUT)/bench-ops.csv --markdown $(GPU_OUT)/bench-ops.md
-	$(GPU_PY) -m steadylm.cli bench model --device cuda --presets micro --activations swiglu,powlu \
-		--norms rmsnorm,bhyt --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model.md
-	$(GPU_PY) -m steadylm.cli bench model --device cuda --presets nano-moe --activations swiglu \
-		--norms rmsnorm --no-hf --csv $(GPU_OUT)/bench-model.csv --markdown $(GPU_OUT)/bench-model-moe.md
+	$(GPU_RUN) -m pytest -q -rfE -m cuda $(GPU_XDIST) > $(GPU_OUT)/cuda-tests.txt 2>&1; \
+		echo $$? > $(GPU_OUT)/cuda-tests.status; tail -n 30 $(GPU_OUT)/cuda-tests.txt
 	# What a decode-sized call costs on CUDA through Dynamo, then with direct builds opted in (decides DIRECT_DEVICES).
-	$(GPU_PY) -m steadylm.bench.call_overhead --device cuda --rows 1 8 | tee $(GPU_OUT)/call-overhead-cuda.md
-	STEADYLM_DIRECT_DEVICES=cpu,cuda $(GPU_PY) -m steadylm.bench.call_overhead --device cuda --rows 1 8 \
-		| tee $(GPU_OUT)/call-overhead-cuda-direct.md
+	$(GPU_RUN) -m steadylm.bench.call_overhead --device cuda --rows 1 8 --calls 1000 --repeats 5 \
+		| tee $(GPU_OUT)/call-overhead-cuda.md
+	STEADYLM_DIRECT_DEVICES=cpu,cuda $(GPU_RUN) -m steadylm.bench.call_overhead --device cuda --rows 1 8 \
+		--calls 1000 --repeats 5 | tee $(GPU_OUT)/call-overhead-cuda-direct.md
+	$(GPU_RUN) -m steadylm.cli bench ops --device cuda --dtypes bf16 --repeats 10 --no-csv \
+		--markdown $(GPU_OUT)/bench-ops.md
+	# Issue 18's claim (BHyT vs RMSNorm, train and generate, eager and compiled) in bf16.
+	$(GPU_RUN) -m steadylm.cli bench model --claim bhyt --device cuda --dtype bf16 --presets micro --batch 8 \
+		--seq 256 --gen-batches 1,8 --new-tokens 128 --rounds 11 --no-csv --markdown $(GPU_OUT)/claim-bhyt.md
+	# Which fused ops a compiled model on CUDA should trace through (ops.COMPILED_INLINE has no cuda entry yet).
+	$(GPU_RUN) -m steadylm.bench.op_choice --device cuda --dtype bf16 --rounds 5 | tee $(GPU_OUT)/op-choice-cuda.md
+	$(GPU_RUN) -m steadylm.cli bench model --device cuda --dtype bf16 --presets micro --activations swiglu,powlu \
+		--norms rmsnorm,bhyt --measures train --rounds 7 --no-csv --markdown $(GPU_OUT)/bench-model.md
 	@echo "gpu-check: results in $(GPU_OUT)"
 	@test "$$(cat $(GPU_OUT)/cuda-tests.status)" = 0 || { echo "gpu-check: CUDA tests FAILED (see $(GPU_OUT)/cuda-tests.txt)"; exit 1; }
 

@@ -64,7 +64,7 @@ def _policy(device: str, inline: frozenset[str]) -> Iterator[None]:
             ops.COMPILED_INLINE[device] = previous
 
 
-def _step_fn(preset: str, variant: str, batch: int, seq: int, device: torch.device, seed: int):
+def _step_fn(preset: str, variant: str, batch: int, seq: int, device: torch.device, seed: int, dtype: str):
     from steadylm.bench.step import train_step
     from steadylm.models import ModelConfig, build_model
 
@@ -72,7 +72,7 @@ def _step_fn(preset: str, variant: str, batch: int, seq: int, device: torch.devi
     torch.manual_seed(seed)
     model = build_model(ModelConfig.from_preset(preset, activation=activation, norm=norm), device=device)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
-    step, _ = train_step(model, True, tokens, tokens.device)
+    step, _ = train_step(model, True, tokens, tokens.device, dtype)
     return step
 
 
@@ -85,10 +85,13 @@ def measure_op_choice(
     warmup: int = 2,
     device: str | None = None,
     seed: int = 0,
+    dtype: str | None = None,
     on_result: Callable[[ChoiceResult], None] | None = None,
 ) -> list[ChoiceResult]:
-    """Paired interleaved rounds, per op: opaque vs inlined inside the compiled training step."""
+    """Paired interleaved rounds, per op: opaque vs inlined inside the compiled training step
+    (``dtype``: fp32, or bf16 autocast; None: bf16 on CUDA, fp32 on CPU, as ``bench model``)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     # Every compiled copy is a recompilation of the same forward code object; the default limit (8)
     # would silently send later copies back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -101,7 +104,7 @@ def measure_op_choice(
         steps = {}
         for name, inline in policies.items():
             with _policy(dev.type, inline):
-                steps[name] = _step_fn(preset, variant, batch, seq, dev, seed)
+                steps[name] = _step_fn(preset, variant, batch, seq, dev, seed, dtype)
                 for _ in range(warmup):  # compiles under this policy
                     steps[name]()
         ratios = []
@@ -125,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="fp32, or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# op choice inside a compiled {args.preset} training step ({args.batch}x{args.seq}), "
@@ -135,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p20, med, p80 = res.quantiles()
         print(f"| {res.op} | {res.variant} | {med:.3f} | {p20:.3f}–{p80:.3f} |", flush=True)
 
-    measure_op_choice(args.ops, args.preset, args.batch, args.seq, args.rounds, device=args.device, on_result=show)
+    measure_op_choice(args.ops, args.preset, args.batch, args.seq, args.rounds, device=args.device, dtype=args.dtype,
+                      on_result=show)
     end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average at end {end_load:.2f}")
 
