@@ -13,15 +13,32 @@ Both convert the same linears for a given ``scope`` (the FFN projections, or all
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
 from steadylm.errors import ConfigError, check_choice
 from steadylm.precision.apply import DEFAULT_EXCLUDE, _is_ffn_linear, apply_fp8
 
-__all__ = ["FP8_BACKENDS", "TORCHAO_RECIPES", "apply_fp8_backend"]
+__all__ = ["FP8_BACKENDS", "TORCHAO_RECIPES", "apply_fp8_backend", "cpu_scaled_mm_takes_row_scales"]
 
 FP8_BACKENDS = ("steadylm", "torchao")
 TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+@functools.cache
+def cpu_scaled_mm_takes_row_scales() -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` accepts per-row scales, which torchao's rowwise
+    recipes call. torch 2.13 does; torch 2.11's CPU kernel asserts "only supports per-tensor scaling"
+    (measured). Probed once with a 16×16 product rather than read off the version."""
+    fp8 = torch.float8_e4m3fn
+    a, b = torch.ones(16, 16).to(fp8), torch.ones(16, 16).to(fp8).t()  # b column-major, as torchao passes it
+    try:
+        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _torchao_float8():

@@ -326,6 +326,13 @@ class Trainer:
             # gradient and fp32 weights under autocast and fails; bf16 compute weights work.
             raise ConfigError("train.fp8_recipe 'rowwise_with_gw_hp' needs bf16 parameters in compute on CPU: "
                               "add --parallel fsdp --fsdp-bf16, or use 'tensorwise' / 'rowwise'")
+        if cfg.precision == "fp8" and cfg.fp8_backend == "torchao" and cfg.fp8_recipe.startswith("rowwise") and on_cpu:
+            from steadylm.precision.backends import cpu_scaled_mm_takes_row_scales  # lazy, as apply_fp8_backend
+
+            if not cpu_scaled_mm_takes_row_scales():
+                raise ConfigError(f"train.fp8_recipe '{cfg.fp8_recipe}' needs per-row scales in CPU float8 matmuls, "
+                                  f"which torch {torch.__version__} lacks (torch 2.13 has them): use "
+                                  "'tensorwise' on CPU, or run on CUDA")
 
     def _configs(self) -> dict[str, Any]:
         return {
