@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.steadylm-installed
 OUT    ?= runs/demo
 
-.PHONY: demo quick test test-slow bench gpu-check setup clean
+.PHONY: demo quick test test-slow test-torch bench gpu-check setup clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,23 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m slow
+
+# The suite against another torch (pyproject asks for torch>=2.6 so that users keep their own CUDA
+# build), in its own venv: e.g. `make test-torch TORCH=2.11.0`, the torch of the lent H200 machines'
+# image. Session 8 found two breakages that way (DDP's keyword, a Dynamo bug in compiled RMSNorm's
+# backward). The dev extra without its triton pin (that torch's wheel brings its own Triton), and
+# numpy<2.4: Triton 3.6's interpreter, which runs our Triton kernels on CPU, calls int() on
+# 1-element arrays, an error from numpy 2.4.
+TORCH    ?= 2.11.0
+TORCH_PY := .venv-torch$(TORCH)/bin/python
+test-torch:
+	test -x $(TORCH_PY) || python3 -m venv .venv-torch$(TORCH)
+	$(TORCH_PY) -m pip install -q torch==$(TORCH) "numpy<2.4"
+	$(TORCH_PY) -m pip install -q "numpy<2.4" $$($(TORCH_PY) -c "import tomllib; \
+		deps = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print(' '.join(d for d in deps['dependencies'] + deps['optional-dependencies']['dev'] if not d.startswith('triton')))")
+	$(TORCH_PY) -m pip install -q --no-deps -e .
+	$(TORCH_PY) -m pytest -q $(XDIST)
 
 bench: $(STAMP)
 	$(VENV)/bin/steadylm bench ops
@@ -72,4 +89,4 @@ gpu-check:
 	@test "$$(cat $(GPU_OUT)/cuda-tests.status)" = 0 || { echo "gpu-check: CUDA tests FAILED (see $(GPU_OUT)/cuda-tests.txt)"; exit 1; }
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .venv-torch* runs build *.egg-info src/*.egg-info
