@@ -28,6 +28,7 @@ __all__ = [
     "bhyt_variance_correction",
     "dyt",
     "layer_norm",
+    "linear_cross_entropy",
     "mean_square",
     "powlu",
     "powlu_gate",
@@ -385,3 +386,20 @@ def bhyt_variance_correction(
         repeated = per_head.repeat_interleave(n_heads // n_kv_heads, dim=0).reshape(-1, d)
         composed = w_o.to(dtype) @ repeated  # [d, d]: x -> W_O (W_V x)
         return composed.square().sum() / (seq_len * d)
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of the LM head ``hidden @ weight.T`` against ``targets``.
+
+    ``hidden [..., d]``, ``weight [vocab, d]``, ``targets [...]`` (int). The logits are computed in
+    the matmul's dtype (bf16 under autocast) and the softmax in fp32 (float64 kept): bf16 over the
+    vocabulary would add noise that looks like instability.
+    """
+    logits = F.linear(hidden, weight)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1))

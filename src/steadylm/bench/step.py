@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steadylm.models import takes_targets
+
 __all__ = ["autocast", "logits_of", "train_step"]
 
 
@@ -34,13 +36,18 @@ def train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.d
     forward = torch.compile(model) if compiled else model
     groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=1e-5)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    own_loss = takes_targets(model)  # steadylm: the LM head and its loss fused, as `steadylm train` runs it
     model.train()
 
     def step() -> None:
         with autocast(device, dtype):
-            logits = logits_of(forward, inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+            if own_loss:
+                loss = forward(inputs, targets=targets)
+            else:
+                logits = logits_of(forward, inputs)
+        if not own_loss:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

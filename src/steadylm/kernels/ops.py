@@ -41,6 +41,7 @@ from torch import Tensor
 from steadylm import functional as F_ref
 from steadylm.kernels import _compile, library
 from steadylm.kernels._compile import compile_enabled, set_compile
+from steadylm.kernels.linear_ce import linear_cross_entropy
 
 __all__ = [
     "COMPILED_INLINE",
@@ -48,6 +49,7 @@ __all__ = [
     "bhyt_and_mean_square",
     "compile_enabled",
     "dyt",
+    "linear_cross_entropy",
     "mean_square",
     "powlu_glu",
     "rms_norm",

@@ -5,6 +5,7 @@ from steadylm.models import ModelConfig, build_model
 cfg = ModelConfig.from_preset("nano", activation="powlu", norm="bhyt", vocab_size=2048)
 model = build_model(cfg)
 logits = model(tokens)                              # [batch, seq, vocab]
+loss = model(tokens, targets=next_tokens)           # mean cross-entropy, logits never stored
 model.after_optimizer_step(step, total_steps)       # router bias, c_l refresh every K steps
 ```
 """
@@ -22,7 +23,7 @@ from steadylm.models.config import (
     default_refresh_interval,
 )
 from steadylm.models.moe import MoE, RoutedExperts, Router
-from steadylm.models.transformer import Transformer, build_model
+from steadylm.models.transformer import Transformer, build_model, takes_targets
 
 __all__ = [
     "BLOCK_CLASSES",
@@ -45,6 +46,7 @@ __all__ = [
     "apply_rotary",
     "build_block",
     "build_model",
+    "takes_targets",
     "count_parameters",
     "default_refresh_interval",
     "get_block_form",

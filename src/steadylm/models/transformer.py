@@ -1,17 +1,20 @@
 """The decoder: embeddings → blocks → final norm → LM head, plus the hooks the trainer calls.
 
 ``build_model(config)`` returns a :class:`Transformer`. Contract (docs/ARCHITECTURE.md):
-``forward(tokens) -> logits [batch, seq, vocab]``, ``after_optimizer_step(step, total_steps)``,
+``forward(tokens) -> logits [batch, seq, vocab]`` (``forward(tokens, targets=t) -> mean loss``), ``after_optimizer_step(step, total_steps)``,
 ``param_groups(weight_decay)``, ``num_params()``, ``layers``, ``generate(...)``,
 ``refresh_bhyt_correction()``; ``load_state_dict`` refreshes c_ℓ (post-load hooks on the blocks).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steadylm.errors import ConfigError
@@ -21,9 +24,9 @@ from steadylm.models.config import ModelConfig
 from steadylm.models.forms import norm_kwargs
 from steadylm.models.generate import generate
 from steadylm.models.moe import MoE, Router
-from steadylm.nn import build_norm, scalar_parameter, upgrade_scalar_entries
+from steadylm.nn import build_norm, resolve_op, scalar_parameter, upgrade_scalar_entries
 
-__all__ = ["Transformer", "build_model"]
+__all__ = ["Transformer", "build_model", "takes_targets"]
 
 
 def _build_final_norm(config: ModelConfig) -> nn.Module:
@@ -50,6 +53,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._linear_cross_entropy = resolve_op(config.impl, "linear_cross_entropy")
         self.register_load_state_dict_pre_hook(_upgrade_embed_scale)
         self.reset_parameters()
 
@@ -101,13 +105,23 @@ class Transformer(nn.Module):
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """``tokens`` ``[batch, seq]`` (int) -> logits ``[batch, seq, vocab]``.
+    def forward(self, tokens: Tensor, kv_cache: KVCache | None = None, targets: Tensor | None = None) -> Tensor:
+        """``tokens`` ``[batch, seq]`` (int) -> logits ``[batch, seq, vocab]``; with ``targets``
+        (``[batch, seq]`` int, ``-100`` ignored) the mean cross-entropy against them instead.
 
+        The loss goes through ``linear_cross_entropy`` of the model's ``impl``: the fused one never
+        stores the logits (:mod:`steadylm.kernels.linear_ce`). A head that is not a plain
+        ``nn.Linear`` (e.g. converted to FP8) keeps its own forward, followed by the cross-entropy.
         With ``kv_cache`` (``KVCache`` or ``generate.StaticKVCache``) the tokens continue the cached
         sequence: the cache supplies their RoPE rows, stores keys/values and advances.
         """
-        return self.lm_head(self.hidden(tokens, kv_cache))
+        hidden = self.hidden(tokens, kv_cache)
+        if targets is None:
+            return self.lm_head(hidden)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return self._linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def hidden(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """The final-norm output ``[batch, seq, dim]`` for ``tokens`` (the LM head's input).
@@ -215,3 +229,13 @@ def build_model(config: ModelConfig, device: torch.device | str | None = None) -
     with torch.device(device):
         return Transformer(config)
 
+
+def takes_targets(model: nn.Module) -> bool:
+    """Whether ``model(tokens, targets=t)`` returns the model's own mean loss (a steadylm
+    :class:`Transformer` does) rather than only ``model(tokens) -> logits``."""
+    return _forward_takes_targets(type(model))
+
+
+@functools.cache
+def _forward_takes_targets(model_type: type) -> bool:
+    return "targets" in inspect.signature(model_type.forward).parameters

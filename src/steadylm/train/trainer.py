@@ -62,6 +62,7 @@ from steadylm.errors import (
     SteadyLMError,
     check_choice,
 )
+from steadylm.models.transformer import takes_targets
 from steadylm.probes.spikes import above_start
 from steadylm.train.checkpoint import (
     DCP_FORMAT_VERSION,
@@ -248,7 +249,8 @@ class Trainer:
     """Trains ``model_factory(model_config)`` on ``data`` with ``train_config`` into ``out_dir``.
 
     ``model_factory`` defaults to :func:`steadylm.models.build_model`; the model must provide
-    ``model(tokens) -> logits`` and may provide ``param_groups(weight_decay)``,
+    ``model(tokens) -> logits`` and may provide ``model(tokens, targets=t) -> mean loss`` (then
+    used for the loss: :func:`~steadylm.models.takes_targets`), ``param_groups(weight_decay)``,
     ``after_optimizer_step(step, total_steps)`` and ``num_params()``.
     ``parallel`` applies data parallelism (DDP or FSDP2) when a process group is initialised
     (``torchrun``; see :func:`steadylm.distributed.env.init_distributed`); every rank constructs
@@ -403,6 +405,8 @@ class Trainer:
         module = module if module is not None else self.model
         assert module is not None
         with self._autocast(device):
+            if takes_targets(self.model):  # the model's own loss: steadylm's never stores the logits
+                return module(inputs, targets=targets)
             logits = module(inputs)
         # The loss in fp32 whatever the compute precision: bf16 log-softmax over the vocabulary
         # would add noise that looks like instability.
