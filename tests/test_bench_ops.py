@@ -62,6 +62,7 @@ def test_quick_cli_run_prints_table_and_appends_csv(tmp_path, capsys):
         (["--modes", "sideways"], "modes"),
         (["--tokens", "0"], "tokens"),
         (["--repeats", "0"], "repeats"),
+        (["--cuda-calls", "0"], "cuda_calls"),
         (["--hidden", "20000", "--ops", "rms_norm"], "hidden"),
     ],
 )
@@ -128,3 +129,26 @@ def test_peak_memory_sees_intermediates():
     # the profiler itself allocates a few bytes of bookkeeping inside the window
     assert size <= keep < size + 4096
     assert 2 * size <= twice < 2 * size + 4096
+
+
+def test_time_call_is_per_call_over_back_to_back_calls(device):
+    import time as _time
+
+    from steadylm.bench.timing import time_call
+
+    dev = torch.device(device)
+    x = torch.ones(4, device=dev)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        _time.sleep(0.002)  # host time; on CUDA, a queued kernel too
+        return x * 2
+
+    per_call = time_call(fn, dev, calls=5)
+    assert len(calls) == 5
+    # The mean of five 2 ms calls, not their sum. On CUDA the events see the GPU's timeline, which
+    # the host's sleeps leave idle: back to back hides host work only behind longer device work.
+    assert 0.0019 < per_call < 0.1
+    with pytest.raises(Exception, match="calls must be >= 1"):
+        time_call(fn, dev, calls=0)

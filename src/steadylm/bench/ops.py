@@ -5,7 +5,9 @@ For every op × dtype × mode (forward, backward, forward+backward) and provider
 :mod:`steadylm.kernels`, and on CUDA with Liger-Kernel installed ``liger`` for RMSNorm, SwiGLU and
 DyT) this measures
 
-* time: median, p20 and p80 of ``repeats`` runs after warm-up. Providers are interleaved run by run
+* time: median, p20 and p80 of ``repeats`` runs after warm-up (on CUDA each run is the mean of
+  ``cuda_calls`` calls back to back, so that host work overlaps device work and the time is the
+  device's). Providers are interleaved run by run
   (round-robin, rotating the order), so that a noisy neighbour slows all of them alike instead of
   whichever happened to run during the noise;
 * effective bandwidth: the op's minimal memory traffic (every input read once, every output written
@@ -159,6 +161,8 @@ class BenchConfig:
     seed: int = 0
     liger: bool = spec_field(True, help="add Liger-Kernel peer rows (provider 'liger', CUDA, when installed)",
                              flag="--liger")
+    cuda_calls: int = spec_field(10, help="CUDA: calls back to back per timed run (host work overlapped; "
+                                 "1: each call synchronised on its own)", flag="--cuda-calls")
 
     def validate(self) -> None:
         def check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
@@ -173,7 +177,8 @@ class BenchConfig:
         check_subset("modes", self.modes, MODES)
         check_subset("providers", self.providers, PROVIDERS)
         for field, value, low in (("tokens", self.tokens, 1), ("hidden", self.hidden, 1),
-                                  ("repeats", self.repeats, 1), ("warmup", self.warmup, 0)):  # fmt: skip
+                                  ("repeats", self.repeats, 1), ("warmup", self.warmup, 0),
+                                  ("cuda_calls", self.cuda_calls, 1)):  # fmt: skip
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{field} must be an integer >= {low}, got {value!r}")
         if self.hidden > 16384 and any(op in NORM_OPS for op in self.ops):
@@ -209,20 +214,21 @@ class Measurement:
 
 
 def _interleaved_times(
-    runners: dict[str, Callable[[], Any]], repeats: int, device: torch.device
+    runners: dict[str, Callable[[], Any]], repeats: int, device: torch.device, calls: int = 1
 ) -> dict[str, list[float]]:
-    """``repeats`` timings per runner, round-robin with a rotating start."""
+    """``repeats`` timings per runner, round-robin with a rotating start; each the mean of ``calls``
+    back-to-back calls (:func:`steadylm.bench.timing.time_call`)."""
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(timing.time_call(runners[name], device))
+            times[name].append(timing.time_call(runners[name], device, calls))
     return times
 
 
 def measure_copy(
-    numel: int, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int
+    numel: int, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int, calls: int = 1
 ) -> dict[str, list[float]]:
     """Timings (s) of ``dst.copy_(src)`` (preallocated) and of ``src.clone()`` (allocating)."""
     src = torch.ones(numel, dtype=dtype, device=device)
@@ -231,7 +237,7 @@ def measure_copy(
     for _ in range(warmup + 1):
         for fn in runners.values():
             fn()
-    return _interleaved_times(runners, repeats, device)
+    return _interleaved_times(runners, repeats, device, calls)
 
 
 def copy_bandwidth_gbs(copies: dict[str, dict[str, list[float]]], dtype: str, numel: int) -> float:
@@ -278,9 +284,12 @@ def run_bench(
     results: list[Measurement] = []
     copies: dict[str, dict[str, list[float]]] = {}
     liger = _liger_ops() if (config.liger and device.type == "cuda") else {}
+    # On CUDA the calls of a timed run go back to back (the roofline is about device time; the host
+    # cost per call is python -m steadylm.bench.call_overhead's). On CPU host and device are one.
+    calls = config.cuda_calls if device.type == "cuda" else 1
     for dtype_name in config.dtypes:
         dtype = DTYPES[dtype_name]
-        copy = measure_copy(numel, dtype, device, config.repeats, config.warmup)
+        copy = measure_copy(numel, dtype, device, config.repeats, config.warmup, calls)
         copies[dtype_name] = copy
         element_size = torch.empty((), dtype=dtype).element_size()
         clone_gbs = 2 * numel * element_size / statistics.median(copy["clone"]) / 1e9
@@ -304,7 +313,7 @@ def run_bench(
                 for _ in range(config.warmup + 1):  # the first call compiles
                     for fn in runners.values():
                         timing.time_call(fn, device)
-                times = _interleaved_times(runners, config.repeats, device)
+                times = _interleaved_times(runners, config.repeats, device, calls)
                 for provider in providers:
                     peak = memory.peak_bytes(runners[provider], device) if config.memory else None
                     results.append(
