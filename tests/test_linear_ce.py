@@ -77,6 +77,15 @@ def test_ignored_targets_add_nothing(small_chunks):
     torch.testing.assert_close(full, only_kept, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
 
+def test_every_target_ignored_gives_what_f_cross_entropy_gives():
+    hidden, weight, _ = _inputs(6, 1.0, seed=2)
+    targets = torch.full((6,), linear_ce.IGNORE_INDEX)
+    fused = _loss_and_grads(K.linear_cross_entropy, hidden, weight, targets, False)
+    unfused = _loss_and_grads(functional.linear_cross_entropy, hidden, weight, targets, False)
+    assert fused[0].isnan() and unfused[0].isnan()  # 0/0
+    assert torch.equal(fused[1], unfused[1]) and torch.equal(fused[2], unfused[2])  # zero gradients
+
+
 def test_gradcheck_float64(small_chunks):
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)

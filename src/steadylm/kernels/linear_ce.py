@@ -45,7 +45,9 @@ def _logits_grad(logits: Tensor, lse: Tensor, t: Tensor, valid: Tensor, count: T
     """d loss/d logits of a chunk: (softmax − one-hot of ``t``) / ``count``, 0 on ignored rows."""
     grad = torch.exp(logits - lse[:, None])
     grad.scatter_add_(1, t, torch.full_like(lse[:, None], -1.0))
-    return grad * (valid[:, None] / count)
+    # 1/count on valid rows only: with every target ignored the loss is NaN (0/0) but the gradient
+    # 0, as F.cross_entropy's.
+    return grad * torch.where(valid, 1.0 / count, 0.0)[:, None]
 
 
 @torch.library.custom_op("steadylm::linear_cross_entropy", mutates_args=())
@@ -62,7 +64,7 @@ def _linear_ce(
         h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         valid_all = targets != IGNORE_INDEX
         # Divided by the count of valid targets as a tensor: no host sync.
-        count = valid_all.sum().to(loss_dtype).clamp(min=1)
+        count = valid_all.sum().to(loss_dtype)  # 0 when every target is ignored: NaN, as F.cross_entropy
         total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         d_hidden = torch.empty_like(h_all) if need_grad else hidden.new_empty(0)
         d_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_grad else weight.new_empty(0)
