@@ -163,3 +163,25 @@ def test_a_head_that_is_not_a_plain_linear_keeps_its_own_forward():
     logits = model(tokens[:, :-1])
     ref = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     assert torch.equal(model(tokens[:, :-1], targets=tokens[:, 1:]), ref)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_fused_loss_on_each_device_as_accurate_as_the_unfused_composition(autocast, device, small_chunks):
+    # The device variant of the float64 check (CUDA under `make gpu-check`): same criterion.
+    hidden, weight, targets = (t.to(device) for t in _inputs(301, 1.0, seed=5))
+    cast = (lambda t: t.bfloat16().double()) if autocast else (lambda t: t.double())
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, w, targets)
+        loss.backward()
+        return [loss.detach(), h.grad, w.grad]
+
+    ref64 = run(functional.linear_cross_entropy, cast(hidden), cast(weight))
+    fused = run(K.linear_cross_entropy, hidden, weight)
+    unfused = run(functional.linear_cross_entropy, hidden, weight)
+    for name, f, u, r in zip(["loss", "d hidden", "d weight"], fused, unfused, ref64):
+        assert f.device.type == device and f.dtype == u.dtype, name
+        ulp = torch.finfo(u.dtype).eps * float(r.abs().max())
+        assert _max_err(f, r) <= 2 * _max_err(u, r) + 4 * ulp, (name, _max_err(f, r), _max_err(u, r))
