@@ -15,7 +15,9 @@ Compiled decode (default)
   once per model with ``fullgraph=True, dynamic=False``; on CUDA with CUDA graphs
   (``mode="reduce-overhead"``, the cache tensors marked as static addresses). Each model gets its own
   copy of the step's code object, so models never share (or exhaust) one Dynamo cache, and after the
-  first step no token recompiles (tested with ``torch._dynamo.config.error_on_recompile``).
+  first step no token recompiles (tested with ``torch._dynamo.config.error_on_recompile``). On CPU
+  its matmuls of up to :data:`steadylm.kernels.small_mm.MAX_ROWS` rows (batch ≤ 16) are generated
+  by Inductor as reductions instead of calling BLAS (:mod:`steadylm.kernels.small_mm`).
 * Dynamo's guards are evaluated on the first step of each call only (``skip_guard_eval_unsafe`` for
   the rest of the call, when nothing they check can change).
 * Nothing is read back to the host per token: sampling is ``argmax(p / E)`` with ``E ~ Exp(1)``
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steadylm.errors import ConfigError, check_choice
+from steadylm.kernels.small_mm import decode_compile_options
 from steadylm.models.attention import KVCache, RotaryEmbedding
 from steadylm.nn import BHyTPair
 
@@ -243,8 +246,9 @@ def _compiled_step(model: nn.Module, device: torch.device) -> Callable[..., Tens
     """A per-model compiled copy of :func:`_step` (own code object, so its own Dynamo cache)."""
     code = _step.__code__.replace()
     fresh = types.FunctionType(code, _step.__globals__, f"_step_{id(model):x}")
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(fresh, fullgraph=True, dynamic=False, mode=mode)
+    if device.type == "cuda":
+        return torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return torch.compile(fresh, fullgraph=True, dynamic=False, options=decode_compile_options(device))
 
 
 def decode_state(model: nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device) -> tuple[Any, StaticKVCache]:
