@@ -16,7 +16,7 @@ from torch import nn
 
 from steadylm import functional
 from steadylm import kernels as K
-from steadylm.kernels import linear_ce
+from steadylm.kernels import _math, linear_ce
 from steadylm.models import ModelConfig, build_model, takes_targets
 
 VOCAB, D = 1000, 64
@@ -98,10 +98,16 @@ def test_gradcheck_float64(monkeypatch):
 
 
 def test_the_accuracy_check_rejects_a_gradient_without_the_one_hot(monkeypatch, small_chunks):
-    def softmax_only(logits, lse, t, valid, count):  # the mutant: d logits = softmax / count
-        return torch.exp(logits - lse[:, None]) * (valid[:, None] / count)
+    exact = _math.cross_entropy_chunk
 
-    monkeypatch.setattr(linear_ce, "_logits_grad", softmax_only)
+    def softmax_only(logits, targets, valid, grad_scale, *, need_grad, grad_dtype):  # the mutant: no one-hot
+        out = exact(logits, targets, valid, grad_scale, need_grad=need_grad, grad_dtype=grad_dtype)
+        if not need_grad:
+            return out
+        probs = torch.softmax(logits.float(), dim=-1) * torch.where(valid[:, None], grad_scale, 0.0)
+        return out[0], probs.to(grad_dtype)
+
+    monkeypatch.setattr(_math, "cross_entropy_chunk", softmax_only)
     with pytest.raises(AssertionError, match="d hidden"):
         test_fused_loss_and_gradients_as_accurate_as_the_unfused_composition(7, 1.0, False, None)
 

@@ -492,3 +492,36 @@ def bhyt_ms_bwd(
     d_weight = _weight_grad(d, t, weight, need_weight_grad)
     d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy of one chunk of logits (the fused LM head + loss, kernels/linear_ce.py)
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy_chunk(
+    logits: Tensor, targets: Tensor, valid: Tensor, grad_scale: Tensor, *, need_grad: bool, grad_dtype: torch.dtype
+) -> tuple[Tensor, ...]:
+    """Loss terms and logits gradient of one chunk: ``(Σ over valid rows of lse − logit[target],)``
+    and, with ``need_grad``, ``(softmax − one-hot(target))·grad_scale`` on valid rows (0 elsewhere)
+    in ``grad_dtype``.
+
+    ``logits [rows, vocab]`` (any float dtype; the softmax runs in fp32, float64 kept),
+    ``targets [rows, 1]`` int64 (in range on every row), ``valid [rows]`` bool, ``grad_scale``
+    0-dim (1 / the number of valid targets). Shifted by the row max first, as ``log_softmax``
+    does, so that the probabilities near the max are exact for large logits. Inductor makes this
+    the row max pass, the exp-sum pass and one elementwise pass writing the gradient; eager it was
+    eight separate passes over the chunk.
+    """
+    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lc = logits.to(ct)
+    shifted = lc - lc.amax(dim=-1, keepdim=True)
+    lse = torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))
+    picked = shifted.gather(1, targets)
+    loss = torch.where(valid[:, None], lse - picked, 0.0).sum()
+    if not need_grad:
+        return (loss,)
+    one_hot = torch.arange(lc.shape[-1], device=lc.device)[None, :] == targets
+    probs = torch.exp(shifted - lse)
+    scale = torch.where(valid[:, None], grad_scale.to(ct), 0.0)
+    return loss, ((probs - one_hot.to(ct)) * scale).to(grad_dtype)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steadylm.kernels import _compile, _math
+
 __all__ = ["CHUNK_ELEMENTS", "IGNORE_INDEX", "chunk_rows", "linear_cross_entropy"]
 
 #: fp32 logits per chunk: 8 MiB, which stays in a CPU's L2/L3 between the matmul that writes them,
@@ -41,15 +43,6 @@ def _loss_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _logits_grad(logits: Tensor, lse: Tensor, t: Tensor, valid: Tensor, count: Tensor) -> Tensor:
-    """d loss/d logits of a chunk: (softmax − one-hot of ``t``) / ``count``, 0 on ignored rows."""
-    grad = torch.exp(logits - lse[:, None])
-    grad.scatter_add_(1, t, torch.full_like(lse[:, None], -1.0))
-    # 1/count on valid rows only: with every target ignored the loss is NaN (0/0) but the gradient
-    # 0, as F.cross_entropy's.
-    return grad * torch.where(valid, 1.0 / count, 0.0)[:, None]
-
-
 @torch.library.custom_op("steadylm::linear_cross_entropy", mutates_args=())
 def _linear_ce(
     hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype, need_grad: bool
@@ -68,20 +61,29 @@ def _linear_ce(
         total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         d_hidden = torch.empty_like(h_all) if need_grad else hidden.new_empty(0)
         d_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_grad else weight.new_empty(0)
+        # 1/count for the valid rows' gradients (inf when there are none, and then never used).
+        grad_scale = 1.0 / count
+        targets_all = torch.where(valid_all, targets, 0)[:, None]
+        # d weight accumulates in place (no chunk-sized temporary) when the matmuls run in its dtype.
+        accumulate_in_place = compute_dtype == loss_dtype
         step = chunk_rows(weight.shape[0])
         for start in range(0, hidden.shape[0], step):
-            h, valid = h_all[start : start + step], valid_all[start : start + step]
-            t = torch.where(valid, targets[start : start + step], 0)[:, None]
-            logits = (h @ w.t()).to(loss_dtype)
-            # Shifted by the row max first (exact for the logits near it), as log_softmax does: with
-            # logits ~1e3, exp(logits − lse) would carry lse's rounding (an ulp of 1e3) into every p.
-            logits = logits - logits.amax(dim=-1, keepdim=True)
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + torch.where(valid, lse - logits.gather(1, t).squeeze(1), 0).sum()
+            h = h_all[start : start + step]
+            logits = h @ w.t()
+            # The softmax math of the chunk, compiled (by name: tests substitute mutants).
+            out = _compile.forward(
+                _math.cross_entropy_chunk, (0, 1, 2),
+                logits, targets_all[start : start + step], valid_all[start : start + step], grad_scale,
+                need_grad=need_grad, grad_dtype=compute_dtype,
+            )  # fmt: skip
+            total = total + out[0]
             if need_grad:
-                grad = _logits_grad(logits, lse, t, valid, count).to(compute_dtype)
-                d_hidden[start : start + step] = grad @ w
-                d_weight += (grad.t() @ h).to(loss_dtype)
+                grad = out[1]
+                torch.mm(grad, w, out=d_hidden[start : start + step])
+                if accumulate_in_place:
+                    d_weight.addmm_(grad.t(), h)
+                else:
+                    d_weight += (grad.t() @ h).to(loss_dtype)
         return total / count, d_hidden, d_weight
 
 
