@@ -78,8 +78,13 @@ def _powlu_gate_and_grad(g: Tensor, du: Tensor, m: float | Tensor) -> tuple[Tens
     """
     positive = g > 0
     safe = torch.where(positive, g, torch.ones_like(g))
-    s = torch.sigmoid(g)  # σ(safe) == σ(g) wherever the positive branch is taken
-    s_neg = torch.sigmoid(-g)  # 1 − σ(g) without cancellation
+    # σ(g) and σ(−g) = 1 − σ(g) (without cancellation) from one exp: with e = exp(−|g|) ≤ 1 they
+    # are 1/(1+e) and e/(1+e), in the order given by the sign of g.
+    e = torch.exp(-g.abs())
+    near_one = 1.0 / (1.0 + e)
+    near_zero = e * near_one
+    s = torch.where(positive, near_one, near_zero)
+    s_neg = torch.where(positive, near_zero, near_one)
     root = torch.sqrt(safe)
     exponent = m / (root + 1.0)
     log_z = torch.log(safe)
