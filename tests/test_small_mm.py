@@ -67,7 +67,7 @@ def _check(pass_: SmallRowMatmulPass, rows: int, k: int, n: int, dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 16])  # one row (batch-1 decoding) and the limit
 def test_rewritten_matmul_is_a_matmul(rows, bias, dtype):
     pass_ = SmallRowMatmulPass()
     _check(pass_, rows, 70, 37, dtype, bias)  # odd sizes: no vector-width multiple
