@@ -67,8 +67,10 @@ class SmallRowMatmulPass(CustomGraphPass):  # type: ignore[misc,valid-type]
                 continue
             if not self._wanted(a, b):
                 continue
+            # The product's dtype is the operands' (mm does not promote).
+            out_dtype = node.meta["val"].dtype if isinstance(node.meta.get("val"), Tensor) else a.meta["val"].dtype
             with graph.inserting_before(node):
-                out = _reduction_matmul(graph, a, b, bias, node.meta["val"].dtype)
+                out = _reduction_matmul(graph, a, b, bias, out_dtype)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             # The operands are materialised once rather than recomputed inside the reduction (a
