@@ -6,7 +6,7 @@ Inductor hands each such ``mm`` to the external BLAS call, whose fixed cost per 
 few rows, and whose output must be written out before the next kernel reads it. Written as
 ``sum_k a[m, k] · b[k, n]`` (broadcast multiply, then a reduction over k), the same product is a
 kernel Inductor generates itself: vectorised over k, parallel over the output columns, and fused
-with its neighbours' elementwise work. Measured on the micro preset (2-core AVX-512 CPU, fp32,
+with the elementwise work that consumes it. Measured on the micro preset (2-core AVX-512 CPU, fp32,
 ``BENCHMARKS.md``, "Session 9"): batch 1 decoding 2.9× faster with every matmul rewritten (the
 LM head included), batch 8 ~1.15×; 4.6× and 1.7× HF's ``generate``.
 
@@ -32,9 +32,9 @@ __all__ = ["MAX_ROWS", "SmallRowMatmulPass", "decode_compile_options"]
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-#: Rows (tokens) up to which a CPU matmul is rewritten. Batch 8 measured ~1.15× faster rewritten,
-#: batch 16 and 32: see BENCHMARKS.md; above that the BLAS kernel's blocking (each weight read
-#: once for all rows, not once per row) wins.
+#: Rows (tokens) up to which a CPU matmul is rewritten. Measured (BENCHMARKS.md, "Session 9"):
+#: batch 8 and 16 decode faster rewritten, batch 32 is a tie. The reduction reads each weight once
+#: per row where BLAS blocks the rows, so its advantage shrinks as rows grow.
 MAX_ROWS = 16
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
