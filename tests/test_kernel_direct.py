@@ -216,6 +216,21 @@ def test_direct_builds_are_serial_below_the_grain_size(monkeypatch):
     assert [key[1] for key in _compile._DIRECT] == [True, False]  # (fn, serial, ...)
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread: every build is serial")
+def test_direct_builds_above_the_grain_size_run_on_every_thread(monkeypatch):
+    # Inductor sizes its OpenMP region by the example's rows. Traced with 2 rows, as every build
+    # was, the parallel build's code was single-threaded: the training forwards (a custom op's
+    # body is a direct build) ran on one core. The norm and a flattened (1-D) gated op. Compiled
+    # afresh: Inductor's FX graph cache keys on the graph, not on the example's row count.
+    monkeypatch.setattr(_compile, "_DIRECT", {})
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        ops.rms_norm(torch.randn(4, 1, 256), torch.ones(256))
+        ops.rms_norm(torch.randn(300, 256), torch.ones(256))
+        ops.swiglu(torch.randn(300, 256), torch.randn(300, 256))
+    parallel = {(key[0].__name__, key[1]): "#pragma omp" in build.source_code for key, (build, _) in _compile._DIRECT.items()}
+    assert parallel == {("rms_norm_fwd", True): False, ("rms_norm_fwd", False): True, ("swiglu_fwd", False): True}
+
+
 def test_grad_mode_compiled_models_and_strided_inputs_take_the_dynamo_build(monkeypatch):
     built = []
     real = _compile._build_direct

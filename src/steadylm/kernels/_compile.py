@@ -137,6 +137,25 @@ _direct_enabled: bool = os.environ.get("STEADYLM_DIRECT_KERNELS", "1").strip() n
 _DIRECT: dict[tuple, tuple[Callable[[list[Tensor]], Any], bool]] = {}
 
 
+def _example_rows(like: Tensor, serial: bool) -> int:
+    """The row count of the example a direct build is traced with: Inductor sizes its code by it.
+
+    Never 0 or 1 (such a dim would be specialised): a 1-row decode call gets the same general-row
+    build as 4 rows. A CPU build for many elements (not ``serial``) is traced with the fewest rows
+    that call it, at least :data:`SERIAL_BELOW` elements: Inductor opens an OpenMP region only for a
+    loop whose size hint gives each thread enough work, and an example of 2 rows made every such
+    kernel single-threaded (measured: micro-preset training ran its fused forwards on one of two
+    cores). Fixed by the non-row sizes, not the first call's rows, so the build is the same
+    whichever call comes first.
+    """
+    if serial or not like.is_cpu:
+        return 2
+    per_row = 1
+    for size in like.shape[1:]:
+        per_row *= int(size)
+    return max(2, -(-SERIAL_BELOW // max(per_row, 1)))
+
+
 def _build_direct(
     fn: Callable[..., Any], serial: bool, args: tuple, kwargs: dict, rows: tuple[int, ...]
 ) -> tuple[Callable[[list[Tensor]], Any], bool]:
@@ -163,14 +182,16 @@ def _build_direct(
         single = isinstance(out, Tensor)
         return (out,) if single else tuple(out)
 
-    # The example has 2 rows whatever the call had: a 0/1-sized dim would be specialised, and a
-    # 1-row decode call should get the same general-row build as 4 rows.
+    like_is_cpu = args[rows[0]].is_cpu
+    example_rows = _example_rows(args[rows[0]], serial)
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = []
     for i in positions:
         t = args[i]
         row = i in rows
-        example = torch.empty(((2,) + tuple(t.shape[1:])) if row else t.shape, dtype=t.dtype, device=t.device)
+        example = torch.empty(
+            ((example_rows,) + tuple(t.shape[1:])) if row else t.shape, dtype=t.dtype, device=t.device
+        )
         sizes = [DimDynamic.DYNAMIC if row and d == 0 else DimDynamic.STATIC for d in range(t.dim())]
         fakes.append(mode.from_tensor(example, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
     with mode:
@@ -179,7 +200,11 @@ def _build_direct(
     # Inductor's own entry for an ATen graph (what AOTAutograd hands it), not standalone_compile:
     # the latter wraps the same compiled graph in Dynamo's and AOTAutograd's runtime layers, which
     # cost 3 µs of a 5 µs decode-sized call and have nothing to do for a pure forward kernel.
-    with torch._inductor.config.patch({"cpp.threads": 1} if serial else {}):
+    # The thread count is pinned either way (it is what Inductor bakes into the code anyway): it puts
+    # the choice into the FX graph cache's key, which has no other record of the example's rows, so
+    # a build cached from a 2-row example (single-threaded code) is never reused for a parallel one.
+    threads = 1 if serial else torch.get_num_threads()
+    with torch._inductor.config.patch({"cpp.threads": threads} if like_is_cpu else {}):
         with torch._guards.tracing(torch._guards.TracingContext(mode)):
             return compile_fx_inner(traced, fakes), single
 
