@@ -62,10 +62,14 @@ __all__ = [
 #: with the neighbours) instead of calling the opaque custom op. Chosen per op by measurement inside a
 #: compiled model (BENCHMARKS.md, "Fused ops inside compiled models"); devices not listed use the
 #: custom ops everywhere (on CUDA they keep the hand-written Triton backward of the norms).
-#: CPU: RMSNorm inlined — Inductor's own fusion (with the residual add before it and the matmul
-#: epilogue after it) measured 0.81–0.85× the opaque op's step time in two runs; every other op
-#: measured ≥ 1 or a tie, so it keeps its fused forward and backward as a custom op.
-COMPILED_INLINE: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm"})}
+#: CPU: the norms that feed a matmul from the residual stream are inlined — RMSNorm and both BHyT
+#: sites. Inductor fuses their math with the residual add before them: inlined / opaque compiled
+#: step time 0.963 [0.90–1.00] for RMSNorm, and with the other BHyT site already inlined 0.953
+#: [0.93–0.97] for the second BHyT site and 0.977 [0.97–1.00] for the first (micro, 8×256, 9–15
+#: interleaved rounds, session 10; the BHyT sites were ties while the custom ops' forwards ran
+#: single-threaded). The gated activations measured ≥ 1 or a tie (swiglu 1.033, powlu_glu 1.004),
+#: so they keep their fused forward and backward as custom ops.
+COMPILED_INLINE: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm", "bhyt", "bhyt_and_mean_square"})}
 
 
 def _inline(name: str, like: Tensor) -> bool:
