@@ -10,8 +10,8 @@ Conventions (all shapes as seen by these functions, after the wrappers flattened
 
 * activations: ``gate``, ``up``, ``dy`` are 1-D ``[n]`` tensors of any float dtype;
 * norms: ``x``, ``dy`` are 2-D ``[tokens, d]``; ``weight`` is ``[d]`` (never None here: the
-  wrappers pass a flag instead); ``alpha``/``lam`` are 0-dim tensors; ``variance`` is
-  ``[tokens, 1]``.
+  wrappers pass a flag instead); ``alpha``/``lam`` are 0-dim or ``[1]`` tensors (each gradient
+  comes back in its shape); ``variance`` is ``[tokens, 1]``.
 * flags and hyper-parameters of the norms are keyword-only (``has_weight=…, need_lam_grad=…``), so
   a call site names every boolean instead of relying on its position;
 * math is fp32 (float64 inputs stay float64, so that gradcheck sees true float64 math);
@@ -356,7 +356,7 @@ def dyt_bwd(
     dx = (h * a).to(x.dtype)
     d_weight = _weight_grad(d, t, weight, need_weight_grad)
     # Row sums first, then their sum: keeps the fp32 accumulation chains short (d, then tokens).
-    d_alpha = (h * xc).sum(dim=-1).sum().to(alpha.dtype) if need_alpha_grad else None
+    d_alpha = (h * xc).sum(dim=-1).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha_grad else None
     d_bias = d.sum(dim=0) if need_bias_grad else None
     return dx, d_weight, d_alpha, d_bias
 
@@ -428,7 +428,7 @@ def bhyt_bwd(
         dx = (((h - x_hat * (row_hx / x.shape[-1])) * c) * scale) * inv
         d_variance = None
     d_weight = _weight_grad(d, t, weight, need_weight_grad)
-    d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
+    d_lam = (row_hx.sum() / kappa).reshape(lam.shape).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam, d_variance
 
 
@@ -495,7 +495,7 @@ def bhyt_ms_bwd(
     dv_total = dv.to(ct) + (-0.5 * c) * inv * (inv * row_hx)
     dx = (h * c) * inv + (dv_total * (2.0 / x.shape[-1])) * xc
     d_weight = _weight_grad(d, t, weight, need_weight_grad)
-    d_lam = (row_hx.sum() / kappa).to(lam.dtype) if need_lam_grad else None
+    d_lam = (row_hx.sum() / kappa).reshape(lam.shape).to(lam.dtype) if need_lam_grad else None
     return dx.to(x.dtype), d_weight, d_lam
 
 

@@ -92,9 +92,12 @@ def _placeholder(like: Tensor) -> Tensor:
 
 
 def _scalar_param(value: Tensor | float, like: Tensor, name: str) -> Tensor:
-    """A learnable scalar (0-dim tensor) or a float turned into a constant 0-dim tensor."""
+    """A learnable scalar as the kernels take it — a 0-dim or ``[1]`` tensor, passed as it is (the
+    modules keep λ and α as ``[1]`` parameters; a reshape would cost a microsecond of every decode
+    call, and the kernels return each gradient in its parameter's shape) — or a float turned into a
+    constant 0-dim tensor."""
     if isinstance(value, Tensor):
-        if value.dim() == 0:
+        if value.dim() <= 1 and value.numel() == 1:
             return value
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-dim tensor or float), got shape {tuple(value.shape)}")

@@ -292,6 +292,6 @@ def bhyt_bwd(
         BLOCK=run.block, HAS_WEIGHT=has_weight, USE_VARIANCE=use_variance,
         num_warps=run.num_warps,
     )  # fmt: skip
-    d_lam = (dlam_part.sum() / kappa).to(lam.dtype) if need_lam_grad else None
+    d_lam = (dlam_part.sum() / kappa).reshape(lam.shape).to(lam.dtype) if need_lam_grad else None
     d_variance = d_var.reshape(variance.shape).to(variance.dtype) if (use_variance and need_variance_grad) else None
     return run.dx, run.d_weight(weight, has_weight and need_weight_grad), d_lam, d_variance
