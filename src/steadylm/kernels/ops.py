@@ -67,7 +67,8 @@ __all__ = [
 #: step time 0.963 [0.90–1.00] for RMSNorm, and with the other BHyT site already inlined 0.953
 #: [0.93–0.97] for the second BHyT site and 0.977 [0.97–1.00] for the first (micro, 8×256, 9–15
 #: interleaved rounds, session 10; the BHyT sites were ties while the custom ops' forwards ran
-#: single-threaded). The gated activations measured ≥ 1 or a tie (swiglu 1.033, powlu_glu 1.004),
+#: single-threaded). The gated activations and DyT measured ties, every p20–p80 spread across 1
+#: (medians: swiglu 0.986–1.033, powlu_glu 1.004–1.006, swiglu_clip 0.964–0.988, dyt 0.952–0.982),
 #: so they keep their fused forward and backward as custom ops.
 COMPILED_INLINE: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm", "bhyt", "bhyt_and_mean_square"})}
 
