@@ -143,10 +143,10 @@ def _example_rows(like: Tensor, serial: bool) -> int:
     Never 0 or 1 (such a dim would be specialised): a 1-row decode call gets the same general-row
     build as 4 rows. A CPU build for many elements (not ``serial``) is traced with the fewest rows
     that call it, at least :data:`SERIAL_BELOW` elements: Inductor opens an OpenMP region only for a
-    loop whose size hint gives each thread enough work, and an example of 2 rows made every such
-    kernel single-threaded (measured: micro-preset training ran its fused forwards on one of two
-    cores). Fixed by the non-row sizes, not the first call's rows, so the build is the same
-    whichever call comes first.
+    loop whose size hint gives each thread enough work, and an example of 2 rows made such kernels
+    single-threaded (the flattened gated ops at every size, the norms below d = 512: micro-preset
+    training ran its fused forwards on one of two cores). Fixed by the non-row sizes, not the first
+    call's rows, so the build is the same whichever call comes first.
     """
     if serial or not like.is_cpu:
         return 2
