@@ -44,7 +44,7 @@ import steadylm
 from steadylm.bench.memory import train_peak_bytes
 from steadylm.bench.step import autocast as _autocast
 from steadylm.bench.step import train_step
-from steadylm.bench.timing import quantile, synchronize, time_call
+from steadylm.bench.timing import median_interval, quantile, synchronize, time_call
 from steadylm.config_fields import spec_field
 from steadylm.errors import ConfigError, check_choice
 
@@ -533,9 +533,13 @@ def render_markdown(result: ModelBenchResult) -> str:
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     if result.peaks:
         lines += ["", peak_note(result)]
-    lines += ["", "| comparison (throughput ratio) | median | p20–p80 |", "|---|---:|---:|"]
+    lines += ["", "| comparison (throughput ratio) | median | p20–p80 | 95% interval of the median |",
+              "|---|---:|---:|---:|"]  # fmt: skip
     for description, ratios in comparisons(result):
+        interval = median_interval(ratios)
+        shown = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "too few rounds"
         lines.append(
-            f"| {description} | {statistics.median(ratios):.3f} | {quantile(ratios, 0.2):.3f}–{quantile(ratios, 0.8):.3f} |"
+            f"| {description} | {statistics.median(ratios):.3f} | {quantile(ratios, 0.2):.3f}–{quantile(ratios, 0.8):.3f} "
+            f"| {shown} |"
         )
     return "\n".join(lines) + "\n"

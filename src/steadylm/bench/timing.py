@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from steadylm.errors import ConfigError
 
-__all__ = ["append_csv", "quantile", "spread", "synchronize", "time_call"]
+__all__ = ["append_csv", "median_interval", "quantile", "spread", "synchronize", "time_call", "verdict"]
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -36,6 +37,45 @@ def quantile(values: Sequence[float], q: float) -> float:
 def spread(values: Sequence[float]) -> tuple[float, float, float]:
     """``(p20, median, p80)``: what every benchmark table reports."""
     return quantile(values, 0.2), statistics.median(values), quantile(values, 0.8)
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free ``confidence`` interval for the median of the population ``values`` were
+    drawn from: the order statistics ``(x_(k), x_(n+1-k))`` (1-based) with the largest ``k`` such
+    that ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2`` (the sign-test interval). It assumes
+    only that the values are independent draws; a benchmark's per-round ratios are heavy-tailed
+    (a round that another process hit), which is why the median and not the mean is reported.
+
+    None when ``values`` are too few for any such interval (fewer than 6 at 95%: even
+    ``(min, max)`` covers the median with less than the asked confidence).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    from scipy.stats import binom
+
+    n, tail = len(values), (1.0 - confidence) / 2.0
+    # P(x_(k) > median) = P(Binomial(n, 1/2) <= k - 1): count the k (up to n/2) whose tail stays
+    # within alpha/2; the tail grows with k, so they are the first ones.
+    k = int((binom.cdf(np.arange(n // 2), n, 0.5) <= tail).sum())
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def verdict(values: Sequence[float], target: float, confidence: float = 0.95) -> str:
+    """Whether the median of ``values`` reaches ``target``, decided by :func:`median_interval`:
+    ``"met"`` (the whole interval at or above it), ``"not met"`` (the whole interval below it) or
+    ``"inconclusive"`` (the interval straddles it, or too few values for an interval)."""
+    interval = median_interval(values, confidence)
+    if interval is None:
+        return "inconclusive"
+    low, high = interval
+    if low >= target:
+        return "met"
+    if high < target:
+        return "not met"
+    return "inconclusive"
 
 
 def synchronize(device: torch.device) -> None:
