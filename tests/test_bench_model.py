@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 import statistics
 
 import pytest
@@ -47,6 +48,11 @@ def test_bench_model_cli_end_to_end_tiny(tmp_path, capsys):
     assert "| nano | swiglu+bhyt | eager |" in markdown and "swiglu+bhyt / swiglu+rmsnorm" in markdown
     assert "swiglu+bhyt" in printed
     assert "[p20–p80]" in printed and "[nano] swiglu+bhyt eager" in printed  # not eaten as rich markup
+    # The comparison line keeps its spread (it printed none while rich ate the bracket as a tag); one
+    # round is too few for a 95% interval of the median, and it says so.
+    assert re.search(r"train eager: swiglu\+bhyt / swiglu\+rmsnorm: \d+\.\d{3} \[p20–p80 \d+\.\d{3}–\d+\.\d{3}; "
+                     r"too few rounds for a 95% interval\]", printed), printed
+    assert "| 95% interval of the median |" in markdown and "| too few rounds |" in markdown
     # the peak memory column (on by default): in the table, the markdown and the CSV, in MiB
     assert "train peak MiB" in markdown and "train peak" in printed
     peaks = {r["kernel"]: float(r["median"]) for r in read if r["metric"] == "peak_memory"}

@@ -140,9 +140,12 @@ def _run_model(args: argparse.Namespace) -> int:
     result = bench_model.run_model_bench(config, progress=_say(console))
     console.print(bench_model.render_table(result))
     for description, ratios in bench_model.comparisons(result):
-        console.print(
+        interval = bench_model.median_interval(ratios)
+        console.print(  # markup off: rich would take "[p20–p80 …]" for a tag and drop it
             f"{description}: {statistics.median(ratios):.3f} "
-            f"[p20–p80 {bench_model.quantile(ratios, 0.2):.3f}–{bench_model.quantile(ratios, 0.8):.3f}]"
+            f"[p20–p80 {bench_model.quantile(ratios, 0.2):.3f}–{bench_model.quantile(ratios, 0.8):.3f}; "
+            + (f"95% interval of the median {interval[0]:.3f}–{interval[1]:.3f}]" if interval else "too few rounds for a 95% interval]"),
+            markup=False,
         )
     load_after = _load_average()
     if load_before is not None and load_after is not None:
