@@ -15,9 +15,21 @@ from steadylm.precision.backends import TORCHAO_RECIPES as FP8_RECIPES
 from steadylm.precision.linear import SCALINGS as _FP8_SCALINGS
 from steadylm.train.trackers import check_trackers, tracker_names
 
-__all__ = ["FP8_BACKENDS", "FP8_RECIPES", "PRECISIONS", "TrainConfig", "lr_at"]
+__all__ = ["FP8_BACKENDS", "FP8_RECIPES", "OPTIMIZER_IMPLEMENTATIONS", "PRECISIONS", "TrainConfig", "lr_at"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp8")
+
+#: ``torch.optim.AdamW``'s implementations, named as torchtitan's ``optimizer.implementation``
+#: names them -> the keyword arguments that select one. "fused" updates all parameters of a device
+#: and dtype in one kernel (CPU and CUDA); "foreach" runs one multi-tensor op per update term;
+#: "for-loop" one op per parameter and term, which is what torch picks on CPU when told nothing
+#: (micro preset, 6.5 M parameters on this 2-core CPU: 3.2 ms fused, 13.9 ms for-loop, 17.3 ms
+#: foreach per step; BENCHMARKS.md).
+OPTIMIZER_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True, "foreach": False},
+    "foreach": {"fused": False, "foreach": True},
+    "for-loop": {"fused": False, "foreach": False},
+}
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -46,7 +58,8 @@ class TrainConfig:
 
     * LR: linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the
       last step (:func:`lr_at`).
-    * AdamW with ``betas=(beta1, beta2)``; ``weight_decay`` goes to the groups the model's
+    * AdamW with ``betas=(beta1, beta2)``, in the implementation ``optimizer_impl`` names
+      (:data:`OPTIMIZER_IMPLEMENTATIONS`); ``weight_decay`` goes to the groups the model's
       ``param_groups`` marks for decay. ``grad_clip`` is the max global L2 norm (0 disables it).
     * ``precision``: ``fp32``; ``bf16`` autocast; ``fp8`` = FP8 linears (``fp8_scope``,
       ``fp8_scaling``) with bf16 autocast for the rest.
@@ -91,6 +104,9 @@ class TrainConfig:
     beta1: float = spec_field(0.9, help="AdamW beta1")
     beta2: float = spec_field(0.95, help="AdamW beta2")
     adam_eps: float = spec_field(1e-8, help="AdamW epsilon")
+    optimizer_impl: str = spec_field("fused", help="AdamW implementation: fused (one kernel per step), "
+                                     "foreach or for-loop", flag="--optimizer-impl",
+                                     choices=tuple(OPTIMIZER_IMPLEMENTATIONS))
     device: str = spec_field("auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; "
                              "under torchrun each rank takes cuda:LOCAL_RANK")
     threads: int | None = spec_field(None, help="torch intra-op threads (default: torch's; under "
@@ -134,6 +150,7 @@ class TrainConfig:
         _check_real("beta1", self.beta1, 0.0, 1.0, high_open=True)
         _check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
         _check_real("adam_eps", self.adam_eps, 0.0, low_open=True)
+        check_choice("TrainConfig.optimizer_impl", self.optimizer_impl, tuple(OPTIMIZER_IMPLEMENTATIONS))
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.threads is not None:

@@ -71,7 +71,7 @@ from steadylm.train.checkpoint import (
 )
 from steadylm.train.dcp import save_dcp_checkpoint
 from steadylm.train.lock import RunDirLock
-from steadylm.train.config import TrainConfig, lr_at
+from steadylm.train.config import OPTIMIZER_IMPLEMENTATIONS, TrainConfig, lr_at
 from steadylm.train.metrics import MetricsLog
 from steadylm.train.preemption import Preemption
 from steadylm.train.run_dir import config_dict as _config_dict
@@ -361,7 +361,8 @@ class Trainer:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
         self.model = model
         self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            **OPTIMIZER_IMPLEMENTATIONS[cfg.optimizer_impl],
         )
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -501,6 +502,11 @@ class Trainer:
                 "once without --parallel fsdp (it is then saved in the sharded format)"
             )
         saved = load_checkpoint(checkpoint, self.model, self.optimizer)
+        # Loading restores each group's saved settings, the implementation flags included: this
+        # run's choice wins (a checkpoint from before the setting existed says neither fused nor
+        # foreach, i.e. for-loop on CPU). The update's math is the same in every implementation.
+        for group in self.optimizer.param_groups:
+            group.update(OPTIMIZER_IMPLEMENTATIONS[self.config.optimizer_impl])
         state.restore(saved.step, saved.counters)
         state.last_checkpoint = checkpoint
         if metrics is not None:
