@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steadylm.models import takes_targets
+from steadylm.train.config import OPTIMIZER_IMPLEMENTATIONS
 
 __all__ = ["autocast", "logits_of", "train_step"]
 
@@ -31,11 +32,12 @@ def logits_of(model: nn.Module, tokens: Tensor) -> Tensor:
 def train_step(model: nn.Module, compiled: bool, tokens: Tensor, device: torch.device,
                dtype: str = "fp32") -> tuple[Callable[[], None], torch.optim.Optimizer]:  # fmt: skip
     """The training step every benchmark times or profiles: forward (``torch.compile(model)`` if
-    ``compiled``), cross-entropy on ``tokens`` shifted by one, backward, AdamW, and the model's
+    ``compiled``), cross-entropy on ``tokens`` shifted by one, backward, fused AdamW, and the model's
     ``after_optimizer_step``; returned with its optimizer (whose state the peak memory counts)."""
     forward = torch.compile(model) if compiled else model
     groups = model.param_groups(0.1) if hasattr(model, "param_groups") else model.parameters()
-    optimizer = torch.optim.AdamW(groups, lr=1e-5)
+    # Fused, as `steadylm train`, HF's Trainer (torch >= 2.8) and torchtitan run it by default.
+    optimizer = torch.optim.AdamW(groups, lr=1e-5, **OPTIMIZER_IMPLEMENTATIONS["fused"])
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     own_loss = takes_targets(model)  # steadylm: the LM head and its loss fused, as `steadylm train` runs it
     model.train()
