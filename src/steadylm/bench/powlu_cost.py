@@ -103,25 +103,8 @@ def _powlu_fwd_poly(gate: Tensor, up: Tensor, m: float) -> Tensor:
 
 
 def _powlu_bwd_poly(gate: Tensor, up: Tensor, dy: Tensor, m: float) -> tuple[Tensor, Tensor]:
-    # kernels._math._powlu_gate_and_grad with its exps and log replaced.
-    g, du = gate, dy * up
-    positive = g > 0
-    safe = torch.where(positive, g, torch.ones_like(g))
-    e = poly_exp(-g.abs())
-    near_one = 1.0 / (1.0 + e)
-    near_zero = e * near_one
-    s = torch.where(positive, near_one, near_zero)
-    s_neg = torch.where(positive, near_zero, near_one)
-    root = torch.sqrt(safe)
-    exponent = m / (root + 1.0)
-    log_z = poly_log(safe)
-    f_pos = poly_exp(exponent * log_z) * s
-    factor = 1.0 - (root / (root + 1.0)) * log_z * 0.5
-    du_f = du * f_pos
-    grad_pos = du_f * s_neg + (du_f * (exponent * factor)) / safe
-    f = torch.where(positive, f_pos, g * s)
-    grad = torch.where(positive, grad_pos, du * (s * (1.0 + g * s_neg)))
-    return grad, dy * f
+    f, d_gate = _math._powlu_gate_and_grad(gate, dy * up, m, exp=poly_exp, log=poly_log)
+    return d_gate, dy * f
 
 
 def _fwd_without(piece: str) -> Callable[[Tensor, Tensor, float], Tensor]:

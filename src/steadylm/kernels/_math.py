@@ -22,6 +22,8 @@ Conventions (all shapes as seen by these functions, after the wrappers flattened
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,10 @@ def swiglu_bwd(gate: Tensor, up: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
-def _powlu_gate_and_grad(g: Tensor, du: Tensor, m: float | Tensor) -> tuple[Tensor, Tensor]:
+def _powlu_gate_and_grad(
+    g: Tensor, du: Tensor, m: float | Tensor, exp: Callable[[Tensor], Tensor] = torch.exp,
+    log: Callable[[Tensor], Tensor] = torch.log,
+) -> tuple[Tensor, Tensor]:
     """``(f_m(g), du · f_m'(g))`` (SPEC §1), on safe bases so neither branch can produce NaN.
 
     For z > 0, with s = σ(z), r = √z, p = m/(r+1) and p' = −m/(2r(r+1)²), SPEC's
@@ -75,20 +80,23 @@ def _powlu_gate_and_grad(g: Tensor, du: Tensor, m: float | Tensor) -> tuple[Tens
     Computing p'·ln z itself would also overflow ``2r(r+1)²`` in fp32 for z ≳ 1e25. The product is
     formed as ``((du·f)·(p·factor))/z`` so that a large ``du`` keeps a result that is a normal
     number even where f'(z) alone would be subnormal (z up to the fp32 maximum).
+
+    ``exp`` and ``log`` are parameters only so that a benchmark can time other implementations
+    of them in the same formula (``bench.powlu_cost``); the kernels use torch's.
     """
     positive = g > 0
     safe = torch.where(positive, g, torch.ones_like(g))
     # σ(g) and σ(−g) = 1 − σ(g) (without cancellation) from one exp: with e = exp(−|g|) ≤ 1 they
     # are 1/(1+e) and e/(1+e), in the order given by the sign of g.
-    e = torch.exp(-g.abs())
+    e = exp(-g.abs())
     near_one = 1.0 / (1.0 + e)
     near_zero = e * near_one
     s = torch.where(positive, near_one, near_zero)
     s_neg = torch.where(positive, near_zero, near_one)
     root = torch.sqrt(safe)
     exponent = m / (root + 1.0)
-    log_z = torch.log(safe)
-    f_pos = torch.exp(exponent * log_z) * s
+    log_z = log(safe)
+    f_pos = exp(exponent * log_z) * s
     factor = 1.0 - (root / (root + 1.0)) * log_z * 0.5
     du_f = du * f_pos
     # power = 0 (tiny z) gives 0/z = 0, never 0·inf.
