@@ -114,3 +114,42 @@ def test_depth_ladder_with_two_seeds_reports_the_spread_per_point(tmp_path: Path
             assert len(want) == 2 and got["values"] == want
             assert got["mean"] == pytest.approx(float(np.mean(want)), rel=1e-15)
     assert "## Spread over seeds" in (out / "summary.md").read_text()
+
+
+def _result(name: str, norm: str, **fields: float) -> SimpleNamespace:
+    numbers = {"down_in_amax_last": 30.0, "down_in_kurtosis_last": 100.0, "last_layer_hidden_var": 10.0,
+               "final_val_loss": 4.7, "bhyt_pearson_r_min": math.nan, "tanh_saturation_max": math.nan,
+               "spikes": 0, "spike_steps": [], "divergence": None, "dead": None,
+               "bhyt_pearson_r_layer_means": math.nan, "tanh_saturation_worst_site": "layer0/ffn_norm"}
+    numbers.update(fields)
+    return SimpleNamespace(name=name, summary=SimpleNamespace(norm=norm, **numbers))
+
+
+def test_findings_over_seeds_quote_means_and_say_whether_the_spread_is_exceeded() -> None:
+    from steadylm.lab.compare import findings
+
+    maxima = {"swiglu+rmsnorm": (32.8, 20.9, 25.0), "powlu+rmsnorm": (22.0, 27.5, 24.0),
+              "swiglu_clip+rmsnorm": (10.0, 11.0, 12.0), "swiglu+bhyt": (15.0, 14.0, 16.0)}
+    variance = {"swiglu+rmsnorm": (11.9, 20.1, 14.0), "powlu+rmsnorm": (12.0, 13.0, 14.0),
+                "swiglu_clip+rmsnorm": (12.0, 13.0, 14.0), "swiglu+bhyt": (4.4, 3.0, 2.0)}
+    per_seed = {name: [SimpleNamespace(final_val_loss=4.7 + 0.01 * k, final_train_loss=4.7,
+                                       down_in_amax_last=maxima[name][k], last_layer_hidden_var=variance[name][k])
+                       for k in range(3)] for name in maxima}
+    stats = seed_stats(per_seed)
+    # seed 0's runs: PowLU's maximum looks 1.49x smaller than SwiGLU's in this seed alone
+    results = [_result(name, "bhyt" if "bhyt" in name else "rmsnorm", down_in_amax_last=maxima[name][0],
+                       last_layer_hidden_var=variance[name][0], tanh_saturation_max=0.001 if "bhyt" in name else math.nan)
+               for name in maxima]
+    lines = findings(results, stats, curves_seed=0)
+    powlu = next(line for line in lines if line.startswith("**powlu+rmsnorm** vs"))
+    clip = next(line for line in lines if line.startswith("**swiglu_clip+rmsnorm** vs"))
+    bhyt = next(line for line in lines if line.startswith("**swiglu+bhyt** vs"))
+    assert f"{stats['powlu+rmsnorm']['down_in_amax_last'].mean:.3g} vs {stats['swiglu+rmsnorm']['down_in_amax_last'].mean:.3g}" in powlu
+    assert "within the seed spread" in powlu and "means over 3 seeds" in powlu
+    assert "beyond the seed spread" in clip and "beyond the seed spread" in bhyt
+    assert "kurtosis ratio 1.00× (seed 0)" in powlu  # no spread for it: labelled as one seed's
+    assert any(line.startswith("**swiglu+bhyt** (seed 0): worst tanh saturation") for line in lines)
+    # one seed: seed 0's numbers, no claim about a spread
+    single = findings(results)
+    powlu_single = next(line for line in single if line.startswith("**powlu+rmsnorm** vs"))
+    assert "22 vs 32.8 (1.49× — smaller)" in powlu_single and "spread" not in powlu_single

@@ -38,7 +38,15 @@ from steadylm.lab.options import (
 )
 from steadylm.lab.report import Report, fmt, markdown_table, write_all
 from steadylm.lab.runner import RunResult, load_data, output_lock, run_variant, variant_spec
-from steadylm.lab.seeds import SPREAD_RULE, SeedOptions, seed_stats, seed_table, validate_seeds
+from steadylm.lab.seeds import (
+    SPREAD_RULE,
+    SeedOptions,
+    SeedStats,
+    exceeds_spread,
+    seed_stats,
+    seed_table,
+    validate_seeds,
+)
 from steadylm.lab.summary import RunSummary, pick_lr, status
 from steadylm.probes import keys as K
 from steadylm.probes.spikes import DIVERGENCE_RULE
@@ -232,64 +240,83 @@ def _ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b != 0 else math.nan
 
 
-def findings(results: Sequence[RunResult]) -> list[str]:
-    """Plain statements comparing the variants with the papers' claims, computed from the numbers."""
+def findings(results: Sequence[RunResult], stats: Mapping[str, Mapping[str, SeedStats]] | None = None,
+             curves_seed: int | None = None) -> list[str]:
+    """Plain statements comparing the variants with the papers' claims, computed from the numbers.
+
+    With ``stats`` (:func:`~steadylm.lab.seeds.seed_stats` of a run over several seeds) every number
+    that has a spread is quoted as its mean over the seeds, and each comparison says whether it
+    exceeds that spread (:data:`~steadylm.lab.seeds.SPREAD_RULE`): one seed's difference is not
+    a fact about the variant. Numbers without a spread (kurtosis, Pearson r, saturation, spikes)
+    are ``curves_seed``'s run's, and say so.
+    """
     by: dict[str, RunSummary] = {r.name: r.summary for r in results}
     out: list[str] = []
     base = "swiglu+rmsnorm"
+    seeded = stats is not None and base in stats and stats[base]["final_val_loss"].n >= 2
+    one_seed = f" (seed {curves_seed})" if seeded and curves_seed is not None else (" (one seed)" if seeded else "")
+
+    def pair(other: str, key: str) -> tuple[float, float, str]:
+        """The other variant's and the baseline's number, and how to read their difference."""
+        if not seeded or stats is None or other not in stats:
+            return getattr(by[other], key), getattr(by[base], key), ""
+        o_s, b_s = stats[other][key], stats[base][key]
+        where = "beyond" if exceeds_spread(o_s, b_s) else "within"
+        return o_s.mean, b_s.mean, f", means over {b_s.n} seeds, {where} the seed spread"
+
     if base in by:
-        b = by[base]
         for other in ("powlu+rmsnorm", "swiglu_clip+rmsnorm"):
             if other in by:
-                o = by[other]
-                r = _ratio(b.down_in_amax_last, o.down_in_amax_last)
-                rk = _ratio(b.down_in_kurtosis_last, o.down_in_kurtosis_last)
+                o_max, b_max, spread = pair(other, "down_in_amax_last")
+                r = _ratio(b_max, o_max)
+                rk = _ratio(by[base].down_in_kurtosis_last, by[other].down_in_kurtosis_last)
                 if math.isfinite(r):
                     verdict = "smaller" if r > 1 else "not smaller"
                     out.append(
-                        f"**{other}** vs {base}: max |FFN down-projection input| {o.down_in_amax_last:.3g} "
-                        f"vs {b.down_in_amax_last:.3g} ({r:.2f}× — {verdict}); kurtosis ratio "
-                        f"{rk:.2f}×. The PowLU paper reports far smaller FFN outliers than SwiGLU at scale "
-                        "(Fig. 2); at this scale outliers have had little time to grow."
+                        f"**{other}** vs {base}: max |FFN down-projection input| {o_max:.3g} "
+                        f"vs {b_max:.3g} ({r:.2f}× — {verdict}{spread}); kurtosis ratio "
+                        f"{rk:.2f}×{one_seed}. The PowLU paper reports far smaller FFN outliers than SwiGLU "
+                        "at scale (Fig. 2); at this scale outliers have had little time to grow."
                     )
         for other in ("swiglu+bhyt", "swiglu+dyt"):
             if other in by:
-                o = by[other]
-                r = _ratio(b.last_layer_hidden_var, o.last_layer_hidden_var)
+                o_var, b_var, spread = pair(other, "last_layer_hidden_var")
+                r = _ratio(b_var, o_var)
                 if math.isfinite(r) and r > 0:
                     norm = by[other].norm
                     rel = (f"RMSNorm's is {r:.3g}× the {norm} one" if r >= 1
                            else f"the {norm} one is {1 / r:.3g}× RMSNorm's — larger, not smaller")
                     out.append(
                         f"**{other}** vs {base}: last-layer hidden-state variance "
-                        f"{o.last_layer_hidden_var:.3g} vs {b.last_layer_hidden_var:.3g} "
-                        f"({rel}). The BHyT paper reports RMSNorm's ~25× BHyT's at 1B parameters."
+                        f"{o_var:.3g} vs {b_var:.3g} ({rel}{spread}). The BHyT paper reports RMSNorm's "
+                        "~25× BHyT's at 1B parameters."
                     )
-        for other, o in by.items():
+        for other in by:
             if other == base:
                 continue
-            d = o.final_val_loss - b.final_val_loss
+            o_loss, b_loss, spread = pair(other, "final_val_loss")
+            d = o_loss - b_loss
             if math.isfinite(d):
-                out.append(f"{other}: final validation loss {o.final_val_loss:.3f} ({d:+.3f} vs {base}).")
+                out.append(f"{other}: final validation loss {o_loss:.3f} ({d:+.3f} vs {base}{spread}).")
     for n, s in by.items():
         if math.isfinite(s.bhyt_pearson_r_min):
             verdict = "reproduces" if s.bhyt_pearson_r_min > 0.99 else "does not reach"
             out.append(
-                f"**{n}**: Pearson r between the approximated and the true second-site variance over the "
-                f"tokens of a layer (last probe, worst layer) = {s.bhyt_pearson_r_min:.4f} — {verdict} the "
-                f"paper's r > 0.99; over the per-layer means of all probed steps r = "
+                f"**{n}**{one_seed}: Pearson r between the approximated and the true second-site variance "
+                f"over the tokens of a layer (last probe, worst layer) = {s.bhyt_pearson_r_min:.4f} — "
+                f"{verdict} the paper's r > 0.99; over the per-layer means of all probed steps r = "
                 f"{s.bhyt_pearson_r_layer_means:.4f}."
             )
     for n, s in by.items():
         if math.isfinite(s.tanh_saturation_max):
-            out.append(f"**{n}**: worst tanh saturation (|tanh| > 0.95) at the last probe = "
+            out.append(f"**{n}**{one_seed}: worst tanh saturation (|tanh| > 0.95) at the last probe = "
                        f"{s.tanh_saturation_max:.4f} ({s.tanh_saturation_worst_site}); the BHyT paper "
                        "expects ≈ 0 for BHyT.")
     for n, s in by.items():
         if s.spikes:
-            out.append(f"**{n}**: {s.spikes} loss spike(s) at step(s) {s.spike_steps}.")
+            out.append(f"**{n}**{one_seed}: {s.spikes} loss spike(s) at step(s) {s.spike_steps}.")
         if s.divergence or s.dead:
-            out.append(f"**{n}**: {status(s)}.")
+            out.append(f"**{n}**{one_seed}: {status(s)}.")
     return out
 
 
@@ -400,12 +427,14 @@ def write_report(spec: RunSpec, lab: LabOptions, results: Sequence[RunResult], d
             fig.supxlabel(tokens_note, fontsize=9, color="#444")
         return fig
 
+    stats = seed_stats(spread) if spread else None
     report.add_section(
         "Summary",
-        markdown_table(["variant"] + [h for _, h, _ in TABLE_COLUMNS] + ["status"], table_rows(results))
-        + "\n\n" + "\n".join(f"- {f}" for f in findings(results)),
+        (f"Seed {t.seed}'s runs; the means over seeds, and whether each difference exceeds the seed "
+         "spread, are in the findings below and in *Spread over seeds*.\n\n" if stats is not None else "")
+        + markdown_table(["variant"] + [h for _, h, _ in TABLE_COLUMNS] + ["status"], table_rows(results))
+        + "\n\n" + "\n".join(f"- {f}" for f in findings(results, stats, t.seed)),
     )
-    stats = seed_stats(spread) if spread else None
     if stats is not None:
         report.add_section(
             "Spread over seeds",
